@@ -1,0 +1,1 @@
+"""Reports over a sweep's MLflow runs: pure functions over tidy tables, plotting kept apart."""

@@ -1,0 +1,163 @@
+"""The `study` command line: trial, sweep, resume, report, ui, spaces validate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from study.config import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Which attention design choices make a model generalize and stay robust?")
+spaces_app = typer.Typer(no_args_is_help=True, help="Search-space files.")
+app.add_typer(spaces_app, name="spaces")
+console = Console(stderr=True)
+
+
+def fail(msg: str, code: int = 2) -> typer.Exit:
+    """Print a one-line error and return the exit to raise (bad input exits 2)."""
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def trial(
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file of config fields.")
+                      ] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="key=value override, repeated once per key.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Train one configuration and print its final metrics."""
+    from study.config import load_config
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    from study.tasks import get_task
+    from study.train import run_trial
+    try:
+        data = get_task(cfg)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    last = None
+    for last in run_trial(cfg, data):
+        if not as_json:
+            console.print(f"epoch {last.epoch}/{cfg.epochs}  " + "  ".join(
+                f"{k} {last.metrics[k]:.4f}" for k in ("train_loss", "val_acc", "test_acc")
+                if k in last.metrics), highlight=False)
+    assert last is not None
+    out: dict = dict(last.metrics)
+    if last.diverged:
+        out["stop_reason"] = last.diverged
+    if as_json:
+        out["config"] = cfg.to_dict()
+        print(json.dumps(out))
+    else:
+        table = Table(title=f"trial: task={cfg.task} seed={cfg.seed}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in out.items():
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        Console().print(table)
+    if last.diverged:
+        raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML file.")],
+    name: Annotated[str | None, typer.Option(help="Study name (default: the space's name).")
+                    ] = None,
+    trials: Annotated[int | None, typer.Option(help="Override num_trials.")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster: auto or ray://HOST:PORT (default: start a local Ray).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default sqlite:///mlflow.db).")] = None,
+    storage: Annotated[Path | None, typer.Option(
+        help="Ray experiment directory (default ./ray_results).")] = None,
+) -> None:
+    """Run a sweep over a search space with Ray Tune + Optuna + ASHA, tracked in MLflow."""
+    from study.spaces import SpaceError, load_space
+    try:
+        load_space(space)  # bad files stop here, before Ray or MLflow start
+        from study.sweep import run_sweep
+        summary = run_sweep(space, name, trials, address, tracking_uri, storage)
+    except SpaceError as e:
+        raise fail(str(e)) from None
+    _after_sweep(summary)
+
+
+@app.command()
+def resume(
+    name: Annotated[str, typer.Argument(help="The sweep's name.")],
+    storage: Annotated[Path | None, typer.Option(help="Ray experiment directory.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+) -> None:
+    """Continue an interrupted sweep with its searcher state restored."""
+    from study.spaces import SpaceError
+    from study.sweep import resume_sweep
+    try:
+        summary = resume_sweep(name, storage, tracking_uri, address)
+    except SpaceError as e:
+        raise fail(str(e)) from None
+    _after_sweep(summary)
+
+
+def _after_sweep(summary: dict) -> None:
+    uri = summary["tracking_uri"]
+    console.print(f"browse the trials: study ui --tracking-uri {uri}  (or make ui), then open "
+                  "http://127.0.0.1:5000", highlight=False)
+    if not summary["complete"]:
+        raise typer.Exit(130)
+
+
+@app.command()
+def ui(
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+) -> None:
+    """Serve the MLflow UI over the same store (127.0.0.1 unless --host says otherwise)."""
+    import os
+
+    from study.tracking import resolve_uri
+    uri = resolve_uri(tracking_uri)
+    console.print(f"MLflow UI on http://{host}:{port} over {uri}", highlight=False)
+    args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+            "--port", str(port)]
+    os.execv(sys.executable, args)
+
+
+@spaces_app.command("validate")
+def spaces_validate(
+    files: Annotated[list[Path], typer.Argument(help="Search-space YAML file(s).")],
+) -> None:
+    """Check search-space files and print each parsed space."""
+    from study.spaces import SpaceError, load_space
+    for f in files:
+        try:
+            space = load_space(f)
+        except SpaceError as e:
+            raise fail(str(e)) from None
+        typer.echo(space.summary())
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as e:  # bad input that surfaced late still gets one line and exit 2
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Search-space files: strict parsing and validation into a frozen `SearchSpace`.
+
+Every error is one line naming the file, the key and the fix (`SpaceError`, exit code 2). The
+schema is documented in the README ("Search spaces").
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from study.config import CHOICES, FIELD_NAMES, ConfigError, coerce, load_yaml_mapping, make_config
+from study.metrics import ALL_METRICS
+
+SEARCHERS = ("tpe", "random", "cmaes", "nsga2")
+TOP_KEYS = ("name", "description", "task", "fixed", "params", "constraints", "budget", "seeds",
+            "objective", "searcher", "searcher_seed", "num_trials", "max_concurrent", "resources")
+PARAM_TYPES = ("categorical", "int", "float")
+NOT_SEARCHABLE = ("epochs", "seed", "device")
+
+
+class SpaceError(ConfigError):
+    """A bad search-space file."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config field: a categorical set of values or an int/float range."""
+
+    name: str
+    kind: str
+    values: tuple[Any, ...] = ()
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    step: float | None = None
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # sampled only if every (key in values)
+
+    def suggest(self, trial: Any) -> Any:
+        """Sample from an Optuna trial."""
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.values))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high),
+                                     step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def sample(self, rng: random.Random) -> Any:
+        """Sample uniformly (in log space where `log`), for feasibility checks."""
+        if self.kind == "categorical":
+            return rng.choice(self.values)
+        if self.log:
+            v = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            v = rng.uniform(self.low, self.high)
+        return int(round(v)) if self.kind == "int" else v
+
+    def active(self, context: dict[str, Any]) -> bool:
+        return all(context.get(k) in vals for k, vals in self.when)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A parsed search-space file."""
+
+    name: str
+    path: str
+    text: str
+    fixed: dict[str, Any]
+    params: tuple[Param, ...]
+    constraints: tuple[str, ...] = ()
+    epochs: int = 10
+    grace_period: int = 1
+    reduction_factor: int = 3
+    seeds: int = 1
+    objectives: tuple[tuple[str, str], ...] = (("val_acc", "max"),)
+    searcher: str = "tpe"
+    searcher_seed: int = 0
+    num_trials: int = 8
+    max_concurrent: int = 2
+    cpu: float = 1.0
+    gpu: float = 0.0
+    description: str = ""
+    _exprs: tuple[ast.Expression, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def metric(self) -> str:
+        return self.objectives[0][0]
+
+    @property
+    def mode(self) -> str:
+        return self.objectives[0][1]
+
+    def resolve(self, sampled: dict[str, Any]) -> dict[str, Any]:
+        """Fixed values plus a sample: the trial's config values."""
+        return {**self.fixed, **sampled}
+
+    def infeasible(self, sampled: dict[str, Any]) -> str | None:
+        """Why a sampled configuration cannot run (a broken constraint or an invalid config)."""
+        values = self.resolve(sampled)
+        try:
+            cfg = make_config(values)
+        except ConfigError as e:
+            return str(e)
+        env = cfg.to_dict()
+        for text, expr in zip(self.constraints, self._exprs):
+            if not _eval(expr.body, env, text):
+                return f"constraint {text!r} does not hold"
+        return None
+
+    def sample(self, rng: random.Random) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in self.params:
+            if p.active({**self.fixed, **out}):
+                out[p.name] = p.sample(rng)
+        return out
+
+    def summary(self) -> str:
+        lines = [f"space {self.name} ({self.path})",
+                 f"  task: {self.fixed.get('task')}  epochs: {self.epochs}  "
+                 f"grace_period: {self.grace_period}  seeds: {self.seeds}",
+                 "  objective: " + ", ".join(f"{m} ({d})" for m, d in self.objectives)
+                 + f"  searcher: {self.searcher} (seed {self.searcher_seed})",
+                 f"  num_trials: {self.num_trials}  max_concurrent: {self.max_concurrent}  "
+                 f"resources: cpu={self.cpu} gpu={self.gpu}",
+                 "  fixed: " + ", ".join(f"{k}={v}" for k, v in self.fixed.items()),
+                 "  params:"]
+        for p in self.params:
+            dom = (f"{list(p.values)}" if p.kind == "categorical"
+                   else f"[{p.low}, {p.high}]" + (" log" if p.log else ""))
+            cond = (" when " + ", ".join(f"{k} in {list(v)}" for k, v in p.when)) if p.when else ""
+            lines.append(f"    {p.name}: {p.kind} {dom}{cond}")
+        if self.constraints:
+            lines.append("  constraints: " + "; ".join(self.constraints))
+        return "\n".join(lines)
+
+
+# --- a tiny, safe evaluator for constraint expressions (no eval) ---
+_BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+        ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+        ast.Pow: operator.pow}
+_CMP = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+        ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
+        ast.NotIn: lambda a, b: a not in b}
+
+
+def _eval(node: ast.AST, env: dict[str, Any], text: str) -> Any:
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        return env[node.id]
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return tuple(_eval(e, env, text) for e in node.elts)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BIN:
+        return _BIN[type(node.op)](_eval(node.left, env, text), _eval(node.right, env, text))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
+        v = _eval(node.operand, env, text)
+        return (not v) if isinstance(node.op, ast.Not) else -v
+    if isinstance(node, ast.BoolOp):
+        vals = (_eval(v, env, text) for v in node.values)
+        return all(vals) if isinstance(node.op, ast.And) else any(vals)
+    if isinstance(node, ast.Compare):
+        left = _eval(node.left, env, text)
+        for op, comp in zip(node.ops, node.comparators):
+            right = _eval(comp, env, text)
+            if not _CMP[type(op)](left, right):
+                return False
+            left = right
+        return True
+    raise ValueError(f"unsupported syntax {ast.dump(node)[:40]}")
+
+
+def _check_expr(text: str, where: str) -> ast.Expression:
+    try:
+        expr = ast.parse(text, mode="eval")
+    except SyntaxError:
+        raise SpaceError(f"{where}: cannot parse {text!r}; write e.g. 'd_model % n_heads == 0'"
+                         ) from None
+    for node in ast.walk(expr):
+        if isinstance(node, ast.Name) and node.id not in FIELD_NAMES:
+            raise SpaceError(f"{where}: {text!r} uses unknown field {node.id!r}")
+        ok = (ast.Expression, ast.Constant, ast.Name, ast.Load, ast.Tuple, ast.List, ast.BinOp,
+              ast.UnaryOp, ast.Not, ast.USub, ast.BoolOp, ast.And, ast.Or, ast.Compare,
+              *_BIN, *_CMP)
+        if not isinstance(node, ok):
+            raise SpaceError(f"{where}: {text!r} uses unsupported syntax "
+                             f"({type(node).__name__}); use arithmetic, comparisons, and/or/not")
+    return expr
+
+
+def _expect(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SpaceError(msg)
+
+
+def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> Param:
+    where = f"{src}: params.{name}"
+    _expect(name in FIELD_NAMES, f"{where}: unknown field; valid: {', '.join(FIELD_NAMES)}")
+    _expect(name not in NOT_SEARCHABLE,
+            f"{where}: {name} is not searchable (epochs: set budget.epochs; seeds: set seeds)")
+    if isinstance(spec, list):
+        spec = {"type": "categorical", "values": spec}
+    _expect(isinstance(spec, dict),
+            f"{where}: expected a list of values or a mapping with 'type'")
+    allowed = {"type", "values", "low", "high", "log", "step", "when"}
+    extra = set(spec) - allowed
+    _expect(not extra, f"{where}: unknown key(s) {sorted(extra)}; valid: {sorted(allowed)}")
+    kind = spec.get("type")
+    _expect(kind in PARAM_TYPES, f"{where}.type: {kind!r}; valid: {', '.join(PARAM_TYPES)}")
+
+    def co(v: Any, key: str) -> Any:
+        try:
+            v = coerce(name, v)
+        except ConfigError as e:
+            raise SpaceError(f"{where}.{key}: {e}") from None
+        if name in CHOICES and v not in CHOICES[name]:
+            raise SpaceError(f"{where}.{key}: invalid value {v!r}; valid choices: "
+                             f"{', '.join(CHOICES[name])}")
+        return v
+
+    when: list[tuple[str, tuple[Any, ...]]] = []
+    for k, vals in (spec.get("when") or {}).items():
+        _expect(k in known, f"{where}.when: {k!r} must be a param listed earlier or a fixed field")
+        vals = vals if isinstance(vals, list) else [vals]
+        when.append((k, tuple(vals)))
+    if kind == "categorical":
+        vals = spec.get("values")
+        _expect(isinstance(vals, list) and len(vals) > 0,
+                f"{where}.values: expected a non-empty list")
+        return Param(name, kind, tuple(co(v, "values") for v in vals), when=tuple(when))
+    for key in ("low", "high"):
+        _expect(key in spec, f"{where}: {kind} needs '{key}'")
+    low, high = co(spec["low"], "low"), co(spec["high"], "high")
+    _expect(isinstance(low, (int, float)) and not isinstance(low, bool),
+            f"{where}: {name} is not numeric; use type: categorical")
+    _expect(low < high, f"{where}: low ({low}) must be < high ({high})")
+    log = bool(spec.get("log", False))
+    _expect(not log or low > 0, f"{where}: log scale needs low > 0")
+    _expect((kind == "int") == isinstance(low, int),
+            f"{where}: {name} is {'an int' if isinstance(low, int) else 'a float'} field; "
+            f"use type: {'int' if isinstance(low, int) else 'float'}")
+    step = spec.get("step")
+    _expect(step is None or not log, f"{where}: step cannot be combined with log")
+    return Param(name, kind, low=low, high=high, log=log, step=step, when=tuple(when))
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Parse and validate a search-space YAML file; raises `SpaceError` with one line."""
+    p = Path(path)
+    src = str(p)
+    try:
+        data = load_yaml_mapping(p)
+    except ConfigError as e:
+        raise SpaceError(str(e)) from None
+    extra = [k for k in data if k not in TOP_KEYS]
+    if extra:
+        raise SpaceError(f"{src}: unknown key {extra[0]!r}; valid keys: {', '.join(TOP_KEYS)}")
+    fixed_raw = data.get("fixed") or {}
+    _expect(isinstance(fixed_raw, dict), f"{src}: fixed: expected a mapping of field: value")
+    fixed: dict[str, Any] = {}
+    for k, v in fixed_raw.items():
+        try:
+            fixed[k] = coerce(k, v)
+        except ConfigError as e:
+            raise SpaceError(f"{src}: fixed.{e}") from None
+    if "task" in data:
+        _expect("task" not in fixed, f"{src}: task is given twice (top level and fixed)")
+        try:
+            fixed["task"] = coerce("task", data["task"])
+        except ConfigError as e:
+            raise SpaceError(f"{src}: {e}") from None
+    budget = data.get("budget") or {}
+    _expect(isinstance(budget, dict), f"{src}: budget: expected a mapping")
+    bad = set(budget) - {"epochs", "grace_period", "reduction_factor"}
+    _expect(not bad, f"{src}: budget: unknown key {sorted(bad)}; "
+                     "valid: epochs, grace_period, reduction_factor")
+    _expect(not ("epochs" in fixed and "epochs" in budget),
+            f"{src}: epochs is given twice (fixed and budget); keep budget.epochs")
+    epochs = _int(src, "budget.epochs", budget.get("epochs", fixed.pop("epochs", 10)), 1)
+    fixed["epochs"] = epochs
+    grace = _int(src, "budget.grace_period", budget.get("grace_period", 1), 1)
+    _expect(grace <= epochs, f"{src}: budget.grace_period ({grace}) exceeds epochs ({epochs})")
+    rf = _int(src, "budget.reduction_factor", budget.get("reduction_factor", 3), 2)
+    try:
+        make_config(fixed)  # fixed values alone must form a valid config
+    except ConfigError as e:
+        raise SpaceError(f"{src}: fixed: {e}") from None
+    params_raw = data.get("params") or {}
+    _expect(isinstance(params_raw, dict) and params_raw,
+            f"{src}: params: expected a non-empty mapping of field: distribution")
+    known: dict[str, Any] = dict(fixed)
+    params = []
+    for name, spec in params_raw.items():
+        _expect(name not in fixed, f"{src}: params.{name}: also in fixed; keep one")
+        params.append(_param(src, name, spec, known))
+        known[name] = True
+    cons_raw = data.get("constraints") or []
+    _expect(isinstance(cons_raw, list) and all(isinstance(c, str) for c in cons_raw),
+            f"{src}: constraints: expected a list of expressions (strings)")
+    exprs = tuple(_check_expr(c, f"{src}: constraints[{i}]") for i, c in enumerate(cons_raw))
+    objectives = _objectives(src, data.get("objective", {"metric": "val_acc", "mode": "max"}))
+    searcher = data.get("searcher", "tpe")
+    _expect(searcher in SEARCHERS, f"{src}: searcher: {searcher!r}; valid: {', '.join(SEARCHERS)}")
+    _expect(len(objectives) == 1 or searcher in ("tpe", "random", "nsga2"),
+            f"{src}: searcher: {searcher} is single-objective; use nsga2 (or tpe) for "
+            f"{len(objectives)} objectives")
+    res = data.get("resources") or {}
+    _expect(isinstance(res, dict) and not set(res) - {"cpu", "gpu"},
+            f"{src}: resources: expected a mapping with cpu and/or gpu")
+    cpu, gpu = _num(src, "resources.cpu", res.get("cpu", 1)), _num(src, "resources.gpu",
+                                                                   res.get("gpu", 0))
+    _expect(cpu > 0, f"{src}: resources.cpu must be > 0")
+    _expect(gpu >= 0, f"{src}: resources.gpu must be >= 0 (fractions share a GPU)")
+    space = SearchSpace(
+        name=str(data.get("name") or p.stem), path=src, text=p.read_text(), fixed=fixed,
+        params=tuple(params), constraints=tuple(cons_raw), epochs=epochs, grace_period=grace,
+        reduction_factor=rf, seeds=_int(src, "seeds", data.get("seeds", 1), 1),
+        objectives=objectives, searcher=searcher,
+        searcher_seed=_int(src, "searcher_seed", data.get("searcher_seed", 0), 0),
+        num_trials=_int(src, "num_trials", data.get("num_trials", 8), 1),
+        max_concurrent=_int(src, "max_concurrent", data.get("max_concurrent", 2), 1),
+        cpu=cpu, gpu=gpu, description=str(data.get("description", "")), _exprs=exprs)
+    _check_feasible(space)
+    return space
+
+
+def _int(src: str, key: str, v: Any, minimum: int) -> int:
+    _expect(isinstance(v, int) and not isinstance(v, bool),
+            f"{src}: {key}: expected an integer, got {v!r}")
+    _expect(v >= minimum, f"{src}: {key}: must be >= {minimum}, got {v}")
+    return v
+
+
+def _num(src: str, key: str, v: Any) -> float:
+    _expect(isinstance(v, (int, float)) and not isinstance(v, bool),
+            f"{src}: {key}: expected a number, got {v!r}")
+    return float(v)
+
+
+def _objectives(src: str, raw: Any) -> tuple[tuple[str, str], ...]:
+    items = raw if isinstance(raw, list) else [raw]
+    out = []
+    for i, o in enumerate(items):
+        where = f"{src}: objective" + (f"[{i}]" if isinstance(raw, list) else "")
+        _expect(isinstance(o, dict) and set(o) <= {"metric", "mode"} and "metric" in o,
+                f"{where}: expected {{metric: NAME, mode: max|min}}")
+        _expect(o["metric"] in ALL_METRICS,
+                f"{where}.metric: unknown metric {o['metric']!r}; valid: {', '.join(ALL_METRICS)}")
+        mode = o.get("mode", "max")
+        _expect(mode in ("max", "min"), f"{where}.mode: {mode!r}; valid: max, min")
+        out.append((o["metric"], mode))
+    _expect(len({m for m, _ in out}) == len(out), f"{src}: objective: a metric is repeated")
+    return tuple(out)
+
+
+def _check_feasible(space: SearchSpace, tries: int = 2000) -> None:
+    """Refuse a space in which no sampled configuration can run (impossible constraints)."""
+    rng = random.Random(0)
+    first = None
+    for _ in range(tries):
+        reason = space.infeasible(space.sample(rng))
+        if reason is None:
+            return
+        first = first or reason
+    where = "constraints" if space.constraints and "constraint" in (first or "") else "params"
+    raise SpaceError(f"{space.path}: {where}: no configuration of {tries} sampled can run "
+                     f"(e.g. {first}); widen the ranges or relax the constraints")

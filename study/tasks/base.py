@@ -1,0 +1,69 @@
+"""The task interface: a task turns a config into seeded splits plus named evaluation sets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from study.model import ModelSpec
+
+IGNORE = -100  # target value of positions that carry no label (per-token tasks)
+
+
+@dataclass
+class Split:
+    """Inputs `x` ((N, T) token ids or (N, T, C) signal), targets `y` ((N,) or (N, T)) and the
+    (N, T) bool `mask` of real positions (a prefix of each row)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, idx: np.ndarray | torch.Tensor) -> Split:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Split(self.x[idx], self.y[idx], self.mask[idx])
+
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(1)
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.x.to(device), self.y.to(device), self.mask.to(device))
+
+
+@dataclass
+class TaskData:
+    """Everything a trial trains and evaluates on.
+
+    `extra` holds named evaluation sets; the name says what they measure and which metric they
+    feed (see `study/metrics.py`): `len:<L>` (sequences of length L), `corrupt:<kind>:<severity>`.
+    `train_counts` are the per-class training counts after any imbalance (long-tail metrics).
+    """
+
+    spec: ModelSpec
+    train: Split
+    val: Split
+    test: Split
+    extra: dict[str, Split] = field(default_factory=dict)
+    train_counts: np.ndarray | None = None
+    id_lengths: tuple[int, int] | None = None  # training length range of sequence tasks
+
+
+def stratified_split(
+    y: np.ndarray, fractions: tuple[float, float, float], seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded stratified train/val/test indices."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[], [], []]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_tr = int(round(fractions[0] * len(idx)))
+        n_va = int(round(fractions[1] * len(idx)))
+        parts[0] += idx[:n_tr].tolist()
+        parts[1] += idx[n_tr:n_tr + n_va].tolist()
+        parts[2] += idx[n_tr + n_va:].tolist()
+    return tuple(rng.permutation(np.array(p, dtype=np.int64)) for p in parts)  # type: ignore

@@ -1,0 +1,140 @@
+"""MLflow tracking from the driver: one parent run per sweep, one child run per trial.
+
+One writer (the driver) works across nodes; every call is a batch (`log_batch`). Child-run params
+are exactly the `TrialConfig` field names; metrics use the names of `study/metrics.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG_KIND, TAG_TRIAL, TAG_STOP, TAG_STOP_MSG = "study.kind", "ray_trial_id", "stop_reason", \
+    "stop_message"
+TAG_PARENT = "mlflow.parentRunId"
+STOP_REASONS = ("completed", "early_stopped", "diverged", "error")
+_STATUS = {"completed": "FINISHED", "early_stopped": "KILLED", "diverged": "FAILED",
+           "error": "FAILED"}
+MAX_METRICS, MAX_PARAMS, MAX_TAGS = 900, 90, 90
+
+
+def resolve_uri(uri: str | None) -> str:
+    """`sqlite:///mlflow.db` at the current directory unless given; relative sqlite paths are
+    made absolute so Ray workers and `study ui` see the same file."""
+    uri = uri or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "ray", "optuna", "mlflow", "numpy", "attention-study"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)] or [[]]
+
+
+class Tracker:
+    """Batched MLflow logging; the client is created lazily so the object pickles (Ray stores
+    the run config, callbacks included, for `study resume`)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        return {"uri": self.uri, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            import logging
+
+            from mlflow.tracking import MlflowClient
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else self.client.create_experiment(name)
+
+    def start_parent(self, experiment: str, run_name: str, space_text: str,
+                     tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags={
+            TAG_KIND: "sweep", "git_commit": git_commit(),
+            **{f"version.{k}": v for k, v in package_versions().items()}, **tags})
+        self.client.log_text(run.info.run_id, space_text, "space.yaml")
+        return run.info.run_id
+
+    def children(self, parent_id: str) -> dict[str, Any]:
+        """Child runs of a sweep by Ray trial id (deleted runs excluded)."""
+        run = self.client.get_run(parent_id)
+        runs = self.client.search_runs(
+            [run.info.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'",
+            max_results=5000)
+        return {r.data.tags.get(TAG_TRIAL): r for r in runs}
+
+    def start_child(self, parent_id: str, trial_id: str, params: dict[str, Any],
+                    tags: dict[str, str]) -> str:
+        from mlflow.entities import Param
+        parent = self.client.get_run(parent_id)
+        run = self.client.create_run(parent.info.experiment_id, run_name=f"trial_{trial_id}",
+                                     tags={TAG_PARENT: parent_id, TAG_TRIAL: trial_id, **tags})
+        rid = run.info.run_id
+        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        for chunk in _chunks(items, MAX_PARAMS):
+            self.client.log_batch(rid, params=chunk)
+        return rid
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for chunk in _chunks(items, MAX_METRICS):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        for chunk in _chunks(items, MAX_TAGS):
+            self.client.log_batch(run_id, tags=chunk)
+
+    def finish_child(self, run_id: str, reason: str, message: str = "",
+                     artifacts: dict[str, Any] | None = None) -> None:
+        self.set_tags(run_id, {TAG_STOP: reason, TAG_STOP_MSG: message or reason})
+        for name, table in (artifacts or {}).items():
+            self.client.log_text(run_id, json.dumps(table, indent=1), f"{name}.json")
+        self.client.set_terminated(run_id, status=_STATUS[reason])
+
+    def delete(self, run_id: str) -> None:
+        self.client.delete_run(run_id)
+
+    def finish_parent(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+def _param_str(v: Any) -> str:
+    if isinstance(v, tuple):
+        return ",".join(str(x) for x in v)
+    return str(v)

@@ -1,0 +1,273 @@
+"""Model contract, checked for every value of every design switch on three kinds of input.
+
+Each variant changes one switch from a small default model (a few switches only act together with
+another one, e.g. `qk_norm_gain` needs `qk_norm=l2`). For each variant and each input spec:
+output shapes, padding invariance, SDPA == explicit softmax oracle, finite training steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from study.config import CHOICES, ConfigError, TrialConfig
+from study.model import ModelSpec, build_model
+from study.tasks.base import IGNORE
+
+SMALL = {"d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64}
+MODEL_FIELDS = ("arch", "qk_norm", "init", "norm", "pos_encoding", "attn_kind",
+                "channel_attention", "embed")
+# switches that are not categorical: (id, changes from SMALL)
+OTHER_SWITCHES: list[tuple[str, dict]] = [
+    ("learned_temperature=True", {"learned_temperature": True}),
+    ("learned_temperature=True,arch=lstm_attention",
+     {"learned_temperature": True, "arch": "lstm_attention"}),
+    ("attn_temperature=0.5", {"attn_temperature": 0.5}),
+    ("attn_temperature=2.0", {"attn_temperature": 2.0}),
+    ("attn_temperature=2.0,arch=lstm_attention",
+     {"attn_temperature": 2.0, "arch": "lstm_attention"}),
+    ("attn_dropout=0.1", {"attn_dropout": 0.1}),
+    ("resid_dropout=0.1", {"resid_dropout": 0.1}),
+    ("emb_dropout=0.1", {"emb_dropout": 0.1}),
+    ("drop_path=0.1", {"drop_path": 0.1}),
+    ("z_loss=0.001", {"z_loss": 1e-3}),
+    ("attn_entropy_reg=0.01", {"attn_entropy_reg": 0.01}),
+    ("attn_entropy_reg=0.01,arch=lstm_attention",
+     {"attn_entropy_reg": 0.01, "arch": "lstm_attention"}),
+    ("label_smoothing=0.1", {"label_smoothing": 0.1}),
+    ("logit_adjust_tau=1.0", {"logit_adjust_tau": 1.0}),
+    ("init_scale=0.5", {"init_scale": 0.5}),
+    # the gain only exists with qk_norm=l2
+    ("qk_norm_gain=5,qk_norm=l2", {"qk_norm_gain": 5.0, "qk_norm": "l2"}),
+]
+
+
+def _variants() -> list:
+    out = []
+    for name in MODEL_FIELDS:
+        assert name in CHOICES, name
+        for value in CHOICES[name]:
+            out.append(pytest.param({name: value}, id=f"{name}={value}"))
+    out += [pytest.param(changes, id=ident) for ident, changes in OTHER_SWITCHES]
+    return out
+
+
+VARIANTS = _variants()
+SPECS = [
+    pytest.param(ModelSpec(n_classes=5, max_len=24, vocab_size=11), id="tokens"),
+    pytest.param(ModelSpec(n_classes=5, max_len=24, in_channels=2), id="signal"),
+    pytest.param(ModelSpec(n_classes=5, max_len=24, vocab_size=11, per_token=True),
+                 id="tokens_per_token"),
+    pytest.param(ModelSpec(n_classes=5, max_len=24, in_channels=2, per_token=True),
+                 id="signal_per_token"),
+]
+SHORT_T, LONG_T = 20, 24
+# real lengths of the four rows (one row unpadded in the short batch, one of length 1)
+LENGTHS = (20, 13, 7, 1)
+# per-token outputs of a signal: multiples of the patch size (4), so that every token is wholly
+# real or wholly padding and the outputs line up token by token
+PATCH_LENGTHS = (20, 12, 4, 8)
+B = len(LENGTHS)
+
+
+def make_cfg(changes: dict) -> TrialConfig:
+    return TrialConfig(**{**SMALL, **changes})
+
+
+def make_model(changes: dict, spec: ModelSpec, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = make_cfg(changes)
+    if spec.per_token and cfg.arch == "lstm_attention":
+        # attention pooling yields one label per sequence: per-token tasks are refused
+        with pytest.raises(ConfigError, match="per-token"):
+            build_model(cfg, spec)
+        pytest.skip("lstm_attention is refused for per-token outputs (checked)")
+    return build_model(cfg, spec)
+
+
+def n_tokens(spec: ModelSpec, cfg: TrialConfig, raw_len: int) -> int:
+    p = 1 if spec.vocab_size else cfg.patch_size
+    return -(-raw_len // p)
+
+
+def random_inputs(spec: ModelSpec, T: int, gen: torch.Generator) -> torch.Tensor:
+    if spec.vocab_size:
+        return torch.randint(0, spec.vocab_size, (B, T), generator=gen)
+    return torch.randn(B, T, spec.in_channels, generator=gen)
+
+
+def lengths_for(spec: ModelSpec) -> tuple[int, ...]:
+    return PATCH_LENGTHS if spec.per_token and not spec.vocab_size else LENGTHS
+
+
+def prefix_mask(T: int, lengths=LENGTHS) -> torch.Tensor:
+    return torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def test_every_choice_is_covered():
+    ids = {p.id for p in VARIANTS}
+    for name in MODEL_FIELDS:
+        for value in CHOICES[name]:
+            assert f"{name}={value}" in ids
+    assert len(ids) == len(VARIANTS)  # ids are unique
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("changes", VARIANTS)
+def test_output_shapes(changes, spec):
+    cfg = make_cfg(changes)
+    model = make_model(changes, spec).eval()
+    gen = torch.Generator().manual_seed(1)
+    for T in (SHORT_T, LONG_T, 3):
+        x, mask = random_inputs(spec, T, gen), prefix_mask(T, [min(n, T) for n in LENGTHS])
+        with torch.no_grad():
+            out = model(x, mask)
+        if spec.per_token:
+            assert out.shape == (B, n_tokens(spec, cfg, T), spec.n_classes)
+        else:
+            assert out.shape == (B, spec.n_classes)
+        assert out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("changes", VARIANTS)
+def test_stats_shapes(changes, spec):
+    cfg = make_cfg(changes)
+    model = make_model(changes, spec).eval()
+    gen = torch.Generator().manual_seed(1)
+    x, mask = random_inputs(spec, LONG_T, gen), prefix_mask(LONG_T)
+    with torch.no_grad():
+        out, st = model(x, mask, stats=True)
+    assert out.shape == model(x, mask).shape
+    n_layers, n_heads = (cfg.n_layers, cfg.n_heads) if cfg.arch == "transformer" else (1, 1)
+    assert st["entropy"].shape == (B, n_layers, n_heads)
+    assert st["max_logit"].dim() == 0
+    # entropy is in nats, between 0 and log(number of keys a query may attend to)
+    assert (st["entropy"] >= -1e-6).all()
+    assert (st["entropy"] <= torch.log(torch.tensor(float(LONG_T))) + 1e-5).all()
+    assert torch.isfinite(st["max_logit"])
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("changes", VARIANTS)
+def test_padding_invariance(changes, spec):
+    """Garbage in padded positions and extra padding columns never change a real output."""
+    cfg = make_cfg(changes)
+    model = make_model(changes, spec).eval()
+    gen = torch.Generator().manual_seed(2)
+    x_long = random_inputs(spec, LONG_T, gen)
+    x_short = random_inputs(spec, SHORT_T, gen)  # different garbage everywhere ...
+    lengths = lengths_for(spec)
+    m_long, m_short = prefix_mask(LONG_T, lengths), prefix_mask(SHORT_T, lengths)
+    x_short[m_short] = x_long[:, :SHORT_T][m_short]  # ... except at the real positions
+    assert not torch.equal(x_short[~m_short], x_long[:, :SHORT_T][~m_short])
+    with torch.no_grad():
+        out_long, out_short = model(x_long, m_long), model(x_short, m_short)
+    if not spec.per_token:
+        torch.testing.assert_close(out_short, out_long, atol=1e-5, rtol=0)
+        return
+    for row, n in enumerate(lengths):
+        k = n_tokens(spec, cfg, n)
+        torch.testing.assert_close(out_short[row, :k], out_long[row, :k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("changes", VARIANTS)
+def test_sdpa_matches_explicit_oracle(changes, spec):
+    model = make_model(changes, spec).eval()
+    gen = torch.Generator().manual_seed(3)
+    x, mask = random_inputs(spec, LONG_T, gen), prefix_mask(LONG_T)
+    with torch.no_grad():
+        fused = model(x, mask)
+        explicit, st = model(x, mask, stats=True)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
+    assert torch.isfinite(st["entropy"]).all()
+
+
+def training_loss(model, cfg: TrialConfig, x, y, mask) -> torch.Tensor:
+    """The loss of `study.train.run_trial` (with a uniform class prior for logit adjustment)."""
+    want_stats = cfg.attn_entropy_reg > 0
+    out = model(x, mask, stats=want_stats)
+    logits, st = out if want_stats else (out, None)
+    if logits.dim() == 3:
+        logits, y = logits.flatten(0, 1), y.flatten()
+    n_classes = logits.shape[-1]
+    adjust = cfg.logit_adjust_tau * torch.full((n_classes,), 1.0 / n_classes).log()
+    loss = F.cross_entropy(logits + adjust, y, label_smoothing=cfg.label_smoothing,
+                           ignore_index=IGNORE)
+    if cfg.z_loss > 0:
+        loss = loss + cfg.z_loss * torch.logsumexp(logits, -1).pow(2).mean()
+    if st is not None:
+        loss = loss + cfg.attn_entropy_reg * st["entropy"].mean()
+    return loss
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("changes", VARIANTS)
+def test_training_steps_stay_finite(changes, spec):
+    cfg = make_cfg(changes)
+    model = make_model(changes, spec).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        x, mask = random_inputs(spec, LONG_T, gen), prefix_mask(LONG_T)
+        if spec.per_token:  # padded tokens carry no label, as in the tasks (IGNORE = -100)
+            n_tok = [n_tokens(spec, cfg, n) for n in LENGTHS]
+            y = torch.randint(0, spec.n_classes, (B, n_tokens(spec, cfg, LONG_T)), generator=gen)
+            y[~prefix_mask(y.shape[1], n_tok)] = IGNORE
+        else:
+            y = torch.randint(0, spec.n_classes, (B,), generator=gen)
+        loss = training_loss(model, cfg, x, y, mask)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
+        opt.step()
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(x, mask)).all()
+
+
+def test_n_heads_must_divide_d_model():
+    with pytest.raises(ConfigError, match=r"^n_heads: 5 does not divide d_model=32"):
+        TrialConfig(d_model=32, n_heads=5)
+
+
+def test_alibi_with_low_rank_is_rejected():
+    with pytest.raises(ConfigError, match="alibi"):
+        make_cfg({"pos_encoding": "alibi", "attn_kind": "low_rank"})
+
+
+@pytest.mark.parametrize("changes", [
+    {"pos_encoding": "rope"}, {"pos_encoding": "alibi"}, {"qk_norm": "l2"},
+    {"qk_norm": "layernorm"}, {"attn_kind": "local"}, {"attn_kind": "low_rank"},
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_lstm_attention_rejects_transformer_only_switches(changes):
+    name = next(iter(changes))
+    with pytest.raises(ConfigError, match=rf"^{name}: .*lstm_attention"):
+        make_cfg({"arch": "lstm_attention", **changes})
+
+
+def test_rope_needs_even_head_size():
+    with pytest.raises(ConfigError, match="rope"):
+        TrialConfig(d_model=12, n_heads=4, pos_encoding="rope")
+    TrialConfig(d_model=16, n_heads=4, pos_encoding="rope")  # head size 4 is fine
+
+
+def test_sequence_longer_than_max_len_is_rejected():
+    model = make_model({}, ModelSpec(n_classes=5, max_len=24, vocab_size=11)).eval()
+    x = torch.zeros(2, 25, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceeds"):
+        model(x, torch.ones(2, 25, dtype=torch.bool))
+
+
+def test_patch_larger_than_input_is_rejected():
+    with pytest.raises(ConfigError, match="patch_size"):
+        build_model(make_cfg({"patch_size": 8}), ModelSpec(n_classes=5, max_len=4))

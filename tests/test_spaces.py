@@ -1,0 +1,105 @@
+"""Search-space parsing: every shipped file is valid; bad files get one-line errors."""
+
+import random
+from pathlib import Path
+
+import pytest
+
+from study.spaces import SpaceError, load_space
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+GOOD = """
+name: t
+task: digits
+fixed: {d_model: 32}
+params:
+  n_heads: [1, 2, 3, 4]
+  qk_norm: [none, l2]
+  qk_norm_gain: {type: float, low: 2.0, high: 20.0, log: true, when: {qk_norm: l2}}
+  n_layers: {type: int, low: 1, high: 3}
+constraints: ["d_model % n_heads == 0"]
+budget: {epochs: 4, grace_period: 1}
+seeds: 2
+objective: {metric: val_acc, mode: max}
+num_trials: 3
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem) for p in SHIPPED])
+def test_shipped_spaces_parse(path: Path) -> None:
+    space = load_space(path)
+    assert space.num_trials >= 1 and space.params
+    rng = random.Random(1)
+    assert any(space.infeasible(space.sample(rng)) is None for _ in range(200))
+
+
+def test_required_files_ship() -> None:
+    names = {p.stem for p in SHIPPED}
+    assert {"smoke", "default", "temperature_norm", "regularization", "positional",
+            "efficiency"} <= names
+
+
+def test_good_space_semantics(tmp_path: Path) -> None:
+    s = load_space(write(tmp_path, GOOD))
+    assert s.fixed["epochs"] == 4 and s.fixed["task"] == "digits" and s.seeds == 2
+    assert s.infeasible({"n_heads": 3, "qk_norm": "none", "n_layers": 1}) is not None
+    assert s.infeasible({"n_heads": 4, "qk_norm": "none", "n_layers": 1}) is None
+    gain = next(p for p in s.params if p.name == "qk_norm_gain")
+    assert gain.active({"qk_norm": "l2"}) and not gain.active({"qk_norm": "none"})
+    rng = random.Random(0)
+    for _ in range(50):
+        sample = s.sample(rng)
+        assert ("qk_norm_gain" in sample) == (sample["qk_norm"] == "l2")
+
+
+BAD = [
+    pytest.param("params: {n_heads: [1, 2]\n", "malformed YAML", id="malformed"),
+    pytest.param(GOOD + "bogus: 1\n", "unknown key 'bogus'", id="unknown-top-key"),
+    pytest.param(GOOD.replace("n_layers: {type: int", "n_layerz: {type: int"),
+                 "params.n_layerz: unknown field", id="unknown-param"),
+    pytest.param(GOOD.replace("d_model: 32", "d_model: big"), "fixed.d_model", id="wrong-type"),
+    pytest.param(GOOD.replace("[none, l2]", "[none, l3]"), "valid choices", id="bad-choice"),
+    pytest.param(GOOD.replace("low: 1, high: 3", "low: 3, high: 1"), "must be <", id="low-high"),
+    pytest.param(GOOD.replace("d_model % n_heads == 0", "d_model % n_heads == 7"),
+                 "constraints", id="impossible-constraint"),
+    pytest.param(GOOD.replace("d_model % n_heads == 0", "import os"), "constraints[0]",
+                 id="constraint-syntax"),
+    pytest.param(GOOD.replace("metric: val_acc", "metric: val_accuracy"), "unknown metric",
+                 id="unknown-metric"),
+    pytest.param(GOOD.replace("grace_period: 1", "grace_period: 9"), "grace_period",
+                 id="grace-exceeds-epochs"),
+    pytest.param(GOOD.replace("num_trials: 3", "num_trials: zero"), "num_trials", id="trials"),
+    pytest.param(GOOD.replace("{qk_norm: l2}", "{qk_normx: l2}"), "when", id="bad-when"),
+    pytest.param(GOOD + "searcher: grid\n", "searcher", id="bad-searcher"),
+    pytest.param("- a\n- b\n", "mapping", id="not-a-mapping"),
+]
+
+
+@pytest.mark.parametrize(("text", "needle"), BAD)
+def test_bad_spaces_one_line_errors(tmp_path: Path, text: str, needle: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(SpaceError) as e:
+        load_space(p)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and needle in msg
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SpaceError, match="file not found"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_validate_cli(cli, tmp_path: Path) -> None:
+    ok = cli("spaces", "validate", str(ROOT / "search_spaces" / "smoke.yaml"))
+    assert ok.returncode == 0 and "qk_norm_gain" in ok.stdout
+    bad = cli("spaces", "validate", str(write(tmp_path, GOOD + "bogus: 1\n")))
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1 and "bogus" in bad.stderr

@@ -1,0 +1,155 @@
+"""End to end on CPU with real Ray, real Optuna and real MLflow (SQLite in a temp dir)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study.config import FIELD_NAMES
+from study.metrics import CORE_METRICS
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "search_spaces" / "smoke.yaml"
+pytestmark = pytest.mark.slow
+
+
+def runs_of(db: Path, name: str) -> tuple:
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("study.kind") == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def sweep_args(tmp_path: Path, space: Path, name: str, *extra: str) -> list[str]:
+    return ["sweep", str(space), "--name", name, "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray"), *extra]
+
+
+def test_smoke_sweep_end_to_end(cli, tmp_path: Path) -> None:
+    res = cli(*sweep_args(tmp_path, SMOKE, "smoke_e2e"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "study ui" in res.stderr and "4/4 trials" in res.stderr
+    client, parents, children = runs_of(tmp_path / "mlflow.db", "smoke_e2e")
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    for tag in ("git_commit", "version.ray", "version.torch", "ray_cluster_resources"):
+        assert tag in parent.data.tags
+    arts = [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert "space.yaml" in arts
+    assert len({r.data.tags["ray_trial_id"] for r in children}) == 4
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert set(r.data.params) == set(FIELD_NAMES)  # exactly the design-choice fields
+        assert r.data.params["task"] == "digits" and r.data.params["d_model"] == "32"
+        assert int(r.data.params["d_model"]) % int(r.data.params["n_heads"]) == 0
+        reason = r.data.tags["stop_reason"]
+        assert reason in ("completed", "early_stopped")
+        assert r.info.status == {"completed": "FINISHED", "early_stopped": "KILLED"}[reason]
+        hist = client.get_metric_history(r.info.run_id, "val_acc")
+        steps = sorted(m.step for m in hist)
+        n_epochs = 3 if reason == "completed" else steps[-1]
+        assert steps == list(range(1, n_epochs + 1))
+        if reason == "early_stopped":
+            assert n_epochs < 3 and f"epoch {n_epochs}" in r.data.tags["stop_message"]
+        for m in CORE_METRICS:
+            assert m in r.data.metrics and f"{m}_seed_std" in r.data.metrics
+            assert f"seed_0/{m}" in r.data.metrics and f"seed_1/{m}" in r.data.metrics
+        mean = (r.data.metrics["seed_0/val_acc"] + r.data.metrics["seed_1/val_acc"]) / 2
+        assert r.data.metrics["val_acc"] == pytest.approx(mean)
+        for bookkeeping in ("pid", "timestamp", "time_this_iter_s", "training_iteration"):
+            assert bookkeeping not in r.data.metrics
+    assert any(r.data.tags["stop_reason"] == "completed" for r in children)
+
+
+FAILING = """
+name: failing
+task: digits
+fixed: {d_model: 16, d_ff: 32, n_layers: 1, n_heads: 2, batch_size: 256}
+params:
+  patch_size: [4, 128]   # 128 exceeds the 64-step digits signal: the model refuses to build
+budget: {epochs: 2, grace_period: 2}
+seeds: 1
+searcher: random
+searcher_seed: 0
+num_trials: 5
+max_concurrent: 2
+"""
+
+
+def test_failing_trial_is_recorded_and_sweep_continues(cli, tmp_path: Path) -> None:
+    space = tmp_path / "failing.yaml"
+    space.write_text(FAILING)
+    res = cli(*sweep_args(tmp_path, space, "failing"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    _, _, children = runs_of(tmp_path / "mlflow.db", "failing")
+    assert len(children) == 5
+    by_patch: dict = {}
+    for r in children:
+        by_patch.setdefault(r.data.params["patch_size"], []).append(r)
+    assert set(by_patch) == {"4", "128"}, "the seeded sampler must draw both values"
+    for r in by_patch["128"]:
+        assert r.info.status == "FAILED" and r.data.tags["stop_reason"] == "error"
+        assert "patch_size" in r.data.tags["stop_message"]
+    for r in by_patch["4"]:
+        assert r.info.status == "FINISHED" and r.data.tags["stop_reason"] == "completed"
+
+
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, id="ctrl-c"),
+                                 pytest.param(signal.SIGKILL, id="killed-driver")])
+def test_interrupted_sweep_resumes_without_loss_or_repeats(cli, tmp_path: Path, sig) -> None:
+    args = sweep_args(tmp_path, SMOKE, "resumable", "--trials", "6")
+    proc = subprocess.Popen([sys.executable, "-m", "study.cli", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    db = tmp_path / "mlflow.db"
+    deadline = time.time() + 300
+    finished_before: set = set()
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1.0)
+        if db.exists():
+            try:
+                _, _, children = runs_of(db, "resumable")
+            except Exception:  # the store may be mid-migration
+                continue
+            finished_before = {r.data.tags["ray_trial_id"] for r in children
+                               if r.data.tags.get("stop_reason")}
+            if len(finished_before) >= 2:
+                break
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    _, _, children = runs_of(db, "resumable")
+    done = {r.data.tags["ray_trial_id"] for r in children if r.data.tags.get("stop_reason")}
+    assert finished_before <= done and len(done) < 6
+    meta = json.loads((tmp_path / "ray" / "resumable" / "study.json").read_text())
+    assert meta["num_trials"] == 6
+    res = cli("resume", "resumable", "--storage", str(tmp_path / "ray"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    _, parents, children = runs_of(db, "resumable")
+    ids = [r.data.tags["ray_trial_id"] for r in children]
+    assert len(ids) == 6 and len(set(ids)) == 6  # exactly the requested trials, no duplicates
+    assert done <= set(ids)  # finished trials were kept
+    assert all(r.data.tags.get("stop_reason") in ("completed", "early_stopped") for r in children)
+    assert parents[0].info.status == "FINISHED"
+    before = {r.data.tags["ray_trial_id"]: r.info.end_time for r in children
+              if r.data.tags["ray_trial_id"] in finished_before}
+    assert all(t is not None for t in before.values())
+
+
+def test_bad_space_refused_and_nothing_logged(cli, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMOKE.read_text().replace("n_heads: [1, 2, 4]", "n_heads: [1, 2, four]"))
+    res = cli(*sweep_args(tmp_path, bad, "bad"))
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and str(bad) in res.stderr
+    assert "n_heads" in res.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
+    missing = cli(*sweep_args(tmp_path, tmp_path / "missing.yaml", "bad"))
+    assert missing.returncode == 2 and not (tmp_path / "mlflow.db").exists()
