@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from study.config import CHOICES, FIELD_NAMES, ConfigError, coerce, load_yaml_mapping, make_config
-from study.metrics import ALL_METRICS
+from study.metrics import ALL_METRICS, CORE_METRICS
 
 SEARCHERS = ("tpe", "random", "cmaes", "nsga2")
 TOP_KEYS = ("name", "description", "task", "fixed", "params", "constraints", "budget", "seeds",
@@ -355,6 +355,10 @@ def _objectives(src: str, raw: Any) -> tuple[tuple[str, str], ...]:
         _expect(mode in ("max", "min"), f"{where}.mode: {mode!r}; valid: max, min")
         out.append((o["metric"], mode))
     _expect(len({m for m, _ in out}) == len(out), f"{src}: objective: a metric is repeated")
+    _expect(out[0][0] in CORE_METRICS,
+            f"{src}: objective: {out[0][0]} is measured after the last epoch only, but the first "
+            "objective drives early stopping every epoch; list a per-epoch metric (e.g. val_acc) "
+            "first and this one second")
     return tuple(out)
 
 

@@ -125,16 +125,18 @@ def lr_lambda(total: int, warmup_frac: float):
 
 
 def make_batches(lengths: np.ndarray, batch_size: int, bucket: bool,
-                 gen: torch.Generator) -> list[np.ndarray]:
-    """Index batches for one epoch: a random permutation, or with `bucket` batches of similar
-    length (sorted with random tie-breaks) in random order."""
+                 gen: torch.Generator, pool: int = 32) -> list[np.ndarray]:
+    """Index batches for one epoch: a random permutation cut into batches; with `bucket`, each
+    pool of `pool` batches is first sorted by length (stable), so batches hold similar lengths
+    and, where all lengths are equal, the batches are exactly those without bucketing."""
     n = len(lengths)
     perm = torch.randperm(n, generator=gen).numpy()
-    if not bucket:
-        return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-    order = perm[np.argsort(lengths[perm], kind="stable")]
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+    if bucket:
+        step = pool * batch_size
+        perm = np.concatenate([
+            chunk[np.argsort(lengths[chunk], kind="stable")]
+            for chunk in (perm[i:i + step] for i in range(0, n, step))])
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 class _RNG:

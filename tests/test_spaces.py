@@ -103,3 +103,20 @@ def test_validate_cli(cli, tmp_path: Path) -> None:
     bad = cli("spaces", "validate", str(write(tmp_path, GOOD + "bogus: 1\n")))
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "bogus" in bad.stderr
+
+
+def test_readme_example_parses(tmp_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("An annotated example (every key):\n\n```yaml\n", 1)[1].split("```")[0]
+    space = load_space(write(tmp_path, block))
+    assert space.searcher == "nsga2" and len(space.objectives) == 2 and space.gpu == 0.25
+
+
+def test_final_only_metric_cannot_drive_early_stopping(tmp_path: Path) -> None:
+    text = GOOD.replace("objective: {metric: val_acc, mode: max}",
+                        "objective: [{metric: ood_len_acc, mode: max}, {metric: val_acc}]")
+    with pytest.raises(SpaceError, match="first objective drives early stopping"):
+        load_space(write(tmp_path, text))
+    ok = GOOD.replace("objective: {metric: val_acc, mode: max}",
+                      "objective: [{metric: val_acc, mode: max}, {metric: ood_len_acc}]")
+    assert load_space(write(tmp_path, ok)).objectives[1] == ("ood_len_acc", "max")

@@ -14,7 +14,10 @@ if TYPE_CHECKING:
 Builder = Callable[[TrialConfig], "TaskData"]
 _BUILDERS: dict[str, Builder] = {}
 _CACHE: dict[tuple, TaskData] = {}
-_MODULES = ("digits",)
+# the module that registers each task (imported on first use)
+_MODULE_OF = {"copy": "sequences", "reverse": "sequences", "sort": "sequences",
+              "associative_recall": "sequences", "listops": "sequences",
+              "many_class": "sequences"}
 
 # config fields that shape the data; the cache key is built from them (never from `seed`)
 DATA_FIELDS = ("task", "data_seed", "train_fraction", "label_noise", "imbalance", "min_len",
@@ -31,12 +34,13 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 
 def get_task(cfg: TrialConfig) -> TaskData:
-    """Build (or fetch from the per-process cache) the data of `cfg.task`."""
-    for mod in _MODULES:
-        importlib.import_module(f"study.tasks.{mod}")
+    """Build (or fetch from the per-process cache) the data of `cfg.task`, with the training
+    stressors of `study/tasks/stressors.py` applied."""
+    from study.tasks.stressors import apply_stressors
+
     if cfg.task not in _BUILDERS:
-        raise NotImplementedError(f"task {cfg.task!r} is not available yet")
+        importlib.import_module(f"study.tasks.{_MODULE_OF.get(cfg.task, cfg.task)}")
     key = tuple(getattr(cfg, f) for f in DATA_FIELDS)
     if key not in _CACHE:
-        _CACHE[key] = _BUILDERS[cfg.task](cfg)
+        _CACHE[key] = apply_stressors(cfg, _BUILDERS[cfg.task](cfg))
     return _CACHE[key]
