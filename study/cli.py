@@ -121,6 +121,39 @@ def _after_sweep(summary: dict) -> None:
 
 
 @app.command()
+def report(
+    experiment: Annotated[str | None, typer.Option(
+        help="MLflow experiment (study name); default: the latest sweep.")] = None,
+    run: Annotated[str | None, typer.Option(
+        "--run", help="The sweep's parent run id (instead of --experiment).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default sqlite:///mlflow.db).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder (default reports/<experiment>/).")] = None,
+) -> None:
+    """Report each design choice's effect with seed noise and CIs: index.html, CSVs, figures."""
+    if experiment and run:
+        raise fail("--experiment and --run: pass one of them, not both")
+    from analysis.load import ReportError, load_sweep
+
+    from study.tracking import resolve_uri
+    uri = resolve_uri(tracking_uri)
+    try:
+        sweep_ = load_sweep(uri, experiment=experiment, run_id=run)
+        from analysis.report import write_report
+        from analysis.summary import header
+        console.print(f"{sweep_.experiment} (parent run {sweep_.parent_run_id}): "
+                      f"{header(sweep_)}", highlight=False, soft_wrap=True)
+        index = write_report(sweep_, out or Path("reports") / sweep_.experiment,
+                             tracking_uri=uri)
+    except ReportError as e:
+        raise fail(str(e)) from None
+    console.print(f"report logged to MLflow: parent run {sweep_.parent_run_id}, artifacts "
+                  "report/", highlight=False, soft_wrap=True)
+    typer.echo(str(index))
+
+
+@app.command()
 def ui(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",

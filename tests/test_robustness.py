@@ -107,3 +107,9 @@ def test_pad_bucket_truncate_identical_when_no_sequence_needs_them() -> None:
     for name in ("train_loss", "val_loss", "test_loss"):
         assert finals["pad"][name] == pytest.approx(finals["bucket"][name], rel=1e-5)
         assert finals["pad"][name] == pytest.approx(finals["truncate"][name], rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["listops", "associative_recall"])
+def test_truncation_refused_where_the_label_needs_the_end(task: str) -> None:
+    with pytest.raises(ConfigError, match="truncate"):
+        get_task(TrialConfig(task=task, length_mode="truncate", vocab_size=64))

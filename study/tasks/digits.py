@@ -8,6 +8,8 @@ with the label kept, seeded by `data_seed`:
 - `gaussian_noise`: additive N(0, sigma) pixel noise, sigma = 0.1 * s, clipped to [0, 1];
 - `occlusion`: one square of side s + 1 pixels (2..6), at a uniformly random position inside
   the 8x8 image (its own per image), set to 0.
+The random draws of a kind are shared by its severities (the noise of severity s is the same
+standard normal draw times sigma), so severities differ only in strength.
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ def _as_split(x: np.ndarray, y: np.ndarray) -> Split:
 
 
 def corrupt(x: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Corrupt raster images `x` ((N, 64) in [0, 1]) with `kind` at `severity` (1..5)."""
+    """Corrupt raster images `x` ((N, 64) in [0, 1]) with `kind` at `severity` (1..5).
+
+    The random draws do not depend on `severity`: with the same `rng` seed, the noise of
+    every severity is the same standard normal draw scaled by sigma."""
     if kind == "gaussian_noise":
-        noise = rng.normal(0.0, NOISE_SIGMA[severity - 1], size=x.shape)
+        noise = NOISE_SIGMA[severity - 1] * rng.standard_normal(size=x.shape)
         return np.clip(x + noise, 0.0, 1.0).astype(x.dtype)
     if kind == "occlusion":
         side = severity + 1
         n = len(x)
-        r0 = rng.integers(0, SIDE - side + 1, size=n)
-        c0 = rng.integers(0, SIDE - side + 1, size=n)
+        u = rng.random((2, n))  # top-left corner, uniform over the valid positions
+        r0, c0 = (np.floor(u * (SIDE - side + 1)).astype(np.int64))
         rows, cols = np.arange(SIDE)[None, :, None], np.arange(SIDE)[None, None, :]
         hole = ((rows >= r0[:, None, None]) & (rows < (r0 + side)[:, None, None])
                 & (cols >= c0[:, None, None]) & (cols < (c0 + side)[:, None, None]))
@@ -59,7 +64,7 @@ def build(cfg: TrialConfig) -> TaskData:
     extra = {}
     for i, kind in enumerate(CORRUPTIONS):
         for s in SEVERITIES:
-            rng = np.random.default_rng([cfg.data_seed, 101, i, s])
+            rng = np.random.default_rng([cfg.data_seed, 101, i])  # shared by severities
             extra[f"corrupt:{kind}:{s}"] = _as_split(corrupt(x[te], kind, s, rng), y[te])
     return TaskData(spec, _as_split(x[tr], y[tr]), _as_split(x[va], y[va]),
                     _as_split(x[te], y[te]), extra)

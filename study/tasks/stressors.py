@@ -63,11 +63,11 @@ def apply_stressors(cfg: TrialConfig, data: TaskData) -> TaskData:
                       train.mask)
     counts = None if per_token else np.bincount(y, minlength=C)
     out = TaskData(data.spec, train, data.val, data.test, dict(data.extra), counts,
-                   data.id_lengths)
+                   data.id_lengths, data.truncatable)
     if cfg.length_mode == "truncate":
-        if per_token:
-            raise ConfigError(f"length_mode: truncate would drop labelled positions of "
-                              f"task {cfg.task}; use pad or bucket")
+        if per_token or not data.truncatable:
+            raise ConfigError(f"length_mode: truncate would cut the labelled end of task "
+                              f"{cfg.task}'s inputs; use pad or bucket")
         n = int(train.mask.sum(1).max())
         out.train, out.val, out.test = (truncate(s, n) for s in (train, data.val, data.test))
         out.extra = {k: truncate(s, n) for k, s in out.extra.items()}

@@ -1,0 +1,275 @@
+"""`study report` end to end on the planted MLflow store: files, CSV columns, findings, a
+self-contained HTML page that renders in headless Chromium, the CLI, and the MLflow artifacts."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from analysis import plots
+from analysis.report import (
+    EFFECT_COLUMNS,
+    IMPORTANCE_COLUMNS,
+    MEASURE_COLUMNS,
+    write_report,
+)
+from analysis.summary import findings, header, report_targets
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+N_TRIALS = 40  # 35 completed + the 5 planted non-completed runs; keeps the store quick to build
+CSV_COLUMNS = {"effects.csv": EFFECT_COLUMNS, "importance.csv": IMPORTANCE_COLUMNS,
+               "measures.csv": MEASURE_COLUMNS}
+ROBUST_PLANTED = ("id_len_acc", "ood_len_acc", "len_gen_ratio", "corrupt_acc", "corrupt_rel")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    from planted import build_planted_store
+    root = tmp_path_factory.mktemp("planted")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    truth = build_planted_store(uri, experiment="planted", n_trials=N_TRIALS)
+    return SimpleNamespace(uri=uri, root=root, truth=truth)
+
+
+@pytest.fixture(scope="module")
+def report(planted):
+    from analysis.load import load_sweep
+    sweep = load_sweep(planted.uri, experiment="planted")
+    out = planted.root / "report"
+    index = write_report(sweep, out, n_boot=300, tracking_uri=planted.uri)
+    return SimpleNamespace(sweep=sweep, out=out, index=index)
+
+
+def test_every_output_exists_and_is_nonempty(report):
+    out = report.out
+    assert report.index == out / "index.html"
+    for name in ("trials.csv", "effects.csv", "importance.csv", "measures.csv", "summary.md",
+                 "index.html"):
+        assert (out / name).stat().st_size > 0, name
+    figs = {p.stem for p in (out / "figures").glob("*.png")}
+    targets = ["gen_gap_acc", "gen_gap_loss", "test_acc", *ROBUST_PLANTED]
+    expected = {f"effects_{t}" for t in targets} | {
+        "importance", "measures", "pareto", "per_length", "per_corruption"}
+    assert expected <= figs, expected - figs
+    assert "per_class" not in figs  # the planted sweep has no long-tail table: plot skipped
+    assert all((out / "figures" / f"{f}.png").stat().st_size > 1000 for f in figs)
+
+
+def test_csv_columns_are_exact(report):
+    for name, cols in CSV_COLUMNS.items():
+        df = pd.read_csv(report.out / name)
+        assert list(df.columns) == cols, name
+        assert len(df) > 0, name
+    trials = pd.read_csv(report.out / "trials.csv")
+    assert len(trials) == len(report.sweep.trials)
+    effects = pd.read_csv(report.out / "effects.csv")
+    assert set(effects["target"]) == {"gen_gap_acc", "gen_gap_loss", "test_acc",
+                                      *ROBUST_PLANTED}
+
+
+def test_summary_leads_with_the_planted_effect(report, planted):
+    md = (report.out / "summary.md").read_text()
+    bullets = [ln[2:] for ln in md.splitlines() if ln.startswith("- ")]
+    used = planted.truth["counts"]["completed"]
+    assert bullets[0].startswith(f"Used {used} trials (x 3 seeds); skipped: ")
+    assert "2 early_stopped" in bullets[0] and "1 diverged" in bullets[0]
+    assert "1 error" in bullets[0]
+    # the first finding is the planted norm effect on the gap, with its size and CI
+    m = re.match(r"norm=post_ln raises gen_gap_acc by (\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\]",
+                 bullets[1])
+    assert m, bullets[1]
+    est, lo, hi = map(float, m.groups())
+    assert lo <= est <= hi and lo < 0.08 < hi + 0.01
+    gap_lines = [b for b in bullets if "gen_gap_acc" in b]
+    assert any(b.startswith("Top parameter for gen_gap_acc") and ": norm (" in b
+               for b in gap_lines)
+    best = [b for b in bullets if b.startswith("Best measure for gen_gap_acc")]
+    assert best and "attn_entropy" in best[0] and "tau -" in best[0]
+    assert "Kendall tau" in best[0] and "smaller gen_gap_acc" in best[0]
+
+
+def _no_external(html: str) -> None:
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert not re.search(r"@import|url\(\s*['\"]?(https?:)?//", html, re.I)
+    assert "<link" not in html.lower() and "<script" not in html.lower()
+
+
+def test_html_is_self_contained(report):
+    html = report.index.read_text()
+    _no_external(html)
+    srcs = re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", html)
+    n_png = len(list((report.out / "figures").glob("*.png")))
+    assert len(srcs) == n_png == len(re.findall(r"<img\b", html))
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    # the summary comes first, the beyond-noise rows of the effects table are highlighted
+    assert html.index("Summary") < html.index("<img") < html.index("<table")
+    assert 'class=beyond' in html and "norm=post_ln raises gen_gap_acc" in html
+
+
+def _chromium() -> str | None:
+    for c in (shutil.which("chromium"), "/usr/bin/chromium"):
+        if c and Path(c).is_file():
+            return c
+    return None
+
+
+CHECK = ("<script>window.addEventListener('load',function(){var a=Array.from(document.images);"
+         "var ok=a.filter(function(i){return i.complete&&i.naturalWidth>0;}).length;"
+         "var d=document.createElement('div');d.id='img-check';"
+         "d.textContent='loaded='+ok+' total='+a.length;document.body.appendChild(d);});"
+         "</script>")
+
+
+def test_html_renders_in_headless_chromium(report, tmp_path):
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium; .ci/run does it)")
+    # a test-only copy with a probe script that counts the images that decoded after load
+    page = tmp_path / "check.html"
+    page.write_text(report.index.read_text().replace("</body>", CHECK + "</body>"))
+    args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'ud'}",
+            "--host-resolver-rules=MAP * ~NOTFOUND",  # any network fetch would fail
+            "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=90)
+    m = re.search(r'id="img-check">loaded=(\d+) total=(\d+)<', res.stdout)
+    assert m, f"no probe output (rc {res.returncode}): {res.stderr[-2000:]}"
+    loaded, total = map(int, m.groups())
+    assert total == len(list((report.out / "figures").glob("*.png"))) > 0
+    assert loaded == total
+
+
+def test_report_is_logged_on_the_parent_run(report, planted):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=planted.uri)
+    parent = planted.truth["parent_run_id"]
+    names = {Path(a.path).name for a in client.list_artifacts(parent, "report")}
+    assert {"index.html", "summary.md", "trials.csv", "effects.csv", "importance.csv",
+            "measures.csv", "figures"} <= names
+    figs = client.list_artifacts(parent, "report/figures")
+    assert any(a.path.endswith("effects_gen_gap_acc.png") for a in figs)
+
+
+def test_cli_report(planted, tmp_path, cli):
+    out = tmp_path / "cli_report"
+    res = cli("report", "--experiment", "planted", "--tracking-uri", planted.uri,
+                  "--out", str(out), timeout=120)
+    assert res.returncode == 0, res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    assert Path(last) == out / "index.html" and Path(last).stat().st_size > 0
+    used = planted.truth["counts"]["completed"]
+    assert f"Used {used} trials" in res.stderr and "skipped: " in res.stderr
+    assert "early_stopped" in res.stderr
+
+
+def test_cli_report_refuses_bad_input(planted, tmp_path, cli):
+    res = cli("report", "--experiment", "no_such_study", "--tracking-uri", planted.uri,
+                  "--out", str(tmp_path / "x"), timeout=60)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert not (tmp_path / "x").exists()
+    res = cli("report", "--experiment", "planted", "--run", "abc", "--tracking-uri",
+                  planted.uri, timeout=60)
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and "--run" in res.stderr
+
+
+def test_analysis_never_imports_torch_or_ray():
+    code = ("import sys; import analysis.report, analysis.plots, analysis.summary; "
+            "import analysis.load, analysis.effects, analysis.importance, analysis.measures; "
+            "bad = [m for m in ('torch', 'ray') if m in sys.modules]; "
+            "assert not bad, bad")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_metric_names_match_study_metrics():
+    from analysis import summary
+    from study import metrics
+    assert summary.ROBUSTNESS_METRICS == metrics.ROBUSTNESS_METRICS
+    assert summary.HIGHER_IS_BETTER == metrics.HIGHER_IS_BETTER
+    assert (summary.GEN_GAP_ACC, summary.GEN_GAP_LOSS, summary.TEST_ACC,
+            summary.SAMPLES_PER_S) == (metrics.GEN_GAP_ACC, metrics.GEN_GAP_LOSS,
+                                       metrics.TEST_ACC, metrics.SAMPLES_PER_S)
+
+
+# --- pure pieces on small hand-made tables ---
+
+def _effect(target, param, level, contrast, lo, hi, beyond, floor=0.01):
+    return dict(target=target, param=param, level=level, mean=0.1, ci_low=0.09, ci_high=0.11,
+                n=30, beyond_noise=beyond, contrast=contrast, contrast_low=lo,
+                contrast_high=hi, noise_floor=floor, raw_mean=0.1)
+
+
+def test_findings_wording():
+    effects = pd.DataFrame([
+        _effect("gen_gap_acc", "norm", "post_ln", 0.081, 0.070, 0.093, True),
+        _effect("gen_gap_acc", "norm", "pre_ln", -0.081, -0.093, -0.070, True),
+        _effect("gen_gap_acc", "qk_norm", "l2", -0.03, -0.04, -0.02, True),
+        _effect("gen_gap_acc", "qk_norm", "none", 0.01, -0.01, 0.02, False),
+        _effect("gen_gap_acc", "qk_norm", "layernorm", 0.02, 0.0, 0.03, False),
+        _effect("gen_gap_acc", "n_heads", "4", 0.002, -0.01, 0.012, False),
+        _effect("test_acc", "norm", "post_ln", 0.001, -0.01, 0.01, False),
+    ])
+    importance = pd.DataFrame([
+        dict(target="gen_gap_acc", param="norm", importance=0.7, evaluator="fanova"),
+        dict(target="gen_gap_acc", param="n_heads", importance=0.1, evaluator="fanova")])
+    measures = pd.DataFrame([
+        dict(target="gen_gap_acc", measure="grad_norm", kendall_tau=0.1,
+             granulated_kendall_tau=0.05, p_value=0.4, n=30),
+        dict(target="gen_gap_acc", measure="attn_entropy", kendall_tau=-0.5,
+             granulated_kendall_tau=-0.3, p_value=0.0001, n=30)])
+    sweep = SimpleNamespace(
+        used=30, skipped={"early_stopped": 2, "diverged": 1, "error": 0},
+        params=["norm", "qk_norm", "n_heads"], metrics=["gen_gap_acc", "test_acc"],
+        trials=pd.DataFrame({"trial_id": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1]}))
+    lines = findings(effects, importance, measures, sweep)
+    assert lines[0] == ("Used 30 trials (x 2 seeds); skipped: 2 early_stopped (stopped by ASHA "
+                        "before the last epoch), 1 diverged (NaN/inf loss)")
+    # two levels: one line, not a mirrored "pre_ln lowers" twin; largest effect first
+    assert lines[1].startswith("norm=post_ln raises gen_gap_acc by 0.081 [0.070, 0.093] "
+                               "relative to norm=pre_ln (adjusted for the other parameters")
+    assert lines[2].startswith("qk_norm=l2 lowers gen_gap_acc by 0.030 [0.020, 0.040] "
+                               "relative to the other levels")
+    assert not any("pre_ln lowers" in ln for ln in lines)
+    assert "n_heads has no effect on gen_gap_acc beyond seed noise (floor 0.010)" in lines
+    assert "Top parameter for gen_gap_acc by fANOVA importance: norm (0.700), next n_heads " \
+           "(0.100)" in lines
+    assert "norm has no effect on test_acc beyond seed noise (floor 0.010)" in lines
+    assert lines[-1].startswith("Best measure for gen_gap_acc: attn_entropy (Kendall tau "
+                                "-0.500, granulated -0.300, p<0.001, n=30)")
+    assert "smaller gen_gap_acc" in lines[-1]
+    assert header(SimpleNamespace(used=1, skipped={}, trials=None)) == \
+        "Used 1 trial; skipped: none"
+    assert report_targets(["ood_len_acc", "test_acc", "gen_gap_acc", "ece"]) == [
+        "gen_gap_acc", "test_acc", "ood_len_acc"]
+
+
+def test_plots_skip_absent_data_and_draw_present_data():
+    empty = pd.DataFrame()
+    assert plots.effect_forest(empty, "gen_gap_acc") is None
+    assert plots.importance_bars(empty) is None
+    assert plots.measure_bars(empty) is None
+    assert plots.accuracy_vs_length(None) is None
+    assert plots.accuracy_vs_class_count(None) is None
+    assert plots.accuracy_vs_corruption(None) is None
+    assert plots.pareto_front(pd.DataFrame({"test_acc": [0.9]})) is None
+    per_class = pd.DataFrame({"class": [0, 1, 2, 0, 1, 2], "train_count": [500, 50, 5] * 2,
+                              "test_acc": [0.95, 0.8, 0.4, 0.9, 0.7, 0.5]})
+    fig = plots.accuracy_vs_class_count(per_class)
+    assert fig is not None and fig.axes[0].get_xscale() == "log"
+    assert "training examples" in fig.axes[0].get_xlabel()
+    assert plots.pareto_mask([0.9, 0.8, 0.85, 0.95], [0.1, 0.05, 0.2, 0.3]).tolist() == [
+        True, True, False, True]
