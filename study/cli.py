@@ -83,13 +83,20 @@ def sweep(
         help="MLflow tracking URI (default sqlite:///mlflow.db).")] = None,
     storage: Annotated[Path | None, typer.Option(
         help="Ray experiment directory (default ./ray_results).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override budget.epochs.")] = None,
+    gpu: Annotated[float | None, typer.Option(
+        help="Override resources.gpu per trial (fractions share a GPU).")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Override max_concurrent.")
+                              ] = None,
 ) -> None:
     """Run a sweep over a search space with Ray Tune + Optuna + ASHA, tracked in MLflow."""
     from study.spaces import SpaceError, load_space
     try:
         load_space(space)  # bad files stop here, before Ray or MLflow start
         from study.sweep import run_sweep
-        summary = run_sweep(space, name, trials, address, tracking_uri, storage)
+        summary = run_sweep(space, name, trials, address, tracking_uri, storage,
+                            overrides={"epochs": epochs, "gpu": gpu,
+                                       "max_concurrent": max_concurrent})
     except SpaceError as e:
         raise fail(str(e)) from None
     _after_sweep(summary)
@@ -135,7 +142,6 @@ def report(
     if experiment and run:
         raise fail("--experiment and --run: pass one of them, not both")
     from analysis.load import ReportError, load_sweep
-
     from study.tracking import resolve_uri
     uri = resolve_uri(tracking_uri)
     try:
@@ -146,8 +152,8 @@ def report(
                       f"{header(sweep_)}", highlight=False, soft_wrap=True)
         index = write_report(sweep_, out or Path("reports") / sweep_.experiment,
                              tracking_uri=uri)
-    except ReportError as e:
-        raise fail(str(e)) from None
+    except ReportError as e:  # analysis.load names the run option --run-id; here it is --run
+        raise fail(str(e).replace("--run-id:", "--run:")) from None
     console.print(f"report logged to MLflow: parent run {sweep_.parent_run_id}, artifacts "
                   "report/", highlight=False, soft_wrap=True)
     typer.echo(str(index))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # names only: `analysis/` imports this module and never loads torch
+    import torch
 
 # --- names: other parts and users' scripts read these exactly ---
 TRAIN_LOSS, TRAIN_ACC = "train_loss", "train_acc"
@@ -47,6 +50,8 @@ ECE_BINS = 15
 def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor,
                                n_bins: int = ECE_BINS) -> torch.Tensor:
     """ECE with equal-width confidence bins (Guo et al. 2017): sum_b |B|/n |acc_b - conf_b|."""
+    import torch
+
     conf = conf.float()
     correct = correct.float()
     # bin b holds confidences in (b/n, (b+1)/n]

@@ -251,13 +251,12 @@ def _trainable(space: SearchSpace):
 
 def run_sweep(space_path: str | Path, name: str | None = None, trials: int | None = None,
               address: str | None = None, tracking_uri: str | None = None,
-              storage: str | Path | None = None) -> dict:
-    """Start a sweep; returns its summary (see `summarize`)."""
-    space = load_space(space_path)
-    if trials is not None:
-        if trials < 1:
-            raise SpaceError(f"--trials: must be >= 1, got {trials}")
-        space = replace(space, num_trials=trials)
+              storage: str | Path | None = None,
+              overrides: dict[str, Any] | None = None) -> dict:
+    """Start a sweep; returns its summary (see `finish`). `overrides` may set `epochs`, `gpu`
+    and `max_concurrent` of the space (None leaves a value as the file has it)."""
+    cli_values = {"num_trials": trials, **(overrides or {})}
+    space = override(load_space(space_path), cli_values)
     name = name or space.name
     store = Path(storage or DEFAULT_STORAGE).resolve()
     exp_dir = store / name
@@ -276,7 +275,8 @@ def run_sweep(space_path: str | Path, name: str | None = None, trials: int | Non
     (exp_dir / "space.yaml").write_text(space.text)
     (exp_dir / META).write_text(json.dumps({
         "name": name, "space_path": space.path, "tracking_uri": uri, "parent_run_id": parent,
-        "num_trials": space.num_trials, "address": address, "created": time.time()}, indent=1))
+        "num_trials": space.num_trials, "address": address, "created": time.time(),
+        "overrides": {k: v for k, v in cli_values.items() if v is not None}}, indent=1))
     console().print(
         f"sweep {name}: {space.num_trials} trials x {space.seeds} seeds of {space.path} on "
         f"{resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs; "
@@ -301,6 +301,23 @@ def run_sweep(space_path: str | Path, name: str | None = None, trials: int | Non
     return finish(tracker, parent, space, name)
 
 
+def override(space: SearchSpace, values: dict[str, Any]) -> SearchSpace:
+    """Command-line overrides of a parsed space, checked like the file's own values."""
+    values = {k: v for k, v in values.items() if v is not None}
+    for key in ("num_trials", "epochs", "max_concurrent"):
+        if key in values and values[key] < 1:
+            flag = "trials" if key == "num_trials" else key.replace("_", "-")
+            raise SpaceError(f"--{flag}: must be >= 1, got {values[key]}")
+    if values.get("gpu", 0) < 0:
+        raise SpaceError(f"--gpu: must be >= 0, got {values['gpu']}")
+    if "epochs" in values:
+        if space.grace_period > values["epochs"]:
+            raise SpaceError(f"--epochs: {values['epochs']} is below the space's grace_period "
+                             f"({space.grace_period})")
+        values["fixed"] = {**space.fixed, "epochs": values["epochs"]}
+    return replace(space, **values)
+
+
 def resume_sweep(name: str, storage: str | Path | None = None,
                  tracking_uri: str | None = None, address: str | None = None) -> dict:
     """Continue an interrupted sweep: finished trials are kept, unfinished ones restart."""
@@ -309,7 +326,7 @@ def resume_sweep(name: str, storage: str | Path | None = None,
     if not (exp_dir / META).exists():
         raise SpaceError(f"NAME: no sweep {name!r} in {store}; pass --storage DIR where it ran")
     meta = json.loads((exp_dir / META).read_text())
-    space = replace(load_space(exp_dir / "space.yaml"), num_trials=meta["num_trials"])
+    space = override(load_space(exp_dir / "space.yaml"), meta.get("overrides", {}))
     uri = tracking_uri or meta["tracking_uri"]
     init_ray(address or meta.get("address"))
     _quiet_optuna()

@@ -252,13 +252,6 @@ def test_noise_floor(sweep) -> None:
     assert any("one seed per trial" in str(x.message) for x in w)
 
 
-def test_metric_names_mirror_study_metrics() -> None:
-    from study import metrics as M
-    assert L.CORE_METRICS == M.CORE_METRICS
-    assert L.ROBUSTNESS_METRICS == M.ROBUSTNESS_METRICS
-    assert L.HIGHER_IS_BETTER == M.HIGHER_IS_BETTER
-
-
 def test_analysis_imports_neither_torch_nor_ray() -> None:
     code = ("import sys, analysis.load, analysis.effects, analysis.importance, "
             "analysis.measures; bad = {'torch', 'ray'} & set(sys.modules); "
