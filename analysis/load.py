@@ -137,13 +137,13 @@ def _find_parent(client, uri: str, experiment: str | None, run_id: str | None):
         try:
             run = client.get_run(run_id)
         except MlflowException:
-            raise ReportError(f"--run-id: no run {run_id!r} in {uri}") from None
+            raise ReportError(f"--run: no run {run_id!r} in {uri}") from None
         if run.data.tags.get(TAG_KIND) != "sweep":
-            raise ReportError(f"--run-id: run {run_id!r} is not a sweep's parent run "
+            raise ReportError(f"--run: run {run_id!r} is not a sweep's parent run "
                               f"(tag {TAG_KIND}=sweep); pass the parent run id")
         exp = client.get_experiment(run.info.experiment_id)
         if experiment and exp.name != experiment:
-            raise ReportError(f"--run-id: run {run_id!r} belongs to experiment {exp.name!r}, "
+            raise ReportError(f"--run: run {run_id!r} belongs to experiment {exp.name!r}, "
                               f"not {experiment!r}")
         return exp, run
     if experiment:

@@ -152,8 +152,8 @@ def report(
                       f"{header(sweep_)}", highlight=False, soft_wrap=True)
         index = write_report(sweep_, out or Path("reports") / sweep_.experiment,
                              tracking_uri=uri)
-    except ReportError as e:  # analysis.load names the run option --run-id; here it is --run
-        raise fail(str(e).replace("--run-id:", "--run:")) from None
+    except ReportError as e:
+        raise fail(str(e)) from None
     console.print(f"report logged to MLflow: parent run {sweep_.parent_run_id}, artifacts "
                   "report/", highlight=False, soft_wrap=True)
     typer.echo(str(index))

@@ -1,0 +1,209 @@
+"""Write a sweep's report: CSV tables, PNG figures, summary.md and one self-contained index.html,
+then log the whole folder on the sweep's parent MLflow run (artifact path `report`)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.summary import findings, fmt, report_targets
+
+EFFECT_COLUMNS = ["target", "param", "level", "mean", "ci_low", "ci_high", "n", "beyond_noise",
+                  "contrast", "contrast_low", "contrast_high", "noise_floor", "raw_mean"]
+IMPORTANCE_COLUMNS = ["target", "param", "importance", "evaluator"]
+MEASURE_COLUMNS = ["target", "measure", "kendall_tau", "granulated_kendall_tau", "p_value", "n"]
+DPI = 110
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;
+ max-width:1100px;margin:2em auto;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
+ margin-top:2em}
+.meta{color:#666;font-size:.9em}
+.summary{background:#f6f8fa;border-left:4px solid #2c7fb8;padding:.6em 1.2em}
+.summary li{margin:.25em 0}
+figure{margin:1.5em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#555;font-size:.9em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0 1.5em}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f0f0f0}td.t{text-align:left}
+tr.beyond td{background:#fde2e0;font-weight:600}
+.note{color:#555;font-size:.9em}
+"""
+
+
+def _ordered(df: pd.DataFrame | None, columns: Sequence[str]) -> pd.DataFrame:
+    """The table with exactly `columns`, in that order (an empty table keeps the header)."""
+    if df is None or df.empty:
+        return pd.DataFrame(columns=list(columns))
+    missing = [c for c in columns if c not in df]
+    if missing:
+        raise ValueError(f"table lacks columns {missing}")
+    return df[list(columns)].reset_index(drop=True)
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "_(none)_\n"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(fmt(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(df: pd.DataFrame, highlight: pd.Series | None = None) -> str:
+    if df.empty:
+        return '<p class="note">(none)</p>'
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = []
+    flags = list(highlight) if highlight is not None else [False] * len(df)
+    for flag, row in zip(flags, df.itertuples(index=False)):
+        cells = "".join(
+            f'<td{"" if isinstance(v, int | float) and not isinstance(v, bool) else " class=t"}>'
+            f"{html.escape(fmt(v))}</td>" for v in row)
+        body.append(f'<tr{" class=beyond" if flag else ""}>{cells}</tr>')
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _ci(df: pd.DataFrame) -> pd.DataFrame:
+    """Effects in reading form: contrast with its CI in one column."""
+    out = df[["target", "param", "level", "n"]].copy()
+    out["contrast [95% CI]"] = [f"{fmt(c)} [{fmt(lo)}, {fmt(hi)}]" for c, lo, hi in
+                                zip(df["contrast"], df["contrast_low"], df["contrast_high"])]
+    out["adjusted mean"] = df["mean"].to_numpy()
+    out["raw mean"] = df["raw_mean"].to_numpy()
+    out["noise floor"] = df["noise_floor"].to_numpy()
+    out["beyond noise"] = ["yes" if b else "no" for b in df["beyond_noise"].astype(bool)]
+    return out
+
+
+def summary_markdown(sweep: Any, lines: list[str], effects: pd.DataFrame,
+                     importance: pd.DataFrame, measures: pd.DataFrame,
+                     figures: Sequence[str]) -> str:
+    beyond = effects[effects["beyond_noise"].astype(bool)] if not effects.empty else effects
+    parts = [f"# Report: {sweep.experiment}\n",
+             f"Parent run `{sweep.parent_run_id}`; params studied: "
+             f"{', '.join(sweep.params) or 'none'}.\n",
+             "## Summary\n", *[f"- {line}" for line in lines], "",
+             "## Effects beyond seed noise\n",
+             "Contrast = the level's adjusted mean minus the mean of the other levels of the "
+             "same parameter (95% CI); all effects are in `effects.csv`.\n",
+             _md_table(_ci(beyond) if not beyond.empty else beyond),
+             "## Parameter importance\n", _md_table(importance),
+             "## Measures vs. the generalization gap\n", _md_table(measures),
+             "## Figures\n", *[f"![{f}](figures/{f}.png)" for f in figures], ""]
+    return "\n".join(parts)
+
+
+def index_html(sweep: Any, lines: list[str], effects: pd.DataFrame, importance: pd.DataFrame,
+               measures: pd.DataFrame, pngs: dict[str, tuple[bytes, str]]) -> str:
+    """One page, no external resources: inline CSS, images as base64 data URIs."""
+    e = html.escape
+    figs = "".join(
+        f'<figure><img alt="{e(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(png).decode("ascii")}"><figcaption>{e(caption)}</figcaption>'
+        "</figure>" for name, (png, caption) in pngs.items())
+    eff = _ci(effects) if not effects.empty else effects
+    flags = effects["beyond_noise"].astype(bool) if not effects.empty else None
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Report: {e(sweep.experiment)}</title><style>{CSS}</style></head>
+<body>
+<h1>Which attention design choices matter? &mdash; {e(sweep.experiment)}</h1>
+<p class="meta">MLflow experiment <b>{e(sweep.experiment)}</b>, parent run
+<code>{e(sweep.parent_run_id)}</code>; params studied: {e(", ".join(sweep.params) or "none")};
+generated {e(stamp)}.</p>
+<h2>Summary</h2>
+<div class="summary"><ul>{"".join(f"<li>{e(x)}</li>" for x in lines)}</ul></div>
+<p class="note">Effects are differences between levels of one parameter, adjusted for the other
+parameters, with 95% bootstrap confidence intervals (trials and their seeds resampled);
+"beyond seed noise" means the interval excludes zero and the effect is larger than the seed-noise
+floor (the median spread between seeds of one configuration). They describe this sweep's sampled
+configurations, not guaranteed causes. Early-stopped, diverged and failed trials are left out.
+</p>
+<h2>Figures</h2>
+{figs or '<p class="note">(no figures: no data)</p>'}
+<h2>Effects of each parameter level</h2>
+<p class="note">Highlighted rows are beyond seed noise.</p>
+{_html_table(eff, flags)}
+<h2>Parameter importance</h2>
+{_html_table(importance)}
+<h2>Measures vs. the generalization gap</h2>
+{_html_table(measures)}
+<p class="note">Files beside this page: trials.csv, effects.csv, importance.csv, measures.csv,
+summary.md, figures/*.png.</p>
+</body></html>
+"""
+
+
+def write_report(sweep: Any, out_dir: Path, n_boot: int = 1000, log_to_mlflow: bool = True,
+                 tracking_uri: str | None = None) -> Path:
+    """Compute the tables, write every file under `out_dir`, log it on the parent run (in
+    `tracking_uri`, default the store the sweep was loaded from); returns index.html's path."""
+    from analysis.effects import effects_table
+    from analysis.importance import importance_table
+    from analysis.measures import measures_table
+    from analysis.plots import all_figures, caption
+
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for stale in fig_dir.glob("*.png"):  # a figure whose data are gone must not linger
+        stale.unlink()
+    trials = sweep.trials
+    targets = [t for t in report_targets(sweep.metrics) if t in trials]
+    effects = _ordered(effects_table(trials, sweep.params, targets, n_boot=n_boot, seed=0),
+                       EFFECT_COLUMNS)
+    importance = _ordered(importance_table(trials, sweep.params, targets, seed=0),
+                          IMPORTANCE_COLUMNS)
+    measures = _ordered(measures_table(trials, sweep.params), MEASURE_COLUMNS)
+
+    trials.to_csv(out_dir / "trials.csv", index=False)
+    effects.to_csv(out_dir / "effects.csv", index=False)
+    importance.to_csv(out_dir / "importance.csv", index=False)
+    measures.to_csv(out_dir / "measures.csv", index=False)
+
+    pngs: dict[str, tuple[bytes, str]] = {}
+    for name, fig in all_figures(sweep, effects, importance, measures, targets).items():
+        png = _png(fig)
+        (fig_dir / f"{name}.png").write_bytes(png)
+        pngs[name] = (png, caption(name))
+        fig.clear()
+
+    lines = findings(effects, importance, measures, sweep, targets)
+    (out_dir / "summary.md").write_text(
+        summary_markdown(sweep, lines, effects, importance, measures, list(pngs)),
+        encoding="utf-8")
+    index = out_dir / "index.html"
+    index.write_text(index_html(sweep, lines, effects, importance, measures, pngs),
+                     encoding="utf-8")
+    if log_to_mlflow:
+        log_report(sweep.parent_run_id, out_dir,
+                   tracking_uri or getattr(sweep, "tracking_uri", None) or None)
+    return index
+
+
+def log_report(parent_run_id: str, out_dir: Path, tracking_uri: str | None = None) -> None:
+    """Log the report folder as artifacts `report/` of the sweep's parent run."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    MlflowClient(tracking_uri=tracking_uri).log_artifacts(parent_run_id, str(out_dir),
+                                                          artifact_path="report")
