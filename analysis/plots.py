@@ -23,7 +23,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from analysis.summary import GEN_GAP_ACC, SAMPLES_PER_S, TEST_ACC, unit  # noqa: E402
+from analysis.summary import unit  # noqa: E402
+from study.metrics import GEN_GAP_ACC, SAMPLES_PER_S, TEST_ACC  # noqa: E402
 
 BEYOND, WITHIN = "#c0392b", "#7f8c8d"
 EVALUATORS = {"fanova": "fANOVA importance", "ped_anova": "PED-ANOVA importance"}

@@ -19,3 +19,4 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
 @pytest.fixture
 def cli():
     return run_cli
+

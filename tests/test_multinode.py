@@ -21,16 +21,19 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path: Path):
+def two_node_cluster(monkeypatch):
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
     if ray is None:
         pytest.skip("the ray CLI is not installed next to this Python")
     port = free_port()
+    # `ray start --head` turns on token authentication (token in ~/.ray/auth_token); the
+    # worker node and the drivers (this test, `study sweep --address`) must use it too
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus=1", "--num-gpus=0", "--disable-usage-stats"]
     subprocess.run([ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                    "--include-dashboard=false", f"--temp-dir={tmp_path / 'ray_tmp'}",
-                    *common], check=True, capture_output=True, env=env, timeout=120)
+                    "--include-dashboard=false", *common], check=True, capture_output=True,
+                   env=env, timeout=120)
     try:
         subprocess.run([ray, "start", f"--address=127.0.0.1:{port}",
                         "--node-ip-address=127.0.0.1", *common], check=True,

@@ -4,7 +4,6 @@ self-contained HTML page that renders in headless Chromium, the CLI, and the MLf
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from analysis.report import (
     write_report,
 )
 from analysis.summary import findings, header, report_targets
+from tests.browser import render_images
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,38 +115,8 @@ def test_html_is_self_contained(report):
     assert 'class=beyond' in html and "norm=post_ln raises gen_gap_acc" in html
 
 
-def _chromium() -> str | None:
-    for c in (shutil.which("chromium"), "/usr/bin/chromium"):
-        if c and Path(c).is_file():
-            return c
-    return None
-
-
-CHECK = ("<script>window.addEventListener('load',function(){var a=Array.from(document.images);"
-         "var ok=a.filter(function(i){return i.complete&&i.naturalWidth>0;}).length;"
-         "var d=document.createElement('div');d.id='img-check';"
-         "d.textContent='loaded='+ok+' total='+a.length;document.body.appendChild(d);});"
-         "</script>")
-
-
 def test_html_renders_in_headless_chromium(report, tmp_path):
-    exe = _chromium()
-    if exe is None:
-        pytest.skip("chromium not installed (apt-get install -y chromium; .ci/run does it)")
-    # a test-only copy with a probe script that counts the images that decoded after load
-    page = tmp_path / "check.html"
-    page.write_text(report.index.read_text(encoding="utf-8").replace(
-        "</body>", CHECK + "</body>"), encoding="utf-8")
-    args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'ud'}",
-            "--host-resolver-rules=MAP * ~NOTFOUND",  # any network fetch would fail
-            "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
-    res = subprocess.run(args, capture_output=True, encoding="utf-8", errors="replace",
-                         timeout=90)
-    m = re.search(r'id="img-check">loaded=(\d+) total=(\d+)<', res.stdout)
-    assert m, f"no probe output (rc {res.returncode}): {res.stderr[-2000:]}"
-    loaded, total = map(int, m.groups())
+    loaded, total = render_images(report.index, tmp_path)
     assert total == len(list((report.out / "figures").glob("*.png"))) > 0
     assert loaded == total
 

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from study.config import FIELD_NAMES
 from study.metrics import CORE_METRICS
+from tests.browser import render_images
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -67,6 +68,24 @@ def test_smoke_sweep_end_to_end(cli, tmp_path: Path) -> None:
         for bookkeeping in ("pid", "timestamp", "time_this_iter_s", "training_iteration"):
             assert bookkeeping not in r.data.metrics
     assert any(r.data.tags["stop_reason"] == "completed" for r in children)
+
+    # the report on this real sweep: every file exists and is non-empty, the page renders
+    out = tmp_path / "report"
+    rep = cli("report", "--experiment", "smoke_e2e", "--tracking-uri",
+              f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(out))
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    assert rep.stdout.strip().endswith(str(out / "index.html"))
+    assert "Used " in rep.stderr and "skipped" in rep.stderr
+    files = ["trials.csv", "effects.csv", "importance.csv", "measures.csv", "summary.md",
+             "index.html"]
+    for name in files:
+        assert (out / name).stat().st_size > 0, name
+    pngs = list((out / "figures").glob("*.png"))
+    assert pngs and all(p.stat().st_size > 0 for p in pngs)
+    loaded, total = render_images(out / "index.html", tmp_path)
+    assert loaded == total == len(pngs)
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/index.html" in arts
 
 
 FAILING = """

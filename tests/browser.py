@@ -1,0 +1,37 @@
+"""Headless Chromium checks of report pages."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CHECK = ("<script>window.addEventListener('load',function(){var a=Array.from(document.images);"
+         "var ok=a.filter(function(i){return i.complete&&i.naturalWidth>0;}).length;"
+         "var d=document.createElement('div');d.id='img-check';"
+         "d.textContent='loaded='+ok+' total='+a.length;document.body.appendChild(d);});"
+         "</script>")
+
+
+def render_images(index: Path, tmp_path: Path) -> tuple[int, int]:
+    """Open a report page in headless Chromium (network blocked) and return how many of its
+    images decoded after load, and how many there are. Skips where Chromium is missing."""
+    exe = next((c for c in (shutil.which("chromium"), "/usr/bin/chromium")
+                if c and Path(c).is_file()), None)
+    if exe is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium; .ci/run does it)")
+    # a test-only copy with a probe script that counts the images that decoded after load
+    page = tmp_path / "check.html"
+    page.write_text(index.read_text(encoding="utf-8").replace(
+        "</body>", CHECK + "</body>"), encoding="utf-8")
+    args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'ud'}",
+            "--host-resolver-rules=MAP * ~NOTFOUND",  # any network fetch would fail
+            "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    res = subprocess.run(args, capture_output=True, encoding="utf-8", errors="replace",
+                         timeout=90)
+    m = re.search(r'id="img-check">loaded=(\d+) total=(\d+)<', res.stdout)
+    assert m, f"no probe output (rc {res.returncode}): {res.stderr[-2000:]}"
+    return int(m.group(1)), int(m.group(2))
