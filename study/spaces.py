@@ -290,6 +290,12 @@ def load_space(path: str | Path) -> SearchSpace:
         make_config(fixed)  # fixed values alone must form a valid config
     except ConfigError as e:
         raise SpaceError(f"{src}: fixed: {e}") from None
+    data_path = fixed.get("data_path")
+    if data_path and not Path(data_path).expanduser().is_file():
+        raise SpaceError(f"{src}: fixed.data_path: {data_path} not found; give the path of a "
+                         "local CSV/JSONL/Parquet file")
+    if data_path:  # trials run in other working directories
+        fixed["data_path"] = str(Path(data_path).expanduser().resolve())
     params_raw = data.get("params") or {}
     _expect(isinstance(params_raw, dict) and params_raw,
             f"{src}: params: expected a non-empty mapping of field: distribution")

@@ -20,7 +20,7 @@ from analysis.report import (
     write_report,
 )
 from analysis.summary import findings, header, report_targets
-from tests.browser import render_images
+from tests.helpers import render_images
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -120,3 +120,10 @@ def test_final_only_metric_cannot_drive_early_stopping(tmp_path: Path) -> None:
     ok = GOOD.replace("objective: {metric: val_acc, mode: max}",
                       "objective: [{metric: val_acc, mode: max}, {metric: ood_len_acc}]")
     assert load_space(write(tmp_path, ok)).objectives[1] == ("ood_len_acc", "max")
+
+
+def test_missing_user_data_file_refused_before_anything_starts(tmp_path: Path) -> None:
+    text = GOOD.replace("task: digits\n", "task: text_file\n").replace(
+        "fixed: {d_model: 32}", "fixed: {d_model: 32, data_path: /nonexistent/reviews.csv}")
+    with pytest.raises(SpaceError, match="fixed.data_path: /nonexistent/reviews.csv not found"):
+        load_space(write(tmp_path, text))

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from study.config import FIELD_NAMES
 from study.metrics import CORE_METRICS
-from tests.browser import render_images
+from tests.helpers import render_images
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"

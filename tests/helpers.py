@@ -1,11 +1,19 @@
-"""Headless Chromium checks of report pages."""
+"""Shared test helpers: a free local port, headless Chromium checks of report pages."""
 
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 CHECK = ("<script>window.addEventListener('load',function(){var a=Array.from(document.images);"
          "var ok=a.filter(function(i){return i.complete&&i.naturalWidth>0;}).length;"
