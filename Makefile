@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SPACE ?= search_spaces/default.yaml
+# each `make sweep` is a new sweep (a name is used once per storage); `make report` takes the latest
+NAME ?= $(basename $(notdir $(SPACE)))_$(shell date +%Y%m%d_%H%M%S)
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install test sweep report ui bench lint clean
@@ -24,7 +26,7 @@ test: install lint
 	$(PY) -m pytest -q
 
 sweep: install
-	$(VENV)/bin/study sweep $(SPACE)
+	$(VENV)/bin/study sweep $(SPACE) --name $(NAME)
 
 report: install
 	$(VENV)/bin/study report

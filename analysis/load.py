@@ -95,6 +95,7 @@ class Sweep:
     skipped: dict[str, int] = field(default_factory=dict)
     tracking_uri: str = ""
     space: dict = field(default_factory=dict)
+    conditional: list[str] = field(default_factory=list)  # varied but left out (see load_sweep)
 
     def targets(self) -> list[str]:
         """The default targets present in `trials` (gaps, test accuracy, robustness)."""
@@ -187,8 +188,10 @@ def _status_of(run) -> str | None:
         return None
     if reason in SKIP_REASONS:
         return SKIP_REASONS[reason]
-    if run.info.status == "RUNNING" or reason is None:
+    if run.info.status == "RUNNING":
         return SKIP_RUNNING
+    if reason is None:  # ended without a reason: its driver stopped before recording one
+        return f"interrupted (status {run.info.status}, no stop_reason)"
     return f"unknown stop_reason {reason!r}"
 
 
@@ -333,7 +336,12 @@ def load_sweep(tracking_uri: str | None = None, experiment: str | None = None,
         why = ", ".join(f"{n} {k}" for k, n in skipped.items() if n) or "no child runs yet"
         raise ReportError(f"{where}: no completed trials to analyse; {n_skip} skipped: {why}")
     configs = pd.DataFrame([u["config"] for u in used])
-    params = varied_params(configs)
+    space = _load_space(parent.info.artifact_uri)
+    # a conditional param (`when:` in the space) holds its default where inactive, which would
+    # make one of its levels stand for "the condition is off": it is left out of the analysis
+    conditional = {n for n, spec in (space.get("params") or {}).items()
+                   if isinstance(spec, dict) and spec.get("when")}
+    params = [p for p in varied_params(configs) if p not in conditional]
     names: set[str] = set()
     rows = []
     for u in used:
@@ -355,4 +363,5 @@ def load_sweep(tracking_uri: str | None = None, experiment: str | None = None,
     return Sweep(experiment=exp.name, parent_run_id=pid, trials=trials, runs=runs,
                  params=params, metrics=metrics, objectives=objectives,
                  tables=_load_tables(used, params), used=len(used), skipped=skipped,
-                 tracking_uri=uri, space=_load_space(parent.info.artifact_uri))
+                 tracking_uri=uri, space=space,
+                 conditional=sorted(conditional & set(varied_params(configs))))

@@ -232,12 +232,17 @@ def accuracy_vs_corruption(per_corruption: pd.DataFrame | None) -> Figure | None
     return fig
 
 
-def pareto_mask(acc: np.ndarray, gap: np.ndarray) -> np.ndarray:
-    """Non-dominated points when maximizing `acc` and minimizing `gap`."""
-    acc, gap = np.asarray(acc, float), np.asarray(gap, float)
-    keep = np.ones(len(acc), bool)
-    for i in range(len(acc)):
-        dominated = (acc >= acc[i]) & (gap <= gap[i]) & ((acc > acc[i]) | (gap < gap[i]))
+def pareto_mask(acc: np.ndarray, gap: np.ndarray,
+                throughput: np.ndarray | None = None) -> np.ndarray:
+    """Non-dominated points when maximizing `acc` (and `throughput`, if given) and minimizing
+    `gap`."""
+    cols = [np.asarray(acc, float), -np.asarray(gap, float)]
+    if throughput is not None:
+        cols.append(np.asarray(throughput, float))
+    v = np.stack(cols, axis=1)  # (n, k), all maximized
+    keep = np.ones(len(v), bool)
+    for i in range(len(v)):
+        dominated = (v >= v[i]).all(1) & (v > v[i]).any(1)
         keep[i] = not dominated.any()
     return keep
 
@@ -258,7 +263,9 @@ def pareto_front(trials: pd.DataFrame | None) -> Figure | None:
     d = per_config(trials, cols).dropna(subset=[TEST_ACC, GEN_GAP_ACC])
     if d.empty:
         return None
-    d["front"] = pareto_mask(d[TEST_ACC], d[GEN_GAP_ACC])
+    speed = d[SAMPLES_PER_S] if SAMPLES_PER_S in d and d[SAMPLES_PER_S].notna().all() else None
+    d["front"] = pareto_mask(d[TEST_ACC], d[GEN_GAP_ACC], speed)
+    d["front2"] = pareto_mask(d[TEST_ACC], d[GEN_GAP_ACC])
     fig = _figure(7.5, 5)
     ax = fig.subplots()
     tp: dict[str, Any] = {"color": "#2c7fb8"}
@@ -269,16 +276,18 @@ def pareto_front(trials: pd.DataFrame | None) -> Figure | None:
         fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=ax,
                      label="training throughput (samples/s); also point size")
     sns.scatterplot(data=d, x=GEN_GAP_ACC, y=TEST_ACC, ax=ax, alpha=0.85, legend=False, **tp)
-    front = d[d["front"]].sort_values(GEN_GAP_ACC)
-    ax.plot(front[GEN_GAP_ACC], front[TEST_ACC], color=BEYOND, lw=1.2, ls="-", zorder=1,
-            drawstyle="steps-post")
+    front2 = d[d["front2"]].sort_values(GEN_GAP_ACC)
+    ax.plot(front2[GEN_GAP_ACC], front2[TEST_ACC], color=BEYOND, lw=1.2, ls="-", zorder=1,
+            drawstyle="steps-post", label="front of accuracy vs gap")
+    front = d[d["front"]]
     ax.scatter(front[GEN_GAP_ACC], front[TEST_ACC], s=190, facecolors="none",
-               edgecolors=BEYOND, linewidths=1.6, label="non-dominated (Pareto front)",
-               zorder=3)
+               edgecolors=BEYOND, linewidths=1.6, zorder=3,
+               label="non-dominated in accuracy, gap" + (" and throughput" if speed is not None
+                                                         else ""))
     ax.legend(loc="best", fontsize=8)
     ax.set_xlabel("generalization gap: train − test accuracy (fraction, lower is better)")
     ax.set_ylabel("test accuracy (fraction correct, higher is better)")
-    ax.set_title("Accuracy vs. generalization gap per configuration (seed means)")
+    ax.set_title("Accuracy vs. gap vs. throughput per configuration (seed means)")
     return fig
 
 

@@ -170,7 +170,7 @@ def write_report(sweep: Any, out_dir: Path, n_boot: int = 1000, log_to_mlflow: b
     targets = [t for t in report_targets(sweep.metrics) if t in trials]
     effects = _ordered(effects_table(trials, sweep.params, targets, n_boot=n_boot, seed=0),
                        EFFECT_COLUMNS)
-    raw_importance = importance_table(trials, sweep.params, targets, seed=0)
+    raw_importance = importance_table(trials, sweep.params, targets, seed=0, space=sweep.space)
     importance = _ordered(raw_importance, IMPORTANCE_COLUMNS)
     measures = _ordered(measures_table(trials, sweep.params), MEASURE_COLUMNS)
 
@@ -189,6 +189,9 @@ def write_report(sweep: Any, out_dir: Path, n_boot: int = 1000, log_to_mlflow: b
     lines = findings(effects, importance, measures, sweep, targets)
     lines += [f"Importance not computed for {note}" for note in
               raw_importance.attrs.get("notes", []) if "fewer than" in note]
+    if getattr(sweep, "conditional", None):
+        lines.append(f"Not analysed: {', '.join(sweep.conditional)} (conditional parameters: "
+                     "where their condition is off they hold the default, not a sampled level)")
     (out_dir / "summary.md").write_text(
         summary_markdown(sweep, lines, effects, importance, measures, list(pngs)),
         encoding="utf-8")

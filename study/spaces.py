@@ -224,10 +224,23 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> Param:
         return v
 
     when: list[tuple[str, tuple[Any, ...]]] = []
-    for k, vals in (spec.get("when") or {}).items():
+    raw_when = spec.get("when") or {}
+    _expect(isinstance(raw_when, dict),
+            f"{where}.when: expected a mapping of field: value(s), e.g. {{qk_norm: l2}}")
+    for k, vals in raw_when.items():
         _expect(k in known, f"{where}.when: {k!r} must be a param listed earlier or a fixed field")
         vals = vals if isinstance(vals, list) else [vals]
-        when.append((k, tuple(vals)))
+        typed = []
+        for v in vals:
+            try:
+                v = coerce(k, v)
+            except ConfigError as e:
+                raise SpaceError(f"{where}.when: {e}") from None
+            _expect(k not in CHOICES or v in CHOICES[k],
+                    f"{where}.when: {k}={v!r} is not a valid value; valid choices: "
+                    f"{', '.join(CHOICES.get(k, ()))}")
+            typed.append(v)
+        when.append((k, tuple(typed)))
     if kind == "categorical":
         vals = spec.get("values")
         _expect(isinstance(vals, list) and len(vals) > 0,
@@ -246,6 +259,9 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> Param:
             f"use type: {'int' if isinstance(low, int) else 'float'}")
     step = spec.get("step")
     _expect(step is None or not log, f"{where}: step cannot be combined with log")
+    if step is not None:
+        step = co(step, "step")
+        _expect(step > 0, f"{where}.step: must be > 0, got {step}")
     return Param(name, kind, low=low, high=high, log=log, step=step, when=tuple(when))
 
 
@@ -350,6 +366,7 @@ def _num(src: str, key: str, v: Any) -> float:
 
 def _objectives(src: str, raw: Any) -> tuple[tuple[str, str], ...]:
     items = raw if isinstance(raw, list) else [raw]
+    _expect(len(items) > 0, f"{src}: objective: expected at least one {{metric, mode}}")
     out = []
     for i, o in enumerate(items):
         where = f"{src}: objective" + (f"[{i}]" if isinstance(raw, list) else "")

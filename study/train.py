@@ -126,17 +126,26 @@ def lr_lambda(total: int, warmup_frac: float):
 
 def make_batches(lengths: np.ndarray, batch_size: int, bucket: bool,
                  gen: torch.Generator, pool: int = 32) -> list[np.ndarray]:
-    """Index batches for one epoch: a random permutation cut into batches; with `bucket`, each
-    pool of `pool` batches is first sorted by length (stable), so batches hold similar lengths
-    and, where all lengths are equal, the batches are exactly those without bucketing."""
+    """Index batches for one epoch: a random permutation cut into batches. With `bucket`, each
+    pool of `pool` batches is sorted by length (stable) before cutting, so batches hold similar
+    lengths, and the pool's batches are then shuffled (no short-to-long order within an
+    epoch); a pool of equal lengths is left as it is, so then the batches are exactly those
+    without bucketing."""
     n = len(lengths)
     perm = torch.randperm(n, generator=gen).numpy()
-    if bucket:
-        step = pool * batch_size
-        perm = np.concatenate([
-            chunk[np.argsort(lengths[chunk], kind="stable")]
-            for chunk in (perm[i:i + step] for i in range(0, n, step))])
-    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    if not bucket:
+        return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    out: list[np.ndarray] = []
+    step = pool * batch_size
+    for i in range(0, n, step):
+        chunk = perm[i:i + step]
+        if len(np.unique(lengths[chunk])) == 1:
+            out += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+            continue
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches = [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+        out += [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+    return out
 
 
 class _RNG:

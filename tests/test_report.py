@@ -240,3 +240,11 @@ def test_plots_skip_absent_data_and_draw_present_data():
     assert "training examples" in fig.axes[0].get_xlabel()
     assert plots.pareto_mask([0.9, 0.8, 0.85, 0.95], [0.1, 0.05, 0.2, 0.3]).tolist() == [
         True, True, False, True]
+
+
+def test_pareto_front_counts_throughput_as_a_third_objective():
+    acc, gap = [0.9, 0.8, 0.85], [0.1, 0.05, 0.2]
+    assert plots.pareto_mask(acc, gap).tolist() == [True, True, False]
+    # the slow-but-accurate point stays; the dominated one in 2-D returns by being fastest
+    assert plots.pareto_mask(acc, gap, [1.0, 1.0, 5.0]).tolist() == [True, True, True]
+    assert plots.pareto_mask(acc, gap, [5.0, 5.0, 1.0]).tolist() == [True, True, False]

@@ -80,6 +80,14 @@ BAD = [
     pytest.param(GOOD.replace("{qk_norm: l2}", "{qk_normx: l2}"), "when", id="bad-when"),
     pytest.param(GOOD + "searcher: grid\n", "searcher", id="bad-searcher"),
     pytest.param("- a\n- b\n", "mapping", id="not-a-mapping"),
+    pytest.param(GOOD.replace("when: {qk_norm: l2}", "when: [qk_norm]"),
+                 "when: expected a mapping", id="when-not-mapping"),
+    pytest.param(GOOD.replace("when: {qk_norm: l2}", "when: {qk_norm: L2}"), "not a valid value",
+                 id="when-bad-value"),
+    pytest.param(GOOD.replace("objective: {metric: val_acc, mode: max}", "objective: []"),
+                 "at least one", id="empty-objective"),
+    pytest.param(GOOD.replace("low: 1, high: 3}", "low: 1, high: 3, step: 0.5}"), "step",
+                 id="float-step-on-int"),
 ]
 
 

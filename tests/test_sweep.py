@@ -82,6 +82,9 @@ def test_smoke_sweep_end_to_end(cli, tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 0, name
     pngs = list((out / "figures").glob("*.png"))
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
+    import pandas as pd
+    effects = pd.read_csv(out / "effects.csv")
+    assert "qk_norm_gain" not in set(effects["param"])  # conditional: left out, said so
     loaded, total = render_images(out / "index.html", tmp_path)
     assert loaded == total == len(pngs)
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 Builder = Callable[[TrialConfig], "TaskData"]
 _BUILDERS: dict[str, Builder] = {}
-_CACHE: dict[tuple, TaskData] = {}
+_CACHE: dict[tuple, TaskData] = {}  # insertion-ordered; the oldest entry goes first
+CACHE_SIZE = 4
 # the module that registers each task (imported on first use)
 _MODULE_OF = {"copy": "sequences", "reverse": "sequences", "sort": "sequences",
               "associative_recall": "sequences", "listops": "sequences",
@@ -42,5 +43,7 @@ def get_task(cfg: TrialConfig) -> TaskData:
         importlib.import_module(f"study.tasks.{_MODULE_OF.get(cfg.task, cfg.task)}")
     key = tuple(getattr(cfg, f) for f in DATA_FIELDS)
     if key not in _CACHE:
+        while len(_CACHE) >= CACHE_SIZE:  # reused Ray workers see many variants of a task
+            _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = apply_stressors(cfg, _BUILDERS[cfg.task](cfg))
     return _CACHE[key]
