@@ -47,8 +47,9 @@ def report_targets(metrics: Iterable[str]) -> list[str]:
 
 
 def finding_targets(targets: Sequence[str]) -> list[str]:
-    """Targets the findings speak about: the gap, test accuracy and robustness metrics."""
-    return [t for t in targets if t != GEN_GAP_LOSS]
+    """Targets the findings speak about: every report target (both gaps, test accuracy and
+    the robustness metrics)."""
+    return list(targets)
 
 
 def fmt(x: Any) -> str:

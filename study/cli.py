@@ -122,7 +122,7 @@ def resume(
 def _after_sweep(summary: dict) -> None:
     uri = summary["tracking_uri"]
     console.print(f"browse the trials: study ui --tracking-uri {uri}  (or make ui), then open "
-                  "http://127.0.0.1:5000", highlight=False)
+                  "http://127.0.0.1:5000", highlight=False, soft_wrap=True)
     if not summary["complete"]:
         raise typer.Exit(130)
 
