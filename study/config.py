@@ -65,6 +65,7 @@ class TrialConfig:
     embed: str = "patch"
     patch_size: int = 4
     shuffle_seq: bool = False  # mnist1d: permute time steps (positional inductive bias)
+    seq_length: int = 40  # mnist1d: points per sequence (the generator's final_seq_length)
     # user data (task: text_file)
     data_path: str = ""
     text_column: str = "text"
@@ -127,7 +128,8 @@ class TrialConfig:
 
 _POSITIVE = ("d_model", "n_heads", "n_layers", "d_ff", "epochs", "batch_size", "patch_size",
              "attn_window", "attn_rank", "min_len", "max_len", "vocab_size", "n_train",
-             "attn_temperature", "lr", "qk_norm_gain", "init_scale", "imbalance", "n_classes")
+             "seq_length", "attn_temperature", "lr", "qk_norm_gain", "init_scale", "imbalance",
+             "n_classes")
 _FRACTIONS = ("attn_dropout", "resid_dropout", "emb_dropout", "drop_path", "label_smoothing",
               "label_noise", "warmup_frac")
 _NON_NEGATIVE = ("weight_decay", "attn_entropy_reg", "z_loss", "logit_adjust_tau", "grad_clip",

@@ -328,3 +328,13 @@ def test_mnist1d_learns(m1d):
     print(json.dumps({k: round(res.metrics[k], 3)
                       for k in ("train_acc", "test_acc", "corrupt_acc")}))
     assert res.metrics["test_acc"] >= 0.5
+
+
+def test_mnist1d_seq_length_sets_the_generated_length() -> None:
+    from study.config import TrialConfig
+    from study.tasks import get_task
+    data = get_task(TrialConfig(task="mnist1d", seq_length=24))
+    assert data.spec.max_len == 24
+    assert data.train.x.shape[1:] == (24, 1) and data.test.x.shape[1:] == (24, 1)
+    assert all(s.x.shape[1] == 24 for s in data.extra.values())
+    assert len(data.train) == 4000  # same samples, subsampled to fewer points

@@ -23,7 +23,7 @@ _MODULE_OF = {"copy": "sequences", "reverse": "sequences", "sort": "sequences",
 # config fields that shape the data; the cache key is built from them (never from `seed`)
 DATA_FIELDS = ("task", "data_seed", "train_fraction", "label_noise", "imbalance", "min_len",
                "max_len", "ood_len_factors", "length_mode", "vocab_size", "n_classes",
-               "n_train", "shuffle_seq", "data_path", "text_column", "label_column",
+               "n_train", "shuffle_seq", "seq_length", "data_path", "text_column", "label_column",
                "tokenizer")
 
 

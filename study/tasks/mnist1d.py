@@ -171,11 +171,11 @@ def _as_split(x: np.ndarray, y: np.ndarray, mean: float, std: float,
 
 
 @functools.lru_cache(maxsize=4)
-def raw_sets(data_seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Raw samples of every split and shift set of `data_seed` (cached per process: configs
-    that differ only in `shuffle_seq` or in the generic training stressors share them).
-    The arrays are read-only."""
-    args = {**default_args(), "num_samples": N_TRAIN + N_TEST}
+def raw_sets(data_seed: int, seq_len: int = SEQ_LEN) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Raw samples of every split and shift set of `data_seed`, subsampled to `seq_len` points
+    (the generator's `final_seq_length`; cached per process: configs that differ only in
+    `shuffle_seq` or in the generic training stressors share them). The arrays are read-only."""
+    args = {**default_args(), "num_samples": N_TRAIN + N_TEST, "final_seq_length": seq_len}
     x, y = generate(args, 42 + data_seed)
     out = {"train": (x[:N_TRAIN], y[:N_TRAIN]), "test": (x[N_TRAIN:], y[N_TRAIN:]),
            "val": generate({**args, "num_samples": N_VAL}, _seed(data_seed, 1))}
@@ -183,7 +183,8 @@ def raw_sets(data_seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for kind in SHIFTS:
         for s in SEVERITIES:
             out[f"corrupt:{kind}:{s}"] = generate(
-                {**shift_args(kind, s), "num_samples": N_SHIFT}, shift_seed)
+                {**shift_args(kind, s), "num_samples": N_SHIFT, "final_seq_length": seq_len},
+                shift_seed)
     for arrays in out.values():
         for a in arrays:
             a.flags.writeable = False
@@ -192,11 +193,11 @@ def raw_sets(data_seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 @register("mnist1d")
 def build(cfg: TrialConfig) -> TaskData:
-    raw = raw_sets(cfg.data_seed)
+    raw = raw_sets(cfg.data_seed, cfg.seq_length)
     x_tr = raw["train"][0]
     mean, std = float(x_tr.mean()), float(x_tr.std())
-    perm = (np.random.default_rng([cfg.data_seed, 2]).permutation(SEQ_LEN)
+    perm = (np.random.default_rng([cfg.data_seed, 2]).permutation(cfg.seq_length)
             if cfg.shuffle_seq else None)
     splits = {name: _as_split(x, y, mean, std, perm) for name, (x, y) in raw.items()}
-    spec = ModelSpec(n_classes=N_CLASSES, max_len=SEQ_LEN, in_channels=1)
+    spec = ModelSpec(n_classes=N_CLASSES, max_len=cfg.seq_length, in_channels=1)
     return TaskData(spec, splits.pop("train"), splits.pop("val"), splits.pop("test"), splits)
