@@ -54,6 +54,32 @@ def _chunks(items: list, n: int) -> list[list]:
     return [items[i:i + n] for i in range(0, len(items), n)] or [[]]
 
 
+def _retry(fn, *args: Any, **kwargs: Any) -> Any:
+    """Call an MLflow client method, retrying while a SQLite store is locked by a reader
+    (`study ui`, `study report`) so that a sweep never dies of a transient lock."""
+    for attempt in range(8):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if "locked" not in str(e) or attempt == 7:
+                raise
+            time.sleep(0.25 * 2**attempt)
+    return None
+
+
+class _RetryingClient:
+    """An MlflowClient whose calls go through `_retry`."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return lambda *a, **k: _retry(attr, *a, **k)
+
+
 class Tracker:
     """Batched MLflow logging; the client is created lazily so the object pickles (Ray stores
     the run config, callbacks included, for `study resume`)."""
@@ -72,7 +98,7 @@ class Tracker:
 
             from mlflow.tracking import MlflowClient
             logging.getLogger("mlflow").setLevel(logging.WARNING)
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = _RetryingClient(_retry(MlflowClient, tracking_uri=self.uri))
         return self._client
 
     def experiment_id(self, name: str) -> str:
