@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -283,5 +283,5 @@ def field_defaults() -> dict[str, Any]:
             for f in fields(TrialConfig)}
 
 
-__all__ = ["CHOICES", "FIELD_NAMES", "ConfigError", "TrialConfig", "coerce", "field",
-           "field_defaults", "load_config", "make_config", "parse_set"]
+__all__ = ["CHOICES", "FIELD_NAMES", "ConfigError", "TrialConfig", "coerce", "field_defaults",
+           "load_config", "make_config", "parse_set"]

@@ -35,7 +35,8 @@ RAY_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_DISABLE_STRICT_METRI
            "TUNE_GLOBAL_CHECKPOINT_S": "0", "RAY_AIR_NEW_OUTPUT": "0",
            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "1000",
            "RAY_DEDUP_LOGS": "0", "RAY_TRAIN_V2_ENABLED": "0",
-           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "TUNE_MAX_PENDING_TRIALS_PG": "4",
+           # a trial asking for no GPU sees none (Ray's current default, stated explicitly)
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", "TUNE_MAX_PENDING_TRIALS_PG": "4",
            "RAY_CHDIR_TO_TRIAL_DIR": "0"}
 _LOGGED = set(ALL_METRICS) | {f"{m}_seed_std" for m in ALL_METRICS}
 
@@ -232,7 +233,7 @@ def init_ray(address: str | None, quiet: bool = True) -> dict:
     logging.getLogger("ray").setLevel(logging.ERROR)
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
     return {k: float(v) for k, v in ray.cluster_resources().items()
-            if k in ("CPU", "GPU", "memory") or k.startswith("node:") is False and "GPU" in k}
+            if k in ("CPU", "GPU", "memory") or k.startswith("accelerator_type:")}
 
 
 def _quiet_optuna() -> None:
