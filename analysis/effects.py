@@ -23,24 +23,25 @@ equations), so a whole table takes well under a second.
 from __future__ import annotations
 
 import warnings
+from typing import Any, SupportsFloat
 
 import numpy as np
 import pandas as pd
 
+from analysis.load import TRIAL_KEY
+from study.records import EFFECT_COLUMNS
+
 RIDGE = 1e-6  # relative to the mean diagonal of X'X: only fixes the one-hot coding
 MAX_LEVELS = 4  # numeric params with at most this many distinct values keep them as levels
 MIN_VALID_BOOT = 0.5  # fewer valid replicates than this fraction -> no interval
-EFFECT_COLUMNS = ("target", "param", "level", "mean", "ci_low", "ci_high", "n", "beyond_noise",
-                  "contrast", "contrast_low", "contrast_high", "noise_floor", "raw_mean",
-                  "n_trials")
 
 
-def _fmt(x: float) -> str:
-    x = float(x)
-    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else f"{x:.3g}"
+def _fmt(x: SupportsFloat) -> str:
+    v = float(x)
+    return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.3g}"
 
 
-def _is_missing(v: object) -> bool:
+def _is_missing(v: Any) -> bool:
     try:
         return bool(pd.isna(v))
     except (TypeError, ValueError):  # tuples and lists are values
@@ -81,7 +82,7 @@ def bin_levels(values: pd.Series, n_bins: int = 3) -> pd.Series:
         uniq = np.unique(x[ok])
         if len(uniq) <= MAX_LEVELS:
             cats = [_fmt(u) for u in uniq]
-            lab = np.array([_fmt(v) if f else "NA" for v, f in zip(x, ok)], dtype=object)
+            lab = np.array([_fmt(v) if f else "NA" for v, f in zip(x, ok)], dtype=np.object_)
         else:
             edges = np.unique(np.quantile(x[ok], np.linspace(0, 1, n_bins + 1)))
             names = [f"[{_fmt(lo)}, {_fmt(hi)}{']' if i == len(edges) - 2 else ')'}"
@@ -89,7 +90,8 @@ def bin_levels(values: pd.Series, n_bins: int = 3) -> pd.Series:
             idx = np.clip(np.searchsorted(edges[1:-1], np.where(ok, x, 0), side="right"),
                           0, len(names) - 1)
             cats = names
-            lab = np.array([names[i] if f else "NA" for i, f in zip(idx, ok)], dtype=object)
+            lab = np.array([names[i] if f else "NA" for i, f in zip(idx, ok)],
+                           dtype=np.object_)
         labels = pd.Series(lab, index=s.index)
     if missing.any():
         cats = [*cats, "NA"]
@@ -97,7 +99,7 @@ def bin_levels(values: pd.Series, n_bins: int = 3) -> pd.Series:
                      name=s.name)
 
 
-def noise_floor(trials: pd.DataFrame, target: str, group: str = "run_id") -> float:
+def noise_floor(trials: pd.DataFrame, target: str, group: str = TRIAL_KEY) -> float:
     """The seed noise floor of `target`: the median over trials of the std (ddof=1) across the
     seeds of one configuration. Returns 0.0, with a warning, when no trial has 2 seeds."""
     g = trials.groupby(group, sort=False)[target]
@@ -110,7 +112,7 @@ def noise_floor(trials: pd.DataFrame, target: str, group: str = "run_id") -> flo
 
 
 def _seed_matrix(trials: pd.DataFrame, targets: list[str], group: str
-                 ) -> tuple[list, np.ndarray, np.ndarray]:
+                 ) -> tuple[list[Any], np.ndarray, np.ndarray]:
     """Trial keys, values (n_trials, max_seeds, n_targets) padded with NaN, and seed counts
     (n_trials, n_targets) of finite values (finite values packed first)."""
     keys = list(dict.fromkeys(trials[group]))
@@ -202,7 +204,7 @@ def _interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.
 
 def effects_table(trials: pd.DataFrame, params: list[str], targets: list[str],
                   n_boot: int = 1000, seed: int = 0, n_bins: int = 3,
-                  group: str = "run_id") -> pd.DataFrame:
+                  group: str = TRIAL_KEY) -> pd.DataFrame:
     """Adjusted effect of every level of every param on every target, with 95% intervals.
 
     `trials`: one row per trial x seed (`Sweep.trials`); `group` names the trial column.
@@ -236,7 +238,7 @@ def effects_table(trials: pd.DataFrame, params: list[str], targets: list[str],
             notes.append(f"{p}: one level only, skipped")
             continue
         levels[p] = lev
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     if not use_targets or not levels:
         out = pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
         out.attrs["notes"] = notes
@@ -277,8 +279,8 @@ def effects_table(trials: pd.DataFrame, params: list[str], targets: list[str],
             pd_lo, pd_hi = _interval(bpd)
             c_lo, c_hi = _interval(bcon)
             n_tr = X[:, cols].sum(axis=0)
-            for k, t in enumerate(tjs):
-                target = use_targets[t]
+            for k, tj in enumerate(tjs):
+                target = use_targets[tj]
                 tv = trials[target]
                 for li, lvl in enumerate(names[p]):
                     at = (row_level[p] == lvl) & tv.notna()

@@ -22,15 +22,21 @@ spans more than 10x and the values are spread evenly in log space (`_looks_log`)
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from analysis.load import HIGHER_IS_BETTER
+from analysis.load import TRIAL_KEY, trial_means
+from study.metrics import HIGHER_IS_BETTER
+from study.records import IMPORTANCE_COLUMNS, ParamSpec, SweepSpec
+
+if TYPE_CHECKING:
+    from optuna import Study
+
+Direction = Literal["minimize", "maximize"]
 
 MIN_TRIALS = 5
-IMPORTANCE_COLUMNS = ("target", "param", "importance", "evaluator", "rank", "n_trials")
 
 
 def _plain(v: Any) -> Any:
@@ -49,11 +55,12 @@ def _looks_log(x: np.ndarray) -> bool:
     if lo <= 0 or hi / lo <= 10:
         return False
     med = float(np.median(x))
-    return abs(np.log(med) - 0.5 * np.log(lo * hi)) < abs(np.log(med) - np.log((lo + hi) / 2))
+    return bool(abs(np.log(med) - 0.5 * np.log(lo * hi))
+                < abs(np.log(med) - np.log((lo + hi) / 2)))
 
 
-def _from_space(spec: Any, observed: pd.Series) -> Any:
-    """The distribution a search-space entry declares, or None if the observed values (e.g. a
+def _declared(spec: ParamSpec, observed: pd.Series) -> Any:
+    """The distribution a search-space param declares, or None if the observed values (e.g. a
     conditional param's default when inactive) do not all fit it."""
     from optuna.distributions import (
         CategoricalDistribution,
@@ -61,37 +68,29 @@ def _from_space(spec: Any, observed: pd.Series) -> Any:
         IntDistribution,
     )
 
-    if isinstance(spec, list):
-        spec = {"type": "categorical", "values": spec}
-    if not isinstance(spec, dict):
-        return None
+    if spec.kind == "categorical":
+        choices = [_plain(v) for v in spec.values]
+        return CategoricalDistribution(choices) if set(observed) <= set(choices) else None
     try:
-        kind = spec.get("type")
-        if kind == "categorical":
-            choices = [_plain(v) for v in spec["values"]]
-            ok = set(observed) <= set(choices)
-            return CategoricalDistribution(choices) if ok else None
-        lo, hi, log = spec["low"], spec["high"], bool(spec.get("log", False))
-        if kind == "int":
-            dist = IntDistribution(int(lo), int(hi), log=log, step=int(spec.get("step") or 1))
-        elif kind == "float":
-            step = spec.get("step")
-            dist = FloatDistribution(float(lo), float(hi), log=log,
-                                     step=None if log or step is None else float(step))
+        if spec.kind == "int":
+            dist: Any = IntDistribution(int(spec.low), int(spec.high), log=spec.log,
+                                        step=int(spec.step or 1))
         else:
-            return None
-    except (KeyError, TypeError, ValueError):
+            dist = FloatDistribution(float(spec.low), float(spec.high), log=spec.log,
+                                     step=None if spec.log or spec.step is None
+                                     else float(spec.step))
+    except (TypeError, ValueError):
         return None
     x = observed.to_numpy(dtype=float)
     inside = bool(np.all((x >= dist.low) & (x <= dist.high)))
-    return dist if inside and (kind == "float" or np.all(x == np.round(x))) else None
+    return dist if inside and (spec.kind == "float" or np.all(x == np.round(x))) else None
 
 
-def distributions(per_trial: pd.DataFrame, params: list[str], space: dict | None = None
+def distributions(per_trial: pd.DataFrame, params: list[str], spec: SweepSpec | None = None
                   ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Optuna distributions for the varied params, and the values to give `create_trial`.
 
-    A param declared in the sweep's search space (`space["params"]`, from `Sweep.space`) gets
+    A param declared in the sweep's search space (`spec`, from `Sweep.spec`) gets
     the declared distribution when all observed values fit it; otherwise: categorical over the
     observed values (as strings if their types are mixed), or Int/FloatDistribution over the
     observed range (log scale where `_looks_log`)."""
@@ -101,7 +100,6 @@ def distributions(per_trial: pd.DataFrame, params: list[str], space: dict | None
         IntDistribution,
     )
 
-    declared = (space or {}).get("params") or {}
     dists: dict[str, Any] = {}
     values = pd.DataFrame(index=per_trial.index)
     for p in params:
@@ -112,7 +110,8 @@ def distributions(per_trial: pd.DataFrame, params: list[str], space: dict | None
             col = col.astype(float)
         if col.nunique() < 2:
             continue
-        dist = _from_space(declared[p], col) if p in declared else None
+        declared = spec.param(p) if spec is not None else None
+        dist = _declared(declared, col) if declared is not None else None
         if dist is not None:
             dists[p] = dist
             values[p] = col.astype(object) if isinstance(dist, CategoricalDistribution) else col
@@ -133,7 +132,8 @@ def distributions(per_trial: pd.DataFrame, params: list[str], space: dict | None
     return dists, values
 
 
-def _study(values: pd.DataFrame, dists: dict[str, Any], y: np.ndarray, direction: str):
+def _study(values: pd.DataFrame, dists: dict[str, Any], y: np.ndarray,
+           direction: Direction) -> Study:
     import optuna
 
     study = optuna.create_study(direction=direction)
@@ -145,13 +145,13 @@ def _study(values: pd.DataFrame, dists: dict[str, Any], y: np.ndarray, direction
 
 
 def importance_table(trials: pd.DataFrame, params: list[str], targets: list[str],
-                     seed: int = 0, group: str = "run_id",
-                     space: dict | None = None) -> pd.DataFrame:
+                     seed: int = 0, group: str = TRIAL_KEY,
+                     spec: SweepSpec | None = None) -> pd.DataFrame:
     """Importance of each varied param for each target under fANOVA and PED-ANOVA.
 
     Columns: target, param, importance (normalized to sum to 1 per target and evaluator),
-    evaluator ("fanova" | "ped_anova"), rank (1 = most important), n_trials. `space`: the
-    sweep's search space (`Sweep.space`) for the declared distributions. Targets absent,
+    evaluator ("fanova" | "ped_anova"), rank (1 = most important), n_trials. `spec`: the
+    sweep's search space (`Sweep.spec`) for the declared distributions. Targets absent,
     constant or with fewer than 5 trials are skipped; `df.attrs["notes"]` says why."""
     import optuna
     from optuna.importance import (
@@ -162,14 +162,14 @@ def importance_table(trials: pd.DataFrame, params: list[str], targets: list[str]
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     notes: list[str] = []
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     params = [p for p in params if p in trials]
-    per_trial = trials.drop_duplicates(group).set_index(group)
+    per_trial = trial_means(trials, [t for t in targets if t in trials], group).set_index(group)
     for target in targets:
         if target not in trials:
             notes.append(f"{target}: absent, skipped")
             continue
-        y = trials.groupby(group, sort=False)[target].mean().reindex(per_trial.index)
+        y = per_trial[target]
         ok = y.notna().to_numpy()
         if ok.sum() < MIN_TRIALS:
             notes.append(f"{target}: {int(ok.sum())} trials with a value, fewer than "
@@ -178,14 +178,14 @@ def importance_table(trials: pd.DataFrame, params: list[str], targets: list[str]
         if y[ok].nunique() < 2:
             notes.append(f"{target}: constant, skipped")
             continue
-        dists, values = distributions(per_trial[ok], params, space)
+        dists, values = distributions(per_trial[ok], params, spec)
         if not dists:
             notes.append(f"{target}: no param varies among its trials, skipped")
             continue
         higher = HIGHER_IS_BETTER.get(target)
         if higher is None:
             notes.append(f"{target}: no known direction; PED-ANOVA takes higher as better")
-        direction = "minimize" if higher is False else "maximize"
+        direction: Direction = "minimize" if higher is False else "maximize"
         study = _study(values, dists, y[ok].to_numpy(), direction)
         for name, evaluator in (("fanova", FanovaImportanceEvaluator(seed=seed)),
                                 ("ped_anova", PedAnovaImportanceEvaluator())):

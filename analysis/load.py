@@ -1,16 +1,17 @@
-"""Load one sweep from MLflow into tidy tables (one row per completed trial x seed).
+"""Load one sweep from MLflow into a typed `Sweep` (one row per completed trial x seed).
 
 Only COMPLETED trials are analysed. Early-stopped trials were measured by ASHA at a lower
 budget (fewer epochs): their metrics are not comparable with full-budget trials, and since ASHA
 stops the trials that look worse, keeping them would bias every comparison. Diverged and
 errored trials have no final metrics, and running trials have not finished yet. Every skipped
-trial is counted by reason in `Sweep.skipped`, so a report can say what was left out.
+trial is counted by reason (a key of `study.records.SKIP_WHY`) in `Sweep.skipped`, so a report
+can say what was left out. Runs are decoded as `TrialRecord`s and the sweep's parsed space as a
+`SweepSpec`, the records the sweep wrote (`study/records.py`).
 
 Reads are batched: one `search_runs` (paged) for all child runs of the sweep, whose
 `run.data.metrics` hold each metric's latest value (the final `seed_<k>/<name>` values are
 logged once, at the end), and one artifact download per used run for the `seed_<k>.json`
-tables. This module never imports Ray or PyTorch (metric names come from `study.metrics`,
-which loads torch only inside its computations).
+tables. This module never imports Ray or PyTorch.
 """
 
 from __future__ import annotations
@@ -18,46 +19,46 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from study.config import FIELD_NAMES, ConfigError, coerce, field_defaults
-from study.metrics import (  # noqa: F401 (re-exported for analysis modules)
-    ALL_METRICS,
-    CORE_METRICS,
-    HIGHER_IS_BETTER,
-    ROBUSTNESS_METRICS,
-)
-from study.tracking import (
+from study.config import FIELD_NAMES
+from study.metrics import ALL_METRICS, HIGHER_IS_BETTER, ROBUSTNESS_METRICS
+from study.records import (
+    KIND_SWEEP,
+    RUN_COLUMNS,
+    SKIP_WHY,
+    SPACE_ARTIFACT,
+    SPEC_ARTIFACT,
     TAG_KIND,
+    TAG_OBJECTIVE,
     TAG_PARENT,
-    TAG_STOP,
-    TAG_STOP_MSG,
-    TAG_TRIAL,
-    resolve_uri,
+    TRIAL_ID_COLUMNS,
+    Outcome,
+    SweepSpec,
+    TrialRecord,
+    split_seed_tables,
 )
+from study.tracking import resolve_uri
+
+if TYPE_CHECKING:
+    from mlflow.entities import Experiment, Run
+    from mlflow.tracking import MlflowClient
+
+__all__ = ["HIGHER_IS_BETTER", "ReportError", "Sweep", "load_sweep", "trial_means",
+           "varied_params"]
 
 # the targets a report studies: generalization gaps, test accuracy, robustness
 DEFAULT_TARGETS: tuple[str, ...] = ("gen_gap_acc", "gen_gap_loss", "test_acc",
                                     *ROBUSTNESS_METRICS)
-
-SKIP_EARLY = "early_stopped (stopped by ASHA at a lower budget)"
-SKIP_DIVERGED = "diverged"
-SKIP_ERROR = "error"
-SKIP_RUNNING = "running (not finished yet)"
-SKIP_REASONS = {"early_stopped": SKIP_EARLY, "diverged": SKIP_DIVERGED, "error": SKIP_ERROR}
-SKIP_NO_METRICS = "completed without final metrics"
-ID_COLUMNS = ("run_id", "trial_id", "seed", "seed_index", "status", "stop_reason", "epoch")
-_SEED_METRIC = re.compile(r"^seed_(\d+)/(.+)$")
-_SEED_ARTIFACT = re.compile(r"^seed_(\d+)\.json$")
 # `seed` is the replicate seed (trial k of a config runs with seed + k): never a design choice
 NOT_DESIGN = ("seed",)
+TRIAL_KEY = "trial_id"  # the column naming a trial in every table of a Sweep
 PAGE = 1000
 
 
@@ -79,8 +80,8 @@ class Sweep:
     objectives: (metric, mode) pairs of the sweep's objective.
     tables: name -> long table from the used runs' `seed_<k>.json` artifacts (columns run_id,
         trial_id, seed, seed_index, the table's own columns, and the varied params).
-    used: number of trials used; skipped: reason -> number of trials left out.
-    space: the sweep's search-space file (the parent's `space.yaml`) as a dict ({} if absent).
+    used: number of trials used; skipped: reason (a key of `SKIP_WHY`) -> trials left out.
+    spec: the sweep's parsed search space (None for a store written without one).
     """
 
     experiment: str
@@ -94,7 +95,7 @@ class Sweep:
     used: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     tracking_uri: str = ""
-    space: dict = field(default_factory=dict)
+    spec: SweepSpec | None = None
     conditional: list[str] = field(default_factory=list)  # varied but left out (see load_sweep)
 
     def targets(self) -> list[str]:
@@ -102,12 +103,38 @@ class Sweep:
         return [m for m in DEFAULT_TARGETS if m in self.metrics]
 
     def skipped_text(self) -> str:
-        """e.g. "2 early_stopped (...), 1 diverged" (only reasons that occurred)."""
-        parts = [f"{n} {r}" for r, n in self.skipped.items() if n]
-        return ", ".join(parts) if parts else "none"
+        return skipped_text(self.skipped)
+
+    def seeds(self) -> int:
+        """The most replicates any used trial has."""
+        if self.trials.empty:
+            return 0
+        return int(self.trials.groupby(TRIAL_KEY)["seed"].nunique().max())
 
 
-def _client(uri: str):
+def skipped_text(skipped: dict[str, int]) -> str:
+    """e.g. "2 early_stopped (stopped by ASHA ...), 1 diverged (...)": the reasons that
+    occurred, most frequent first; "none" if none did."""
+    parts = [f"{n} {r} ({SKIP_WHY.get(r, r)})"
+             for r, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])) if n]
+    return ", ".join(parts) if parts else "none"
+
+
+def trial_means(trials: pd.DataFrame, columns: Sequence[str],
+                group: str = TRIAL_KEY) -> pd.DataFrame:
+    """One row per trial: the seed means of `columns`, the trial's other (constant) columns
+    kept, in the order trials first appear."""
+    if group not in trials:
+        return trials
+    columns = [c for c in dict.fromkeys(columns) if c in trials]
+    first = trials.drop_duplicates(group).set_index(group)
+    if trials[group].duplicated().any():
+        means = trials.groupby(group, sort=False)[columns].mean()
+        first[columns] = means.reindex(first.index)
+    return first.reset_index()
+
+
+def _client(uri: str) -> MlflowClient:
     import logging
 
     from mlflow.tracking import MlflowClient
@@ -115,9 +142,10 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _search_all(client, exp_ids: list[str], filter_string: str,
-                order_by: list[str] | None = None, max_results: int | None = None) -> list:
-    out: list = []
+def _search_all(client: MlflowClient, exp_ids: list[str], filter_string: str,
+                order_by: list[str] | None = None,
+                max_results: int | None = None) -> list[Run]:
+    out: list[Run] = []
     token = None
     while True:
         n = PAGE if max_results is None else min(PAGE, max_results - len(out))
@@ -129,17 +157,18 @@ def _search_all(client, exp_ids: list[str], filter_string: str,
             return out
 
 
-def _find_parent(client, uri: str, experiment: str | None, run_id: str | None):
+def _find_parent(client: MlflowClient, uri: str, experiment: str | None,
+                 run_id: str | None) -> tuple[Experiment, Run]:
     from mlflow.exceptions import MlflowException
 
-    sweep_filter = f"tags.`{TAG_KIND}` = 'sweep'"
+    sweep_filter = f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'"
     newest = ["attributes.start_time DESC"]
     if run_id:
         try:
             run = client.get_run(run_id)
         except MlflowException:
             raise ReportError(f"--run: no run {run_id!r} in {uri}") from None
-        if run.data.tags.get(TAG_KIND) != "sweep":
+        if run.data.tags.get(TAG_KIND) != KIND_SWEEP:
             raise ReportError(f"--run: run {run_id!r} is not a sweep's parent run "
                               f"(tag {TAG_KIND}=sweep); pass the parent run id")
         exp = client.get_experiment(run.info.experiment_id)
@@ -148,17 +177,17 @@ def _find_parent(client, uri: str, experiment: str | None, run_id: str | None):
                               f"not {experiment!r}")
         return exp, run
     if experiment:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
+        named = client.get_experiment_by_name(experiment)
+        if named is None:
             names = [e.name for e in client.search_experiments() if e.name != "Default"]
             known = ", ".join(sorted(names)) or "none"
             raise ReportError(f"--experiment: no experiment {experiment!r} in {uri} "
                               f"(known: {known})")
-        runs = _search_all(client, [exp.experiment_id], sweep_filter, newest, 1)
+        runs = _search_all(client, [named.experiment_id], sweep_filter, newest, 1)
         if not runs:
             raise ReportError(f"--experiment: {experiment!r} in {uri} holds no sweep "
                               f"(no run tagged {TAG_KIND}=sweep); run `study sweep` first")
-        return exp, runs[0]
+        return named, runs[0]
     exps = client.search_experiments()
     runs = _search_all(client, [e.experiment_id for e in exps], sweep_filter, newest, 1) \
         if exps else []
@@ -167,48 +196,6 @@ def _find_parent(client, uri: str, experiment: str | None, run_id: str | None):
                           "--tracking-uri where a sweep was logged")
     exp = client.get_experiment(runs[0].info.experiment_id)
     return exp, runs[0]
-
-
-def _typed_params(raw: dict[str, str]) -> dict[str, Any]:
-    """Every TrialConfig field, typed; a field missing from the run takes its default."""
-    out = field_defaults()
-    for name in FIELD_NAMES:
-        if name in raw:
-            try:
-                out[name] = coerce(name, raw[name])
-            except ConfigError:
-                out[name] = raw[name]
-    return out
-
-
-def _status_of(run) -> str | None:
-    """None for a completed run, else the skip reason."""
-    reason = run.data.tags.get(TAG_STOP)
-    if reason == "completed":
-        return None
-    if reason in SKIP_REASONS:
-        return SKIP_REASONS[reason]
-    if run.info.status == "RUNNING":
-        return SKIP_RUNNING
-    if reason is None:  # ended without a reason: its driver stopped before recording one
-        return f"interrupted (status {run.info.status}, no stop_reason)"
-    return f"unknown stop_reason {reason!r}"
-
-
-def _seed_rows(run) -> dict[int, dict[str, float]]:
-    """Final per-seed metrics `seed_<k>/<name>` -> {k: {name: value}}; a run without them
-    (e.g. logged by hand) falls back to its seed means as seed 0."""
-    per: dict[int, dict[str, float]] = {}
-    for key, value in run.data.metrics.items():
-        m = _SEED_METRIC.match(key)
-        if m:
-            per.setdefault(int(m.group(1)), {})[m.group(2)] = float(value)
-    if not per:
-        means = {k: float(v) for k, v in run.data.metrics.items()
-                 if not k.endswith("_seed_std") and "/" not in k}
-        if means:
-            per[0] = means
-    return per
 
 
 def _ordered_metrics(names: set[str]) -> list[str]:
@@ -230,33 +217,34 @@ def _no_progress_bars() -> Iterator[None]:
             os.environ[key] = old
 
 
-def _load_tables(used: list[dict], params: list[str]) -> dict[str, pd.DataFrame]:
+def _load_tables(used: list[TrialRecord], params: list[str]) -> dict[str, pd.DataFrame]:
     """The `seed_<k>.json` tables of the used runs, read through each run's artifact repository
     (one listing per run; no per-file run lookups)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    rows: dict[str, list[dict]] = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="study_report_") as tmp, _no_progress_bars():
         for u in used:
-            if not u["artifact_uri"]:
+            if not u.artifact_uri:
                 continue
-            repo = get_artifact_repository(u["artifact_uri"])
+            # Any: MLflow leaves `download_artifacts` unannotated
+            repo: Any = get_artifact_repository(u.artifact_uri)
             try:
                 names = [a.path for a in repo.list_artifacts()
-                         if _SEED_ARTIFACT.match(Path(a.path).name)]
+                         if split_seed_tables(a.path) is not None]
             except Exception:  # an unreachable artifact store: metrics are still usable
                 continue
-            dst = Path(tmp) / u["run_id"]
+            dst = Path(tmp) / u.run_id
             dst.mkdir()
-            extra = {p: u["config"][p] for p in params}
+            extra = {p: u.config[p] for p in params}
             for name in sorted(names):
-                k = int(_SEED_ARTIFACT.match(Path(name).name).group(1))
+                k = split_seed_tables(name)
                 try:
                     data = json.loads(Path(repo.download_artifacts(name, str(dst))).read_text())
                 except (OSError, ValueError):
                     continue
-                ids = {"run_id": u["run_id"], "trial_id": u["trial_id"],
-                       "seed": u["config"]["seed"] + k, "seed_index": k}
+                ids = {"run_id": u.run_id, "trial_id": u.trial_id,
+                       "seed": u.config["seed"] + k, "seed_index": k}
                 for tname, table in (data if isinstance(data, dict) else {}).items():
                     if not isinstance(table, list):
                         continue
@@ -267,20 +255,27 @@ def _load_tables(used: list[dict], params: list[str]) -> dict[str, pd.DataFrame]
     return {name: pd.DataFrame(r) for name, r in sorted(rows.items())}
 
 
-def _load_space(artifact_uri: str | None) -> dict:
-    """The parent run's `space.yaml` (plain YAML; `study.spaces` would import torch)."""
-    import yaml
+def _load_spec(artifact_uri: str | None) -> SweepSpec | None:
+    """The parent run's `sweep_spec.json`, typed; for a store written before it existed, its
+    `space.yaml` parsed again. None when neither can be read."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+    from study.spaces import parse_space
+
     if not artifact_uri:
-        return {}
-    try:
-        with tempfile.TemporaryDirectory(prefix="study_report_") as tmp, _no_progress_bars():
-            local = get_artifact_repository(artifact_uri).download_artifacts("space.yaml", tmp)
-            data = yaml.safe_load(Path(local).read_text())
-    except Exception:  # absent or unreadable: distributions fall back to observed ranges
-        return {}
-    return data if isinstance(data, dict) else {}
+        return None
+    repo: Any = get_artifact_repository(artifact_uri)  # `download_artifacts` is untyped
+    with tempfile.TemporaryDirectory(prefix="study_report_") as tmp, _no_progress_bars():
+        try:
+            return SweepSpec.from_json(Path(repo.download_artifacts(SPEC_ARTIFACT, tmp))
+                                       .read_text())
+        except Exception:  # absent (an older store) or unreadable: try the space file
+            pass
+        try:
+            text = Path(repo.download_artifacts(SPACE_ARTIFACT, tmp)).read_text()
+            return parse_space(text, SPACE_ARTIFACT)
+        except Exception:  # absent or no longer valid: distributions fall back to observed
+            return None
 
 
 def varied_params(configs: pd.DataFrame) -> list[str]:
@@ -307,61 +302,55 @@ def load_sweep(tracking_uri: str | None = None, experiment: str | None = None,
     exp, parent = _find_parent(client, uri, experiment, run_id)
     pid = parent.info.run_id
     children = _search_all(client, [exp.experiment_id], f"tags.`{TAG_PARENT}` = '{pid}'")
-    children.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    records = sorted((TrialRecord.from_mlflow(r) for r in children),
+                     key=lambda r: (r.start_time or 0, r.run_id))
     runs = pd.DataFrame([{
-        "run_id": r.info.run_id, "trial_id": r.data.tags.get(TAG_TRIAL, r.info.run_id),
-        "status": r.info.status, "stop_reason": r.data.tags.get(TAG_STOP),
-        "stop_message": r.data.tags.get(TAG_STOP_MSG),
-        "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True)
-        if r.info.start_time else pd.NaT} for r in children],
-        columns=["run_id", "trial_id", "status", "stop_reason", "stop_message", "start_time"])
-    skipped = dict.fromkeys((SKIP_EARLY, SKIP_DIVERGED, SKIP_ERROR, SKIP_RUNNING), 0)
-    used: list[dict] = []
-    for r in children:
-        why = _status_of(r)
-        per_seed = _seed_rows(r) if why is None else {}
-        if why is None and not per_seed:
-            why = SKIP_NO_METRICS
-        if why is not None:
+        "run_id": r.run_id, "trial_id": r.trial_id, "status": r.status,
+        "stop_reason": r.outcome.value if r.outcome else None,
+        "stop_message": r.message or None,
+        "start_time": pd.to_datetime(r.start_time, unit="ms", utc=True)
+        if r.start_time else pd.NaT} for r in records], columns=list(RUN_COLUMNS))
+    skipped = {k: 0 for k in (Outcome.EARLY_STOPPED, Outcome.DIVERGED, Outcome.ERROR,
+                              "running")}
+    used: list[TrialRecord] = []
+    for r in records:
+        why = r.skip_reason
+        if why is None:
+            used.append(r)
+        else:
             skipped[why] = skipped.get(why, 0) + 1
-            continue
-        used.append({"run_id": r.info.run_id,
-                     "trial_id": r.data.tags.get(TAG_TRIAL, r.info.run_id),
-                     "status": r.info.status, "stop_reason": r.data.tags.get(TAG_STOP),
-                     "artifact_uri": r.info.artifact_uri,
-                     "config": _typed_params(r.data.params), "per_seed": per_seed})
+    skipped = {str(k): n for k, n in skipped.items()}
     where = f"sweep {exp.name!r} (parent run {pid})"
     if not used:
         n_skip = sum(skipped.values())
-        why = ", ".join(f"{n} {k}" for k, n in skipped.items() if n) or "no child runs yet"
+        why = skipped_text(skipped) if n_skip else "no child runs yet"
         raise ReportError(f"{where}: no completed trials to analyse; {n_skip} skipped: {why}")
-    configs = pd.DataFrame([u["config"] for u in used])
-    space = _load_space(parent.info.artifact_uri)
+    configs = pd.DataFrame([u.config for u in used])
+    spec = _load_spec(parent.info.artifact_uri)
     # a conditional param (`when:` in the space) holds its default where inactive, which would
     # make one of its levels stand for "the condition is off": it is left out of the analysis
-    conditional = {n for n, spec in (space.get("params") or {}).items()
-                   if isinstance(spec, dict) and spec.get("when")}
-    params = [p for p in varied_params(configs) if p not in conditional]
+    conditional = set(spec.conditional) if spec else set()
+    varied = varied_params(configs)
+    params = [p for p in varied if p not in conditional]
     names: set[str] = set()
     rows = []
     for u in used:
-        for k, m in sorted(u["per_seed"].items()):
+        for k, m in sorted(u.seeds.items()):
             names |= set(m)
-            epoch = m.get("epoch", u["config"].get("epochs"))
-            rows.append({**u["config"], "run_id": u["run_id"], "trial_id": u["trial_id"],
-                         "seed": u["config"]["seed"] + k, "seed_index": k,
-                         "status": u["status"], "stop_reason": u["stop_reason"],
+            epoch = m.get("epoch", u.config.get("epochs"))
+            rows.append({**u.config, "run_id": u.run_id, "trial_id": u.trial_id,
+                         "seed": u.config["seed"] + k, "seed_index": k, "status": u.status,
+                         "stop_reason": u.outcome.value if u.outcome else None,
                          "epoch": int(epoch) if epoch is not None else None,
                          **{n: v for n, v in m.items() if n != "epoch"}})
     metrics = _ordered_metrics(names - {"epoch"})
-    columns = [*ID_COLUMNS, *[f for f in FIELD_NAMES if f != "seed"], *metrics]
+    columns = [*TRIAL_ID_COLUMNS, *[f for f in FIELD_NAMES if f != "seed"], *metrics]
     trials = pd.DataFrame(rows).reindex(columns=columns)
     try:
-        objectives = [(str(m), str(d)) for m, d in json.loads(parent.data.tags["objective"])]
+        objectives = [(str(m), str(d)) for m, d in json.loads(parent.data.tags[TAG_OBJECTIVE])]
     except (KeyError, TypeError, ValueError):
         objectives = []
     return Sweep(experiment=exp.name, parent_run_id=pid, trials=trials, runs=runs,
                  params=params, metrics=metrics, objectives=objectives,
                  tables=_load_tables(used, params), used=len(used), skipped=skipped,
-                 tracking_uri=uri, space=space,
-                 conditional=sorted(conditional & set(varied_params(configs))))
+                 tracking_uri=uri, spec=spec, conditional=sorted(conditional & set(varied)))

@@ -23,51 +23,41 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from scipy import stats
 
 from analysis.effects import bin_levels
+from analysis.load import TRIAL_KEY, trial_means
+from study.records import MEASURE_COLUMNS
 
 DEFAULT_MEASURES = ("attn_entropy", "attn_entropy_min", "attn_max_logit", "grad_norm",
                     "param_norm", "ece", "n_params", "samples_per_s")
-MEASURE_COLUMNS = ("target", "measure", "kendall_tau", "granulated_kendall_tau", "p_value", "n",
-                   "n_params_granulated", "note")
 
 
-def kendall_tau_p(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+def kendall_tau_p(x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[float, float]:
     """Kendall's tau-b and its two-sided p-value over pairs where both are finite; NaN when
     fewer than 2 such pairs or either side is constant."""
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    xa = np.asarray(x, dtype=float)
+    ya = np.asarray(y, dtype=float)
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[ok], ya[ok]
+    if len(xa) < 2 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
         return float("nan"), float("nan")
-    res = stats.kendalltau(x, y)
+    res = stats.kendalltau(xa, ya)
     return float(res.statistic), float(res.pvalue)
 
 
-def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+def kendall_tau(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
     """Kendall's tau-b (scipy.stats.kendalltau); NaN when undefined."""
     return kendall_tau_p(x, y)[0]
 
 
-def per_trial_means(trials: pd.DataFrame, columns: Sequence[str],
-                    group: str = "run_id") -> pd.DataFrame:
-    """Seed means of `columns` per trial, with the trial's other (constant) columns kept."""
-    if group not in trials or not trials[group].duplicated().any():
-        return trials
-    first = trials.drop_duplicates(group).set_index(group)
-    means = trials.groupby(group, sort=False)[list(columns)].mean()
-    first[list(columns)] = means.reindex(first.index)
-    return first.reset_index()
-
-
 def granulated_psi(trials: pd.DataFrame, measure: str, target: str, params: Sequence[str],
-                   n_bins: int = 3, group: str = "run_id") -> dict[str, tuple[float, int]]:
+                   n_bins: int = 3, group: str = TRIAL_KEY) -> dict[str, tuple[float, int]]:
     """psi_i for each param i: (mean within-group Kendall's tau, number of groups used);
     (NaN, 0) where no group qualifies."""
-    df = per_trial_means(trials, [measure, target], group)
+    df = trial_means(trials, [measure, target], group)
     df = df[np.isfinite(df[measure].astype(float)) & np.isfinite(df[target].astype(float))]
     params = [p for p in params if p in df]
     levels = pd.DataFrame({p: bin_levels(df[p], n_bins).astype(str) for p in params},
@@ -90,7 +80,7 @@ def granulated_psi(trials: pd.DataFrame, measure: str, target: str, params: Sequ
 
 def granulated_kendall_tau(trials_df: pd.DataFrame, measure: str, target: str,
                            params: Sequence[str], n_bins: int = 3,
-                           group: str = "run_id") -> float:
+                           group: str = TRIAL_KEY) -> float:
     """Jiang et al.'s granulated Kendall's tau: the mean of psi_i over the params with at least
     one group of trials that differ only in param i; NaN if there is none."""
     psi = [v for v, n in granulated_psi(trials_df, measure, target, params, n_bins,
@@ -101,14 +91,14 @@ def granulated_kendall_tau(trials_df: pd.DataFrame, measure: str, target: str,
 def measures_table(trials: pd.DataFrame, params: Sequence[str],
                    targets: Sequence[str] = ("gen_gap_acc",),
                    measures: Sequence[str] = DEFAULT_MEASURES, n_bins: int = 3,
-                   group: str = "run_id") -> pd.DataFrame:
+                   group: str = TRIAL_KEY) -> pd.DataFrame:
     """Kendall's tau and granulated Kendall's tau of each measure with each target over the
     per-trial seed means. Columns: target, measure, kendall_tau, granulated_kendall_tau, then
     p_value (of tau), n (trials), n_params_granulated (params with a qualifying group) and
     note (why a value is empty). Measures or targets not present are skipped."""
     present = [m for m in measures if m in trials]
     tgts = [t for t in targets if t in trials]
-    df = per_trial_means(trials, list(dict.fromkeys([*present, *tgts])), group)
+    df = trial_means(trials, list(dict.fromkeys([*present, *tgts])), group)
     rows = []
     for t in tgts:
         for m in present:

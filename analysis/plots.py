@@ -7,29 +7,50 @@ absent (the report then skips it). Figures are built without pyplot, so nothing 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
 import matplotlib
 
 matplotlib.use("Agg")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from analysis.summary import unit  # noqa: E402
-from study.metrics import GEN_GAP_ACC, SAMPLES_PER_S, TEST_ACC  # noqa: E402
+from analysis.load import Sweep, trial_means
+from analysis.summary import unit
+from study.metrics import GEN_GAP_ACC, SAMPLES_PER_S, TEST_ACC
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 BEYOND, WITHIN = "#c0392b", "#7f8c8d"
 EVALUATORS = {"fanova": "fANOVA importance", "ped_anova": "PED-ANOVA importance"}
-STYLE = {"axes.titlesize": 12, "axes.labelsize": 10.5, "xtick.labelsize": 9.5,
-         "ytick.labelsize": 9.5, "legend.fontsize": 9, "figure.dpi": 100}
+STYLE: dict[RcKeyType, Any] = {
+    "axes.titlesize": 12, "axes.labelsize": 10.5, "xtick.labelsize": 9.5,
+    "ytick.labelsize": 9.5, "legend.fontsize": 9, "figure.dpi": 100}
+
+
+class _ForestRow(Protocol):
+    """The columns of an `effect_forest` row it draws (`itertuples` types every attribute as
+    any scalar)."""
+
+    y: float
+    noise_floor: float
+    beyond: str
+    contrast_low: float
+    contrast_high: float
 
 
 def _figure(w: float, h: float) -> Figure:
@@ -37,7 +58,7 @@ def _figure(w: float, h: float) -> Figure:
     return fig
 
 
-def _grid(n: int, w: float, h: float, ncols: int = 3) -> tuple[Figure, list]:
+def _grid(n: int, w: float, h: float, ncols: int = 3) -> tuple[Figure, list[Axes]]:
     cols = min(n, ncols)
     rows = math.ceil(n / cols)
     fig = _figure(w * cols, h * rows)
@@ -47,8 +68,8 @@ def _grid(n: int, w: float, h: float, ncols: int = 3) -> tuple[Figure, list]:
     return fig, axes[:n]
 
 
-def _styled(fn):
-    def wrapper(*args, **kwargs):
+def _styled(fn: Callable[P, R]) -> Callable[P, R]:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         with sns.axes_style("whitegrid"), matplotlib.rc_context(STYLE):
             return fn(*args, **kwargs)
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
@@ -74,7 +95,7 @@ def effect_forest(effects: pd.DataFrame, target: str) -> Figure | None:
                               "within seed noise")
     fig = _figure(7.5, 1.2 + 0.32 * len(rows))
     ax = fig.subplots()
-    for r in rows.itertuples(index=False):
+    for r in cast("Iterable[_ForestRow]", rows.itertuples(index=False)):
         f = float(r.noise_floor) if pd.notna(r.noise_floor) else 0.0
         ax.fill_betweenx([r.y - 0.45, r.y + 0.45], -f, f, color="0.85", lw=0, zorder=0)
         color = BEYOND if r.beyond == "beyond seed noise" else WITHIN
@@ -232,8 +253,8 @@ def accuracy_vs_corruption(per_corruption: pd.DataFrame | None) -> Figure | None
     return fig
 
 
-def pareto_mask(acc: np.ndarray, gap: np.ndarray,
-                throughput: np.ndarray | None = None) -> np.ndarray:
+def pareto_mask(acc: npt.ArrayLike, gap: npt.ArrayLike,
+                throughput: npt.ArrayLike | None = None) -> npt.NDArray[np.bool_]:
     """Non-dominated points when maximizing `acc` (and `throughput`, if given) and minimizing
     `gap`."""
     cols = [np.asarray(acc, float), -np.asarray(gap, float)]
@@ -247,12 +268,6 @@ def pareto_mask(acc: np.ndarray, gap: np.ndarray,
     return keep
 
 
-def per_config(trials: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
-    """Seed means per trial (one row per sampled configuration)."""
-    key = "trial_id" if "trial_id" in trials else "run_id"
-    return trials.groupby(key, as_index=False)[list(cols)].mean(numeric_only=True)
-
-
 @_styled
 def pareto_front(trials: pd.DataFrame | None) -> Figure | None:
     """(g) Which configurations trade test accuracy against the gap best? Seed means per trial;
@@ -260,7 +275,7 @@ def pareto_front(trials: pd.DataFrame | None) -> Figure | None:
     if trials is None or trials.empty or not {TEST_ACC, GEN_GAP_ACC} <= set(trials):
         return None
     cols = [TEST_ACC, GEN_GAP_ACC] + ([SAMPLES_PER_S] if SAMPLES_PER_S in trials else [])
-    d = per_config(trials, cols).dropna(subset=[TEST_ACC, GEN_GAP_ACC])
+    d = trial_means(trials, cols).dropna(subset=[TEST_ACC, GEN_GAP_ACC])
     if d.empty:
         return None
     speed = d[SAMPLES_PER_S] if SAMPLES_PER_S in d and d[SAMPLES_PER_S].notna().all() else None
@@ -315,17 +330,16 @@ def caption(name: str) -> str:
     return CAPTIONS.get(name, "")
 
 
-def all_figures(sweep: Any, effects: pd.DataFrame, importance: pd.DataFrame,
+def all_figures(sweep: Sweep, effects: pd.DataFrame, importance: pd.DataFrame,
                 measures: pd.DataFrame, targets: Sequence[str]) -> dict[str, Figure]:
     """Every figure whose data are present, by file stem, in report order."""
-    tables = getattr(sweep, "tables", None) or {}
-    params = list(getattr(sweep, "params", []) or [])
+    tables, params = sweep.tables, list(sweep.params)
     figs: dict[str, Figure | None] = {}
     for t in targets:
         figs[f"effects_{t}"] = effect_forest(effects, t)
     figs["importance"] = importance_bars(importance, targets)
     figs["measures"] = measure_bars(measures)
-    figs["pareto"] = pareto_front(getattr(sweep, "trials", None))
+    figs["pareto"] = pareto_front(sweep.trials)
     figs["per_length"] = accuracy_vs_length(tables.get("per_length"), params)
     figs["per_class"] = accuracy_vs_class_count(tables.get("per_class"))
     figs["per_corruption"] = accuracy_vs_corruption(tables.get("per_corruption"))

@@ -13,12 +13,10 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.load import Sweep
 from analysis.summary import findings, fmt, report_targets
+from study.records import EFFECT_CSV_COLUMNS, IMPORTANCE_CSV_COLUMNS, MEASURE_CSV_COLUMNS
 
-EFFECT_COLUMNS = ["target", "param", "level", "mean", "ci_low", "ci_high", "n", "beyond_noise",
-                  "contrast", "contrast_low", "contrast_high", "noise_floor", "raw_mean"]
-IMPORTANCE_COLUMNS = ["target", "param", "importance", "evaluator"]
-MEASURE_COLUMNS = ["target", "measure", "kendall_tau", "granulated_kendall_tau", "p_value", "n"]
 DPI = 110
 
 CSS = """
@@ -91,7 +89,7 @@ def _ci(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def summary_markdown(sweep: Any, lines: list[str], effects: pd.DataFrame,
+def summary_markdown(sweep: Sweep, lines: list[str], effects: pd.DataFrame,
                      importance: pd.DataFrame, measures: pd.DataFrame,
                      figures: Sequence[str]) -> str:
     beyond = effects[effects["beyond_noise"].astype(bool)] if not effects.empty else effects
@@ -109,7 +107,7 @@ def summary_markdown(sweep: Any, lines: list[str], effects: pd.DataFrame,
     return "\n".join(parts)
 
 
-def index_html(sweep: Any, lines: list[str], effects: pd.DataFrame, importance: pd.DataFrame,
+def index_html(sweep: Sweep, lines: list[str], effects: pd.DataFrame, importance: pd.DataFrame,
                measures: pd.DataFrame, pngs: dict[str, tuple[bytes, str]]) -> str:
     """One page, no external resources: inline CSS, images as base64 data URIs."""
     e = html.escape
@@ -152,7 +150,7 @@ summary.md, figures/*.png.</p>
 """
 
 
-def write_report(sweep: Any, out_dir: Path, n_boot: int = 1000, log_to_mlflow: bool = True,
+def write_report(sweep: Sweep, out_dir: Path, n_boot: int = 1000, log_to_mlflow: bool = True,
                  tracking_uri: str | None = None) -> Path:
     """Compute the tables, write every file under `out_dir`, log it on the parent run (in
     `tracking_uri`, default the store the sweep was loaded from); returns index.html's path."""
@@ -169,10 +167,10 @@ def write_report(sweep: Any, out_dir: Path, n_boot: int = 1000, log_to_mlflow: b
     trials = sweep.trials
     targets = [t for t in report_targets(sweep.metrics) if t in trials]
     effects = _ordered(effects_table(trials, sweep.params, targets, n_boot=n_boot, seed=0),
-                       EFFECT_COLUMNS)
-    raw_importance = importance_table(trials, sweep.params, targets, seed=0, space=sweep.space)
-    importance = _ordered(raw_importance, IMPORTANCE_COLUMNS)
-    measures = _ordered(measures_table(trials, sweep.params), MEASURE_COLUMNS)
+                       EFFECT_CSV_COLUMNS)
+    raw_importance = importance_table(trials, sweep.params, targets, seed=0, spec=sweep.spec)
+    importance = _ordered(raw_importance, IMPORTANCE_CSV_COLUMNS)
+    measures = _ordered(measures_table(trials, sweep.params), MEASURE_CSV_COLUMNS)
 
     trials.to_csv(out_dir / "trials.csv", index=False)
     effects.to_csv(out_dir / "effects.csv", index=False)
@@ -189,7 +187,7 @@ def write_report(sweep: Any, out_dir: Path, n_boot: int = 1000, log_to_mlflow: b
     lines = findings(effects, importance, measures, sweep, targets)
     lines += [f"Importance not computed for {note}" for note in
               raw_importance.attrs.get("notes", []) if "fewer than" in note]
-    if getattr(sweep, "conditional", None):
+    if sweep.conditional:
         lines.append(f"Not analysed: {', '.join(sweep.conditional)} (conditional parameters: "
                      "where their condition is off they hold the default, not a sampled level)")
     (out_dir / "summary.md").write_text(
@@ -200,7 +198,7 @@ def write_report(sweep: Any, out_dir: Path, n_boot: int = 1000, log_to_mlflow: b
                      encoding="utf-8")
     if log_to_mlflow:
         log_report(sweep.parent_run_id, out_dir,
-                   tracking_uri or getattr(sweep, "tracking_uri", None) or None)
+                   tracking_uri or sweep.tracking_uri or None)
     return index
 
 

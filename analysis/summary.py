@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import pandas as pd
 
-from study.metrics import (  # noqa: E402 (names only; study.metrics loads no torch)
+from analysis.load import Sweep
+from study.metrics import (
     GEN_GAP_ACC,
     GEN_GAP_LOSS,
     HIGHER_IS_BETTER,
@@ -28,11 +29,17 @@ UNITS: dict[str, str] = {
     "test_acc": "fraction correct", "len_gen_ratio": "ratio", "corrupt_rel": "ratio",
     "ece": "fraction",
 }
-SKIP_WHY: dict[str, str] = {
-    "early_stopped": "stopped by ASHA before the last epoch",
-    "diverged": "NaN/inf loss or gradient",
-    "error": "the trial raised an error",
-}
+
+
+class _EffectRow(Protocol):
+    """The columns of an effects-table row that the findings read (`itertuples` types every
+    attribute as any scalar)."""
+
+    param: str
+    level: Any
+    contrast: float
+    contrast_low: float
+    contrast_high: float
 
 
 def unit(metric: str) -> str:
@@ -69,23 +76,13 @@ def fmt_p(p: float) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
-def _seeds(trials: pd.DataFrame) -> int:
-    if trials is None or trials.empty or "seed" not in trials:
-        return 0
-    key = "trial_id" if "trial_id" in trials else "run_id"
-    return int(trials.groupby(key)["seed"].nunique().max())
-
-
-def header(sweep: Any) -> str:
-    """'Used N trials (x K seeds); skipped: 2 early_stopped (...), 1 diverged (...)'."""
-    used = int(getattr(sweep, "used", 0))
-    k = _seeds(getattr(sweep, "trials", None))
+def header(sweep: Sweep) -> str:
+    """'Used N trials (x K seeds); skipped: 2 early_stopped (stopped by ASHA ...), ...'."""
+    used = sweep.used
+    k = sweep.seeds()
     seeds = f" (x {k} seed{'s' if k != 1 else ''})" if k else ""
-    skipped = {r: int(n) for r, n in (getattr(sweep, "skipped", None) or {}).items() if n}
-    parts = [f"{n} {r}" + (f" ({SKIP_WHY[r]})" if r in SKIP_WHY else "")
-             for r, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))]
     return (f"Used {used} trial{'s' if used != 1 else ''}{seeds}; skipped: "
-            + (", ".join(parts) if parts else "none"))
+            + sweep.skipped_text())
 
 
 def effect_findings(effects: pd.DataFrame, target: str, params: Sequence[str]) -> list[str]:
@@ -95,13 +92,14 @@ def effect_findings(effects: pd.DataFrame, target: str, params: Sequence[str]) -
     rows = effects[effects["target"] == target]
     if rows.empty:
         return []
-    direction = {True: "higher is better", False: "lower is better"}.get(
-        HIGHER_IS_BETTER.get(target))
+    higher = HIGHER_IS_BETTER.get(target)
+    direction = None if higher is None else ("higher is better" if higher else
+                                             "lower is better")
     out = []
     beyond = rows[rows["beyond_noise"].astype(bool)]
     beyond = beyond.reindex(beyond["contrast"].abs().sort_values(ascending=False).index)
     levels = rows.groupby("param")["level"].agg(lambda s: list(dict.fromkeys(s.astype(str))))
-    for r in beyond.itertuples(index=False):
+    for r in cast("Iterable[_EffectRow]", beyond.itertuples(index=False)):
         up = r.contrast > 0
         others = [lv for lv in levels.get(r.param, []) if lv != str(r.level)]
         if len(others) == 1 and not up and (beyond["param"] == r.param).sum() > 1:
@@ -150,7 +148,7 @@ def measure_finding(measures: pd.DataFrame, target: str = GEN_GAP_ACC) -> str | 
     rows = measures[(measures["target"] == target) & measures["kendall_tau"].notna()]
     if rows.empty:
         return None
-    best = rows.loc[rows["kendall_tau"].abs().idxmax()]
+    best = rows.iloc[int(rows["kendall_tau"].abs().argmax())]
     tau = float(best["kendall_tau"])
     sign = "larger" if tau > 0 else "smaller"
     p = float(best["p_value"])
@@ -168,11 +166,11 @@ def _any_beyond(effects: pd.DataFrame, target: str) -> bool:
 
 
 def findings(effects: pd.DataFrame, importance: pd.DataFrame, measures: pd.DataFrame,
-             sweep: Any, targets: Sequence[str] | None = None) -> list[str]:
+             sweep: Sweep, targets: Sequence[str] | None = None) -> list[str]:
     """The report's plain-language summary, header line first."""
-    params = list(getattr(sweep, "params", []) or [])
+    params = list(sweep.params)
     if targets is None:
-        targets = report_targets(getattr(sweep, "metrics", []) or [])
+        targets = report_targets(sweep.metrics)
     out = [header(sweep)]
     for t in finding_targets(targets):
         out.extend(effect_findings(effects, t, params))

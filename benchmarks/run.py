@@ -2,7 +2,8 @@
 
 Compares, on the same machine and inputs, the fused SDPA path against the explicit softmax path
 (the oracle), and the attention kinds (full, local, low_rank) against full attention, for a
-forward+backward training step. Writes JSON under benchmarks/results/.
+training step (`study.step.train_step`: forward, loss, backward, clip, AdamW and schedule step).
+Writes JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from study.config import TrialConfig
 from study.model import ModelSpec, build_model
-from study.train import autocast
+from study.step import TrainState, make_optimizer, train_step
 
 OUT = Path(__file__).parent / "results"
 
@@ -26,27 +26,20 @@ def step_time(cfg: TrialConfig, spec: ModelSpec, device: torch.device, batch: in
               explicit: bool, iters: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg, spec).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    warmup = 3
+    opt, sched = make_optimizer(model, cfg, warmup + iters)
+    state = TrainState(model, opt, sched, cfg, stats=explicit)
     x = torch.randint(1, spec.vocab_size, (batch, spec.max_len), device=device)
     mask = torch.ones_like(x, dtype=torch.bool)
     y = torch.randint(0, spec.n_classes, (batch,), device=device)
 
-    def step() -> None:
-        with autocast(device):
-            out = model(x, mask, stats=explicit)
-        logits = out[0] if explicit else out
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(3):
-        step()
+    for _ in range(warmup):
+        train_step(state, x, y, mask)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
-        step()
+        train_step(state, x, y, mask)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from study.config import ConfigError
+from study.records import REPORT_OUTCOME
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Which attention design choices make a model generalize and stay robust?")
@@ -56,7 +57,7 @@ def trial(
     assert last is not None
     out: dict = dict(last.metrics)
     if last.diverged:
-        out["stop_reason"] = last.diverged
+        out[REPORT_OUTCOME] = last.diverged
     if as_json:
         out["config"] = cfg.to_dict()
         print(json.dumps(out))

@@ -2,7 +2,8 @@
 
 A field's name is used unchanged as the YAML key, the `--set` key, the Ray param-space key, the
 MLflow param and the report column. Categorical fields list their valid values in `CHOICES`;
-numeric fields are range-checked in `TrialConfig.__post_init__`.
+numeric fields are range-checked in `TrialConfig.__post_init__`. The task names come from the
+task table `study.tasks.TASKS`; fields that shape a task's data are declared with `data_field`.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from typing import Any
 
 import yaml
 
+from study.tasks import TASKS  # the task table (standard library only, no import of this module)
+
 
 class ConfigError(ValueError):
     """A bad configuration value: the message is one line naming the key and the fix."""
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task": (
-        "digits", "mnist1d", "copy", "reverse", "sort", "associative_recall", "listops",
-        "many_class", "text_file",
-    ),
+    "task": tuple(TASKS),
     "arch": ("transformer", "lstm_attention"),
     "qk_norm": ("none", "layernorm", "l2"),
     "init": ("xavier_uniform", "normal_002", "small_init", "deepnorm"),
@@ -40,37 +40,47 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def data_field(default: Any) -> Any:
+    """A field that shapes the task data: it is part of the data cache key
+    (`study.tasks.DATA_FIELDS`), so configs differing in it never share built data."""
+    return dataclasses.field(default=default, metadata={"data": True})
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """One trial: the task, the training budget and every attention design choice."""
 
-    # task and data
-    task: str = "digits"
+    # task and data (fields declared with `data_field` shape the built data)
+    task: str = data_field("digits")
     seed: int = 0  # initialization, data order and dropout (the replicate seed)
-    data_seed: int = 0  # the generated data and its train/val/test split
-    train_fraction: float = 1.0  # fraction of the training split kept (sample-size curves)
-    label_noise: float = 0.0  # fraction of training labels flipped to another class
-    imbalance: float = 1.0  # long-tail ratio rho = n_max / n_min on the training split
+    data_seed: int = data_field(0)  # the generated data and its train/val/test split
+    # fraction of the training split kept (sample-size curves)
+    train_fraction: float = data_field(1.0)
+    label_noise: float = data_field(0.0)  # fraction of training labels flipped to another class
+    # long-tail ratio rho = n_max / n_min on the training split
+    imbalance: float = data_field(1.0)
     many_shot_thr: int = 100  # classes with more training samples are "many-shot"
     few_shot_thr: int = 20  # classes with fewer training samples are "few-shot"
     # sequence tasks
-    min_len: int = 4
-    max_len: int = 16
-    ood_len_factors: tuple[float, ...] = (2.0, 4.0)
-    length_mode: str = "pad"
-    vocab_size: int = 16
-    n_classes: int = 50  # many_class task only
-    n_train: int = 4000  # generated tasks: training sequences
+    min_len: int = data_field(4)
+    max_len: int = data_field(16)
+    ood_len_factors: tuple[float, ...] = data_field((2.0, 4.0))
+    length_mode: str = data_field("pad")
+    vocab_size: int = data_field(16)
+    n_classes: int = data_field(50)  # many_class task only
+    n_train: int = data_field(4000)  # generated tasks: training sequences
     # continuous signals (digits, mnist1d)
     embed: str = "patch"
     patch_size: int = 4
-    shuffle_seq: bool = False  # mnist1d: permute time steps (positional inductive bias)
-    seq_length: int = 40  # mnist1d: points per sequence (the generator's final_seq_length)
+    # mnist1d: permute time steps (positional inductive bias)
+    shuffle_seq: bool = data_field(False)
+    # mnist1d: points per sequence (the generator's final_seq_length)
+    seq_length: int = data_field(40)
     # user data (task: text_file)
-    data_path: str = ""
-    text_column: str = "text"
-    label_column: str = "label"
-    tokenizer: str = "char"
+    data_path: str = data_field("")
+    text_column: str = data_field("text")
+    label_column: str = data_field("label")
+    tokenizer: str = data_field("char")
     # architecture
     arch: str = "transformer"
     d_model: int = 64
@@ -240,16 +250,22 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: file not found; pass an existing YAML file")
+    return parse_yaml_mapping(p.read_text(), str(p))
+
+
+def parse_yaml_mapping(text: str, source: str) -> dict[str, Any]:
+    """Parse YAML text that must hold a mapping; errors name `source`."""
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where} malformed YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(f"{source}:{where} malformed YAML ({getattr(e, 'problem', e)})"
+                          ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
+        raise ConfigError(f"{source}: expected a mapping of key: value at the top level")
     return data
 
 

@@ -6,14 +6,16 @@ Two families share one input embedding and one output head:
 
 Inputs are either token ids `(B, T)` (with `vocab_size`) or continuous signals `(B, T, C)` turned
 into tokens by `embed`. `mask` is `(B, T)` bool, True on real positions; padded positions never
-change any output at a real position. Outputs are `(B, n_classes)` or, for per-token tasks,
-`(B, T', n_classes)`.
+change any output at a real position. `forward` returns `(logits, stats)`: logits `(B, n_classes)`
+or, for per-token tasks, `(B, T', n_classes)`, and `AttnStats` when asked for (else None).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,34 @@ class ModelSpec:
     vocab_size: int = 0  # > 0: token ids; 0: continuous signal with `in_channels`
     in_channels: int = 1
     per_token: bool = False
+
+
+@dataclass(frozen=True)
+class AttnStats:
+    """Attention statistics from the explicit softmax path, over real query positions only.
+
+    One attention layer reports L = 1; the model stacks its layers. The LSTM's attention pooling
+    counts as one layer with one head.
+    """
+
+    entropy: torch.Tensor  # (B, L, nh) mean entropy (nats) per layer and head
+    max_logit: torch.Tensor  # () largest attention logit
+
+    @staticmethod
+    def stack(layers: Sequence[AttnStats]) -> AttnStats:
+        return AttnStats(entropy=torch.cat([s.entropy for s in layers], 1),
+                         max_logit=torch.stack([s.max_logit for s in layers]).amax())
+
+
+# What a Linear layer does, read by `init_weights` (set where the layer is built, so renaming or
+# regrouping modules never changes how they are initialized): the fused q/k/v projection, an
+# output projection back into the residual stream, the MLP's input projection.
+InitRole = Literal["qkv", "resid_out", "mlp_in"]
+
+
+def with_role(layer: nn.Linear, role: InitRole) -> nn.Linear:
+    object.__setattr__(layer, "init_role", role)  # a plain attribute, not a submodule
+    return layer
 
 
 class RMSNorm(nn.Module):
@@ -95,8 +125,8 @@ class Attention(nn.Module):
         super().__init__()
         d, nh = cfg.d_model, cfg.n_heads
         self.nh, self.hs = nh, d // nh
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
+        self.qkv = with_role(nn.Linear(d, 3 * d), "qkv")
+        self.proj = with_role(nn.Linear(d, d), "resid_out")
         self.dropout = cfg.attn_dropout
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "layernorm":
@@ -124,7 +154,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, ctx: AttnContext, stats: bool = False
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, AttnStats | None]:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -174,11 +204,11 @@ def softmax_entropy(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def explicit_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
     scale: float, dropout_p: float, valid: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, AttnStats]:
     """The softmax path written out: the oracle for SDPA and the source of attention statistics.
 
-    Returns the output and, over real query positions, the per-head mean entropy `(B, nh)` in nats
-    and the largest logit.
+    Returns the output and this layer's `AttnStats`: over real query positions, the per-head mean
+    entropy `(B, 1, nh)` in nats and the largest logit.
     """
     logits = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, S)
     if mask is not None:
@@ -193,7 +223,7 @@ def explicit_attention(
     finite = torch.where(torch.isfinite(logits), logits, torch.full_like(logits, -1e30))
     max_logit = (finite.float().amax(-1) + (qv - 1.0) * 1e30).amax()
     pd = F.dropout(p, dropout_p) if dropout_p > 0 else p
-    return pd.to(v.dtype) @ v, {"entropy": entropy, "max_logit": max_logit}
+    return pd.to(v.dtype) @ v, AttnStats(entropy=entropy[:, None], max_logit=max_logit)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -229,7 +259,8 @@ class Block(nn.Module):
         self.norm_kind = cfg.norm
         self.norm1, self.norm2 = make_norm(cfg.norm, d), make_norm(cfg.norm, d)
         self.attn = Attention(cfg, max_tokens)
-        self.mlp = nn.Sequential(nn.Linear(d, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, d))
+        self.mlp = nn.Sequential(with_role(nn.Linear(d, cfg.d_ff), "mlp_in"), nn.GELU(),
+                                 with_role(nn.Linear(cfg.d_ff, d), "resid_out"))
         self.se = SqueezeExcite(d) if cfg.channel_attention == "se" else None
         self.resid_drop = nn.Dropout(cfg.resid_dropout)
         self.drop_p = drop_p
@@ -242,7 +273,9 @@ class Block(nn.Module):
             h = self.se(h, valid)
         return drop_path(self.resid_drop(h), self.drop_p, self.training)
 
-    def forward(self, x: torch.Tensor, ctx: AttnContext, stats: bool = False):
+    def forward(
+        self, x: torch.Tensor, ctx: AttnContext, stats: bool = False
+    ) -> tuple[torch.Tensor, AttnStats | None]:
         if self.norm_kind == "post_ln":
             a, info = self.attn(x, ctx, stats)
             x = self.norm1(self.alpha * x + drop_path(self.resid_drop(a), self.drop_p,
@@ -264,6 +297,7 @@ class InputEmbedding(nn.Module):
         self.tokens = spec.vocab_size > 0
         self.p = 1 if self.tokens else p
         self.kind = cfg.embed
+        self.emb: nn.Module
         if self.tokens:
             self.emb = nn.Embedding(spec.vocab_size, d)
         elif cfg.embed == "patch":
@@ -292,8 +326,14 @@ class InputEmbedding(nn.Module):
 
 
 class AttentionModel(nn.Module):
-    """The whole model; `forward(x, mask)` returns logits, `forward(..., stats=True)` also the
-    attention statistics computed on the explicit softmax path."""
+    """The whole model; `forward(x, mask)` returns `(logits, None)` through the fused SDPA kernel,
+    `forward(..., stats=True)` returns `(logits, AttnStats)` from the explicit softmax path."""
+
+    # buffers, by positional encoding
+    pos_table: torch.Tensor  # (n, d) sinusoidal
+    rope_cos: torch.Tensor  # (n, hs)
+    rope_sin: torch.Tensor
+    slopes: torch.Tensor  # (nh,) alibi
 
     def __init__(self, cfg: TrialConfig, spec: ModelSpec) -> None:
         super().__init__()
@@ -357,7 +397,9 @@ class AttentionModel(nn.Module):
             rope = (self.rope_cos[:T], self.rope_sin[:T])
         return AttnContext(valid=valid, attn_mask=mask, rope=rope)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, stats: bool = False):
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, stats: bool = False
+    ) -> tuple[torch.Tensor, AttnStats | None]:
         h, valid = self.embed(x, mask)  # (B, T, d), (B, T)
         T = h.shape[1]
         if T > self.max_tokens:
@@ -368,7 +410,7 @@ class AttentionModel(nn.Module):
         elif self.cfg.pos_encoding == "learned":
             h = h + self.pos_emb.weight[:T]
         h = self.emb_drop(h)
-        infos: list[dict[str, torch.Tensor]] = []
+        infos: list[AttnStats] = []
         if self.cfg.arch == "transformer":
             ctx = self._context(valid)
             for block in self.blocks:
@@ -383,14 +425,11 @@ class AttentionModel(nn.Module):
             if info is not None:
                 infos.append(info)
         logits = self.head(h if self.spec.per_token else pooled)
-        if not stats:
-            return logits
-        return logits, {
-            "entropy": torch.stack([i["entropy"] for i in infos], 1),  # (B, L, nh)
-            "max_logit": torch.stack([i["max_logit"] for i in infos]).amax(),
-        }
+        return logits, AttnStats.stack(infos) if stats else None
 
-    def _lstm_attention(self, h: torch.Tensor, valid: torch.Tensor, stats: bool):
+    def _lstm_attention(
+        self, h: torch.Tensor, valid: torch.Tensor, stats: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, AttnStats | None]:
         T = h.shape[1]
         lengths = valid.sum(1, keepdim=True)  # (B, 1); real tokens form a prefix
         t = torch.arange(T, device=h.device)[None, :]
@@ -415,8 +454,8 @@ class AttentionModel(nn.Module):
         info = None
         if stats:
             ent = softmax_entropy(logits.float(), p)  # (B,)
-            info = {"entropy": ent[:, None],
-                    "max_logit": logits.masked_fill(~valid, -1e30).amax().float()}
+            info = AttnStats(entropy=ent[:, None, None],  # (B, 1, 1): one layer, one head
+                             max_logit=logits.masked_fill(~valid, -1e30).amax().float())
         return h, pooled, info
 
 
@@ -428,7 +467,8 @@ def init_weights(model: AttentionModel, cfg: TrialConfig) -> None:
     - small_init: N(0, sqrt(2 / (5 d))) (Nguyen & Salazar 2019, "Transformers without Tears").
     - deepnorm: Xavier with gain beta = (8L)^(-1/4) on value, output and MLP weights
       (Wang et al. 2022, DeepNet); the matching residual alpha lives in `Block`.
-    LSTM weights keep PyTorch's default initialization.
+    A Linear's `init_role` (see `InitRole`) picks its gain; biases start at zero. LSTM weights
+    keep PyTorch's default initialization.
     """
     s, d, L = cfg.init_scale, cfg.d_model, cfg.n_layers
     beta = (8 * L) ** -0.25
@@ -443,18 +483,19 @@ def init_weights(model: AttentionModel, cfg: TrialConfig) -> None:
 
     resid_gain = 1.0 / math.sqrt(2 * L) if cfg.init == "normal_002" else 1.0
     deep = beta if cfg.init == "deepnorm" else 1.0
-    for name, mod in model.named_modules():
+    for mod in model.modules():
         if isinstance(mod, nn.Embedding):
             fill(mod.weight)
         elif isinstance(mod, nn.Linear):
             if mod.bias is not None:
                 nn.init.zeros_(mod.bias)
-            if name.endswith("attn.qkv"):
+            role: InitRole | None = getattr(mod, "init_role", None)
+            if role == "qkv":
                 for i, g in enumerate((1.0, 1.0, deep)):  # q, k, v: init each slice alone
                     fill(mod.weight[i * d:(i + 1) * d], g)
-            elif name.endswith("attn.proj") or name.endswith("mlp.2"):
+            elif role == "resid_out":
                 fill(mod.weight, deep * resid_gain)
-            elif name.endswith("mlp.0"):
+            elif role == "mlp_in":
                 fill(mod.weight, deep)
             else:
                 fill(mod.weight)

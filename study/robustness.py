@@ -1,4 +1,5 @@
-"""Robustness metrics computed after the final epoch from a task's named evaluation sets.
+"""Robustness metrics as pure functions of accuracies and predictions, no model involved
+(`study.evaluation.robustness_metrics` evaluates a task's named sets after the final epoch).
 
 - Length generalization (`len:<L>` sets): `id_len_acc` (lengths inside the training range),
   `ood_len_acc` (all longer lengths), `len_gen_ratio` = ood / id, table `per_length`.
@@ -15,13 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.metrics import f1_score
 
 from study import metrics as M
-from study.config import TrialConfig
-from study.model import AttentionModel
-from study.tasks.base import TaskData
 
 Table = list[dict[str, Any]]
 
@@ -69,36 +66,3 @@ def corruption_metrics(accs: dict[tuple[str, int], float],
     if test_acc > 0:
         out[M.CORRUPT_REL] = corrupt / test_acc
     return out
-
-
-def robustness_metrics(
-    cfg: TrialConfig, data: TaskData, model: AttentionModel, device: torch.device,
-    metrics: dict[str, float],
-) -> tuple[dict[str, float], dict[str, Table]]:
-    """Metrics that apply to this task (absent otherwise) and their artifact tables."""
-    from study.train import evaluate
-
-    out: dict[str, float] = {}
-    tables: dict[str, Table] = {}
-    names = list(data.extra)
-    accs = dict(zip(names, torch.stack(
-        [evaluate(model, data.extra[n], device).acc for n in names]).tolist())) if names else {}
-    by_len = {int(n.split(":")[1]): a for n, a in accs.items() if n.startswith("len:")}
-    if by_len and data.id_lengths is not None:
-        out.update(length_metrics(by_len, data.id_lengths))
-        tables["per_length"] = [
-            {"length": L, "acc": a, "split": "id" if L <= data.id_lengths[1] else "ood",
-             "n": len(data.extra[f"len:{L}"])} for L, a in sorted(by_len.items())]
-    by_kind = {(n.split(":")[1], int(n.split(":")[2])): a for n, a in accs.items()
-               if n.startswith("corrupt:")}
-    if by_kind:
-        out.update(corruption_metrics(by_kind, metrics[M.TEST_ACC]))
-        tables["per_corruption"] = [{"kind": k, "severity": s, "acc": a}
-                                    for (k, s), a in sorted(by_kind.items())]
-    if cfg.imbalance > 1 and data.train_counts is not None:
-        te = evaluate(model, data.test, device)
-        lt, table = long_tail_metrics(te.pred.cpu().numpy(), te.target.cpu().numpy(),
-                                      data.train_counts, cfg.many_shot_thr, cfg.few_shot_thr)
-        out.update(lt)
-        tables["per_class"] = table
-    return out, tables

@@ -1,4 +1,4 @@
-"""Search-space files: strict parsing and validation into a frozen `SearchSpace`.
+"""Search-space files: strict parsing and validation into a frozen `SweepSpec`.
 
 Every error is one line naming the file, the key and the fix (`SpaceError`, exit code 2). The
 schema is documented in the README ("Search spaces").
@@ -7,137 +7,47 @@ schema is documented in the README ("Search spaces").
 from __future__ import annotations
 
 import ast
-import math
+import functools
 import operator
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study.config import CHOICES, FIELD_NAMES, ConfigError, coerce, load_yaml_mapping, make_config
+from study.config import CHOICES, FIELD_NAMES, ConfigError, coerce, make_config, parse_yaml_mapping
 from study.metrics import ALL_METRICS, CORE_METRICS
+from study.records import (
+    MULTI_OBJECTIVE_SEARCHERS,
+    PARAM_TYPES,
+    SEARCHERS,
+    ParamSpec,
+    SweepSpec,
+)
 
-SEARCHERS = ("tpe", "random", "cmaes", "nsga2")
+NOT_SEARCHABLE = ("epochs", "seed", "device")
 TOP_KEYS = ("name", "description", "task", "fixed", "params", "constraints", "budget", "seeds",
             "objective", "searcher", "searcher_seed", "num_trials", "max_concurrent", "resources")
-PARAM_TYPES = ("categorical", "int", "float")
-NOT_SEARCHABLE = ("epochs", "seed", "device")
 
 
 class SpaceError(ConfigError):
     """A bad search-space file."""
 
 
-@dataclass(frozen=True)
-class Param:
-    """One searched config field: a categorical set of values or an int/float range."""
-
-    name: str
-    kind: str
-    values: tuple[Any, ...] = ()
-    low: float = 0.0
-    high: float = 0.0
-    log: bool = False
-    step: float | None = None
-    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # sampled only if every (key in values)
-
-    def suggest(self, trial: Any) -> Any:
-        """Sample from an Optuna trial."""
-        if self.kind == "categorical":
-            return trial.suggest_categorical(self.name, list(self.values))
-        if self.kind == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high),
-                                     step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
-
-    def sample(self, rng: random.Random) -> Any:
-        """Sample uniformly (in log space where `log`), for feasibility checks."""
-        if self.kind == "categorical":
-            return rng.choice(self.values)
-        if self.log:
-            v = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-        else:
-            v = rng.uniform(self.low, self.high)
-        return int(round(v)) if self.kind == "int" else v
-
-    def active(self, context: dict[str, Any]) -> bool:
-        return all(context.get(k) in vals for k, vals in self.when)
+def infeasible(space: SweepSpec, sampled: dict[str, Any]) -> str | None:
+    """Why a sampled configuration cannot run (a broken constraint or an invalid config)."""
+    try:
+        cfg = make_config(space.resolve(sampled))
+    except ConfigError as e:
+        return str(e)
+    env = cfg.to_dict()
+    for text in space.constraints:
+        if not _eval(_compiled(text).body, env, text):
+            return f"constraint {text!r} does not hold"
+    return None
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    """A parsed search-space file."""
-
-    name: str
-    path: str
-    text: str
-    fixed: dict[str, Any]
-    params: tuple[Param, ...]
-    constraints: tuple[str, ...] = ()
-    epochs: int = 10
-    grace_period: int = 1
-    reduction_factor: int = 3
-    seeds: int = 1
-    objectives: tuple[tuple[str, str], ...] = (("val_acc", "max"),)
-    searcher: str = "tpe"
-    searcher_seed: int = 0
-    num_trials: int = 8
-    max_concurrent: int = 2
-    cpu: float = 1.0
-    gpu: float = 0.0
-    description: str = ""
-    _exprs: tuple[ast.Expression, ...] = field(default=(), repr=False, compare=False)
-
-    @property
-    def metric(self) -> str:
-        return self.objectives[0][0]
-
-    @property
-    def mode(self) -> str:
-        return self.objectives[0][1]
-
-    def resolve(self, sampled: dict[str, Any]) -> dict[str, Any]:
-        """Fixed values plus a sample: the trial's config values."""
-        return {**self.fixed, **sampled}
-
-    def infeasible(self, sampled: dict[str, Any]) -> str | None:
-        """Why a sampled configuration cannot run (a broken constraint or an invalid config)."""
-        values = self.resolve(sampled)
-        try:
-            cfg = make_config(values)
-        except ConfigError as e:
-            return str(e)
-        env = cfg.to_dict()
-        for text, expr in zip(self.constraints, self._exprs):
-            if not _eval(expr.body, env, text):
-                return f"constraint {text!r} does not hold"
-        return None
-
-    def sample(self, rng: random.Random) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for p in self.params:
-            if p.active({**self.fixed, **out}):
-                out[p.name] = p.sample(rng)
-        return out
-
-    def summary(self) -> str:
-        lines = [f"space {self.name} ({self.path})",
-                 f"  task: {self.fixed.get('task')}  epochs: {self.epochs}  "
-                 f"grace_period: {self.grace_period}  seeds: {self.seeds}",
-                 "  objective: " + ", ".join(f"{m} ({d})" for m, d in self.objectives)
-                 + f"  searcher: {self.searcher} (seed {self.searcher_seed})",
-                 f"  num_trials: {self.num_trials}  max_concurrent: {self.max_concurrent}  "
-                 f"resources: cpu={self.cpu} gpu={self.gpu}",
-                 "  fixed: " + ", ".join(f"{k}={v}" for k, v in self.fixed.items()),
-                 "  params:"]
-        for p in self.params:
-            dom = (f"{list(p.values)}" if p.kind == "categorical"
-                   else f"[{p.low}, {p.high}]" + (" log" if p.log else ""))
-            cond = (" when " + ", ".join(f"{k} in {list(v)}" for k, v in p.when)) if p.when else ""
-            lines.append(f"    {p.name}: {p.kind} {dom}{cond}")
-        if self.constraints:
-            lines.append("  constraints: " + "; ".join(self.constraints))
-        return "\n".join(lines)
+@functools.lru_cache(maxsize=256)
+def _compiled(text: str) -> ast.Expression:
+    return _check_expr(text, "constraints")
 
 
 # --- a tiny, safe evaluator for constraint expressions (no eval) ---
@@ -198,7 +108,7 @@ def _expect(cond: bool, msg: str) -> None:
         raise SpaceError(msg)
 
 
-def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> Param:
+def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
     where = f"{src}: params.{name}"
     _expect(name in FIELD_NAMES, f"{where}: unknown field; valid: {', '.join(FIELD_NAMES)}")
     _expect(name not in NOT_SEARCHABLE,
@@ -245,7 +155,7 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> Param:
         vals = spec.get("values")
         _expect(isinstance(vals, list) and len(vals) > 0,
                 f"{where}.values: expected a non-empty list")
-        return Param(name, kind, tuple(co(v, "values") for v in vals), when=tuple(when))
+        return ParamSpec(name, kind, tuple(co(v, "values") for v in vals), when=tuple(when))
     for key in ("low", "high"):
         _expect(key in spec, f"{where}: {kind} needs '{key}'")
     low, high = co(spec["low"], "low"), co(spec["high"], "high")
@@ -262,15 +172,21 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> Param:
     if step is not None:
         step = co(step, "step")
         _expect(step > 0, f"{where}.step: must be > 0, got {step}")
-    return Param(name, kind, low=low, high=high, log=log, step=step, when=tuple(when))
+    return ParamSpec(name, kind, low=low, high=high, log=log, step=step, when=tuple(when))
 
 
-def load_space(path: str | Path) -> SearchSpace:
+def load_space(path: str | Path) -> SweepSpec:
     """Parse and validate a search-space YAML file; raises `SpaceError` with one line."""
     p = Path(path)
-    src = str(p)
+    if not p.is_file():
+        raise SpaceError(f"{p}: file not found; pass an existing YAML file")
+    return parse_space(p.read_text(), str(p), p.stem)
+
+
+def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
+    """Parse and validate the text of a search space; errors name `src`."""
     try:
-        data = load_yaml_mapping(p)
+        data = parse_yaml_mapping(text, src)
     except ConfigError as e:
         raise SpaceError(str(e)) from None
     extra = [k for k in data if k not in TOP_KEYS]
@@ -313,7 +229,7 @@ def load_space(path: str | Path) -> SearchSpace:
     if data_path:  # trials run in other working directories
         fixed["data_path"] = str(Path(data_path).expanduser().resolve())
     params_raw = data.get("params") or {}
-    _expect(isinstance(params_raw, dict) and params_raw,
+    _expect(isinstance(params_raw, dict) and bool(params_raw),
             f"{src}: params: expected a non-empty mapping of field: distribution")
     known: dict[str, Any] = dict(fixed)
     params = []
@@ -324,11 +240,12 @@ def load_space(path: str | Path) -> SearchSpace:
     cons_raw = data.get("constraints") or []
     _expect(isinstance(cons_raw, list) and all(isinstance(c, str) for c in cons_raw),
             f"{src}: constraints: expected a list of expressions (strings)")
-    exprs = tuple(_check_expr(c, f"{src}: constraints[{i}]") for i, c in enumerate(cons_raw))
+    for i, c in enumerate(cons_raw):
+        _check_expr(c, f"{src}: constraints[{i}]")
     objectives = _objectives(src, data.get("objective", {"metric": "val_acc", "mode": "max"}))
     searcher = data.get("searcher", "tpe")
     _expect(searcher in SEARCHERS, f"{src}: searcher: {searcher!r}; valid: {', '.join(SEARCHERS)}")
-    _expect(len(objectives) == 1 or searcher in ("tpe", "random", "nsga2"),
+    _expect(len(objectives) == 1 or searcher in MULTI_OBJECTIVE_SEARCHERS,
             f"{src}: searcher: {searcher} is single-objective; use nsga2 (or tpe) for "
             f"{len(objectives)} objectives")
     res = data.get("resources") or {}
@@ -338,15 +255,15 @@ def load_space(path: str | Path) -> SearchSpace:
                                                                    res.get("gpu", 0))
     _expect(cpu > 0, f"{src}: resources.cpu must be > 0")
     _expect(gpu >= 0, f"{src}: resources.gpu must be >= 0 (fractions share a GPU)")
-    space = SearchSpace(
-        name=str(data.get("name") or p.stem), path=src, text=p.read_text(), fixed=fixed,
+    space = SweepSpec(
+        name=str(data.get("name") or default_name), path=src, text=text, fixed=fixed,
         params=tuple(params), constraints=tuple(cons_raw), epochs=epochs, grace_period=grace,
         reduction_factor=rf, seeds=_int(src, "seeds", data.get("seeds", 1), 1),
         objectives=objectives, searcher=searcher,
         searcher_seed=_int(src, "searcher_seed", data.get("searcher_seed", 0), 0),
         num_trials=_int(src, "num_trials", data.get("num_trials", 8), 1),
         max_concurrent=_int(src, "max_concurrent", data.get("max_concurrent", 2), 1),
-        cpu=cpu, gpu=gpu, description=str(data.get("description", "")), _exprs=exprs)
+        cpu=cpu, gpu=gpu, description=str(data.get("description", "")))
     _check_feasible(space)
     return space
 
@@ -385,12 +302,12 @@ def _objectives(src: str, raw: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _check_feasible(space: SearchSpace, tries: int = 2000) -> None:
+def _check_feasible(space: SweepSpec, tries: int = 2000) -> None:
     """Refuse a space in which no sampled configuration can run (impossible constraints)."""
     rng = random.Random(0)
     first = None
     for _ in range(tries):
-        reason = space.infeasible(space.sample(rng))
+        reason = infeasible(space, space.sample(rng))
         if reason is None:
             return
         first = first or reason

@@ -1,7 +1,8 @@
 """MLflow tracking from the driver: one parent run per sweep, one child run per trial.
 
-One writer (the driver) works across nodes; every call is a batch (`log_batch`). Child-run params
-are exactly the `TrialConfig` field names; metrics use the names of `study/metrics.py`.
+One writer (the driver) works across nodes; every call is a batch (`log_batch`). What is
+written is encoded by `study/records.py`: child-run params are exactly the `TrialConfig` field
+names, metrics use the names of `study/metrics.py`, tags and artifacts the names of records.
 """
 
 from __future__ import annotations
@@ -13,13 +14,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from study.records import (
+    KIND_SWEEP,
+    SPACE_ARTIFACT,
+    SPEC_ARTIFACT,
+    TAG_KIND,
+    TAG_PARENT,
+    Outcome,
+    SweepSpec,
+    Table,
+    TrialRecord,
+    child_tags,
+    mlflow_params,
+    outcome_tags,
+    seed_tables_artifact,
+)
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-TAG_KIND, TAG_TRIAL, TAG_STOP, TAG_STOP_MSG = "study.kind", "ray_trial_id", "stop_reason", \
-    "stop_message"
-TAG_PARENT = "mlflow.parentRunId"
-STOP_REASONS = ("completed", "early_stopped", "diverged", "error")
-_STATUS = {"completed": "FINISHED", "early_stopped": "KILLED", "diverged": "FAILED",
-           "error": "FAILED"}
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 900, 90, 90
 
 
@@ -86,7 +97,7 @@ class Tracker:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        self._client = None
+        self._client: _RetryingClient | None = None
 
     def __getstate__(self) -> dict:
         return {"uri": self.uri, "_client": None}
@@ -105,30 +116,33 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         return exp.experiment_id if exp else self.client.create_experiment(name)
 
-    def start_parent(self, experiment: str, run_name: str, space_text: str,
+    def start_parent(self, experiment: str, run_name: str, spec: SweepSpec,
                      tags: dict[str, str]) -> str:
+        """The sweep's parent run, holding the space file and its parsed `SweepSpec`."""
         run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags={
-            TAG_KIND: "sweep", "git_commit": git_commit(),
+            TAG_KIND: KIND_SWEEP, "git_commit": git_commit(),
             **{f"version.{k}": v for k, v in package_versions().items()}, **tags})
-        self.client.log_text(run.info.run_id, space_text, "space.yaml")
+        self.client.log_text(run.info.run_id, spec.text, SPACE_ARTIFACT)
+        self.client.log_text(run.info.run_id, spec.to_json(), SPEC_ARTIFACT)
         return run.info.run_id
 
-    def children(self, parent_id: str) -> dict[str, Any]:
+    def children(self, parent_id: str) -> dict[str, TrialRecord]:
         """Child runs of a sweep by Ray trial id (deleted runs excluded)."""
         run = self.client.get_run(parent_id)
         runs = self.client.search_runs(
             [run.info.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'",
             max_results=5000)
-        return {r.data.tags.get(TAG_TRIAL): r for r in runs}
+        records = (TrialRecord.from_mlflow(r) for r in runs)
+        return {rec.trial_id: rec for rec in records}
 
-    def start_child(self, parent_id: str, trial_id: str, params: dict[str, Any],
-                    tags: dict[str, str]) -> str:
+    def start_child(self, parent_id: str, trial_id: str, config: dict[str, Any],
+                    seeds: int) -> str:
         from mlflow.entities import Param
         parent = self.client.get_run(parent_id)
         run = self.client.create_run(parent.info.experiment_id, run_name=f"trial_{trial_id}",
-                                     tags={TAG_PARENT: parent_id, TAG_TRIAL: trial_id, **tags})
+                                     tags=child_tags(parent_id, trial_id, seeds))
         rid = run.info.run_id
-        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        items = [Param(k, v) for k, v in mlflow_params(config).items()]
         for chunk in _chunks(items, MAX_PARAMS):
             self.client.log_batch(rid, params=chunk)
         return rid
@@ -146,12 +160,15 @@ class Tracker:
         for chunk in _chunks(items, MAX_TAGS):
             self.client.log_batch(run_id, tags=chunk)
 
-    def finish_child(self, run_id: str, reason: str, message: str = "",
-                     artifacts: dict[str, Any] | None = None) -> None:
-        self.set_tags(run_id, {TAG_STOP: reason, TAG_STOP_MSG: message or reason})
-        for name, table in (artifacts or {}).items():
-            self.client.log_text(run_id, json.dumps(table, indent=1), f"{name}.json")
-        self.client.set_terminated(run_id, status=_STATUS[reason])
+    def finish_child(self, run_id: str, outcome: Outcome, message: str = "",
+                     tables: dict[int, dict[str, Table]] | None = None) -> None:
+        """Record how a trial ended, with each replicate's tables (`seed_<k>.json`)."""
+        outcome = Outcome(outcome)
+        self.set_tags(run_id, outcome_tags(outcome, message))
+        for k, seed_tables in (tables or {}).items():
+            self.client.log_text(run_id, json.dumps(seed_tables, indent=1),
+                                 seed_tables_artifact(k))
+        self.client.set_terminated(run_id, status=outcome.mlflow_status)
 
     def delete(self, run_id: str) -> None:
         self.client.delete_run(run_id)
@@ -159,8 +176,3 @@ class Tracker:
     def finish_parent(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-
-def _param_str(v: Any) -> str:
-    if isinstance(v, tuple):
-        return ",".join(str(x) for x in v)
-    return str(v)

@@ -20,3 +20,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
 def cli():
     return run_cli
 
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train several times faster on one thread, above all on a busy machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,18 +1,61 @@
-"""Shared test helpers: a free local port, headless Chromium checks of report pages."""
+"""Shared test helpers: servers started on a free port (retried when another process takes
+the port first), processes stopped by their own process group, headless Chromium checks."""
 
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+T = TypeVar("T")
+PORT_ATTEMPTS = 5
+
 
 def free_port() -> int:
+    """A port free at this instant; another process may take it before ours binds, so start
+    servers with `on_free_port`, which retries."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def on_free_port(start: Callable[[int], T | None], attempts: int = PORT_ATTEMPTS) -> T:
+    """Call `start(port)` with a fresh free port until it returns something (None means the
+    server could not bind or did not come up, and cleaned up after itself)."""
+    for _ in range(attempts):
+        out = start(free_port())
+        if out is not None:
+            return out
+    raise RuntimeError(f"no server came up on a free port in {attempts} attempts")
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop a process started with `start_new_session=True` and everything in its process
+    group (SIGTERM, then SIGKILL): only what the test started, never by name."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            proc.poll()
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 CHECK = ("<script>window.addEventListener('load',function(){var a=Array.from(document.images);"

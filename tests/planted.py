@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from study.config import TrialConfig
+from study.records import Outcome
+from study.spaces import parse_space
 from study.tracking import Tracker
 
 NORM_EFFECT = 0.08  # gen_gap_acc(post_ln) - gen_gap_acc(pre_ln)
@@ -184,8 +186,8 @@ def _build(tracking_uri: str, experiment: str, n_trials: int, seeds: int, rng_se
     tracker = Tracker(tracking_uri)
     _ensure_experiment(tracker, tracking_uri, experiment)
     objective = [["val_acc", "max"]]
-    parent = tracker.start_parent(experiment, f"sweep_{experiment}",
-                                  SPACE_YAML.replace("seeds: 3", f"seeds: {seeds}"), {
+    spec = parse_space(SPACE_YAML.replace("seeds: 3", f"seeds: {seeds}"), "planted.yaml")
+    parent = tracker.start_parent(experiment, f"sweep_{experiment}", spec, {
         "space_file": "planted.yaml", "space_name": experiment, "num_trials": str(n_trials),
         "seeds": str(seeds), "objective": json.dumps(objective)})
     # every (norm, n_heads) cell once so the additive model is identified, the rest sampled
@@ -200,14 +202,14 @@ def _build(tracking_uri: str, experiment: str, n_trials: int, seeds: int, rng_se
     for i, (reason, norm, heads) in enumerate(plan):
         p = _sample_params(rng, norm, heads)
         tid = f"planted_{i:05d}"
-        rid = tracker.start_child(parent, tid, p, {"seeds": str(seeds)})
+        rid = tracker.start_child(parent, tid, p, seeds)
         per_seed = _seed_metrics(rng, p, seeds)
         if reason == "completed":
             completed_params.append(p)
             _epoch_logs(tracker, rid, per_seed, EPOCHS)
             tracker.log_metrics(rid, _per_seed(per_seed, EPOCHS), step=EPOCHS)
-            tracker.finish_child(rid, "completed", f"completed {EPOCHS} epochs", {
-                f"seed_{k}": s["tables"] for k, s in enumerate(per_seed)})
+            tracker.finish_child(rid, Outcome.COMPLETED, f"completed {EPOCHS} epochs", {
+                k: s["tables"] for k, s in enumerate(per_seed)})
         elif reason == "early_stopped":
             _epoch_logs(tracker, rid, per_seed, 1)
             tracker.log_metrics(rid, _per_seed(per_seed, 1), step=1)

@@ -2,17 +2,23 @@
 
 Each variant changes one switch from a small default model (a few switches only act together with
 another one, e.g. `qk_norm_gain` needs `qk_norm=l2`). For each variant and each input spec:
-output shapes, padding invariance, SDPA == explicit softmax oracle, finite training steps.
+output shapes, padding invariance, SDPA == explicit softmax oracle, finite training steps. Also:
+initialization by module role gives the weights of the former rule by module name.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
-import torch.nn.functional as F
+from torch import nn
 
+import study.model
 from study.config import CHOICES, ConfigError, TrialConfig
-from study.model import ModelSpec, build_model
+from study.model import AttnStats, ModelSpec, build_model
+from study.step import TrainState, make_optimizer, train_step
 from study.tasks.base import IGNORE
 
 SMALL = {"d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64}
@@ -105,12 +111,38 @@ def prefix_mask(T: int, lengths=LENGTHS) -> torch.Tensor:
     return torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
 
 
-def test_every_choice_is_covered():
-    ids = {p.id for p in VARIANTS}
-    for name in MODEL_FIELDS:
-        for value in CHOICES[name]:
-            assert f"{name}={value}" in ids
-    assert len(ids) == len(VARIANTS)  # ids are unique
+# categorical fields read by the tasks or the training loop, not by the model
+NOT_MODEL_FIELDS = ("task", "length_mode", "tokenizer", "device")
+FREE_TEXT_FIELDS = ("data_path", "text_column", "label_column")
+
+
+def test_model_switches_are_every_categorical_field():
+    """The switches above against the config's own declaration of its fields."""
+    str_fields = {f.name for f in dataclasses.fields(TrialConfig) if f.type in ("str", str)}
+    assert str_fields - set(FREE_TEXT_FIELDS) == set(CHOICES)
+    assert set(CHOICES) == set(MODEL_FIELDS) | set(NOT_MODEL_FIELDS)
+    assert len({p.id for p in VARIANTS}) == len(VARIANTS)  # ids are unique
+
+
+def _behaviour(changes: dict, spec: ModelSpec) -> tuple:
+    """What a model does: its parameter shapes and its outputs on fixed inputs."""
+    torch.manual_seed(0)
+    model = build_model(make_cfg(changes), spec).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = random_inputs(spec, SHORT_T, gen)
+    with torch.no_grad():
+        out, _ = model(x, prefix_mask(SHORT_T))
+    shapes = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+    return shapes, tuple(out.flatten().round(decimals=5).tolist())
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in MODEL_FIELDS])
+def test_every_value_of_a_model_switch_changes_the_model(name):
+    """Each listed value is read by the model: no two values build the same model."""
+    specs = [ModelSpec(n_classes=5, max_len=24, vocab_size=11),
+             ModelSpec(n_classes=5, max_len=24, in_channels=2)]
+    seen = [tuple(_behaviour({name: v}, s) for s in specs) for v in CHOICES[name]]
+    assert len(set(seen)) == len(CHOICES[name]), name
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -122,7 +154,8 @@ def test_output_shapes(changes, spec):
     for T in (SHORT_T, LONG_T, 3):
         x, mask = random_inputs(spec, T, gen), prefix_mask(T, [min(n, T) for n in LENGTHS])
         with torch.no_grad():
-            out = model(x, mask)
+            out, st = model(x, mask)
+        assert st is None  # statistics only when asked for
         if spec.per_token:
             assert out.shape == (B, n_tokens(spec, cfg, T), spec.n_classes)
         else:
@@ -140,14 +173,15 @@ def test_stats_shapes(changes, spec):
     x, mask = random_inputs(spec, LONG_T, gen), prefix_mask(LONG_T)
     with torch.no_grad():
         out, st = model(x, mask, stats=True)
-    assert out.shape == model(x, mask).shape
+    assert out.shape == model(x, mask)[0].shape
+    assert isinstance(st, AttnStats)
     n_layers, n_heads = (cfg.n_layers, cfg.n_heads) if cfg.arch == "transformer" else (1, 1)
-    assert st["entropy"].shape == (B, n_layers, n_heads)
-    assert st["max_logit"].dim() == 0
+    assert st.entropy.shape == (B, n_layers, n_heads)
+    assert st.max_logit.dim() == 0
     # entropy is in nats, between 0 and log(number of keys a query may attend to)
-    assert (st["entropy"] >= -1e-6).all()
-    assert (st["entropy"] <= torch.log(torch.tensor(float(LONG_T))) + 1e-5).all()
-    assert torch.isfinite(st["max_logit"])
+    assert (st.entropy >= -1e-6).all()
+    assert (st.entropy <= torch.log(torch.tensor(float(LONG_T))) + 1e-5).all()
+    assert torch.isfinite(st.max_logit)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -164,7 +198,7 @@ def test_padding_invariance(changes, spec):
     x_short[m_short] = x_long[:, :SHORT_T][m_short]  # ... except at the real positions
     assert not torch.equal(x_short[~m_short], x_long[:, :SHORT_T][~m_short])
     with torch.no_grad():
-        out_long, out_short = model(x_long, m_long), model(x_short, m_short)
+        out_long, out_short = model(x_long, m_long)[0], model(x_short, m_short)[0]
     if not spec.per_token:
         torch.testing.assert_close(out_short, out_long, atol=1e-5, rtol=0)
         return
@@ -180,37 +214,24 @@ def test_sdpa_matches_explicit_oracle(changes, spec):
     gen = torch.Generator().manual_seed(3)
     x, mask = random_inputs(spec, LONG_T, gen), prefix_mask(LONG_T)
     with torch.no_grad():
-        fused = model(x, mask)
+        fused, _ = model(x, mask)
         explicit, st = model(x, mask, stats=True)
     torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
-    assert torch.isfinite(st["entropy"]).all()
-
-
-def training_loss(model, cfg: TrialConfig, x, y, mask) -> torch.Tensor:
-    """The loss of `study.train.run_trial` (with a uniform class prior for logit adjustment)."""
-    want_stats = cfg.attn_entropy_reg > 0
-    out = model(x, mask, stats=want_stats)
-    logits, st = out if want_stats else (out, None)
-    if logits.dim() == 3:
-        logits, y = logits.flatten(0, 1), y.flatten()
-    n_classes = logits.shape[-1]
-    adjust = cfg.logit_adjust_tau * torch.full((n_classes,), 1.0 / n_classes).log()
-    loss = F.cross_entropy(logits + adjust, y, label_smoothing=cfg.label_smoothing,
-                           ignore_index=IGNORE)
-    if cfg.z_loss > 0:
-        loss = loss + cfg.z_loss * torch.logsumexp(logits, -1).pow(2).mean()
-    if st is not None:
-        loss = loss + cfg.attn_entropy_reg * st["entropy"].mean()
-    return loss
+    assert torch.isfinite(st.entropy).all()
 
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("changes", VARIANTS)
 def test_training_steps_stay_finite(changes, spec):
-    cfg = make_cfg(changes)
+    """Five steps of `study.step.train_step` (the step of `run_trial`), with a uniform class prior
+    for logit adjustment and no gradient clipping, so the raw gradients must stay finite."""
+    cfg = make_cfg(changes).replace(grad_clip=0.0)
     model = make_model(changes, spec).train()
     before = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt, sched = make_optimizer(model, cfg, total_steps=5)
+    n = spec.n_classes
+    state = TrainState(model, opt, sched, cfg,
+                       adjust=cfg.logit_adjust_tau * torch.full((n,), 1.0 / n).log())
     gen = torch.Generator().manual_seed(4)
     for _ in range(5):
         x, mask = random_inputs(spec, LONG_T, gen), prefix_mask(LONG_T)
@@ -220,19 +241,17 @@ def test_training_steps_stay_finite(changes, spec):
             y[~prefix_mask(y.shape[1], n_tok)] = IGNORE
         else:
             y = torch.randint(0, spec.n_classes, (B,), generator=gen)
-        loss = training_loss(model, cfg, x, y, mask)
+        loss = train_step(state, x, y, mask)
         assert torch.isfinite(loss)
-        opt.zero_grad()
-        loss.backward()
-        for name, p in model.named_parameters():
+        for name, p in model.named_parameters():  # the gradients this step applied
             assert p.grad is None or torch.isfinite(p.grad).all(), name
-        opt.step()
+    assert state.step == 5 and state.first_bad.item() == -1  # no step flagged as diverged
     for p in model.parameters():
         assert torch.isfinite(p).all()
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     model.eval()
     with torch.no_grad():
-        assert torch.isfinite(model(x, mask)).all()
+        assert torch.isfinite(model(x, mask)[0]).all()
 
 
 def test_n_heads_must_divide_d_model():
@@ -271,3 +290,82 @@ def test_sequence_longer_than_max_len_is_rejected():
 def test_patch_larger_than_input_is_rejected():
     with pytest.raises(ConfigError, match="patch_size"):
         build_model(make_cfg({"patch_size": 8}), ModelSpec(n_classes=5, max_len=4))
+
+
+# --- initialization by module role ----------------------------------------------------------
+
+def init_weights_by_name(model, cfg: TrialConfig) -> None:
+    """The former `study.model.init_weights`, which matched module names: the oracle."""
+    s, d, L = cfg.init_scale, cfg.d_model, cfg.n_layers
+    beta = (8 * L) ** -0.25
+
+    def fill(w: torch.Tensor, gain: float = 1.0) -> None:
+        if cfg.init in ("xavier_uniform", "deepnorm"):
+            nn.init.xavier_uniform_(w, gain=gain * s)
+        elif cfg.init == "normal_002":
+            nn.init.normal_(w, 0.0, 0.02 * gain * s)
+        else:
+            nn.init.normal_(w, 0.0, math.sqrt(2.0 / (5 * d)) * gain * s)
+
+    resid_gain = 1.0 / math.sqrt(2 * L) if cfg.init == "normal_002" else 1.0
+    deep = beta if cfg.init == "deepnorm" else 1.0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            fill(mod.weight)
+        elif isinstance(mod, nn.Linear):
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+            if name.endswith("attn.qkv"):
+                for i, g in enumerate((1.0, 1.0, deep)):
+                    fill(mod.weight[i * d:(i + 1) * d], g)
+            elif name.endswith("attn.proj") or name.endswith("mlp.2"):
+                fill(mod.weight, deep * resid_gain)
+            elif name.endswith("mlp.0"):
+                fill(mod.weight, deep)
+            else:
+                fill(mod.weight)
+
+
+@pytest.mark.parametrize("spec", SPECS[:2])
+@pytest.mark.parametrize("arch", CHOICES["arch"])
+@pytest.mark.parametrize("init", CHOICES["init"])
+def test_init_by_role_gives_the_weights_of_the_name_rule(init, arch, spec, monkeypatch):
+    cfg = make_cfg({"init": init, "arch": arch, "n_layers": 3, "init_scale": 0.7,
+                    "channel_attention": "se", "learned_temperature": True})
+    torch.manual_seed(5)
+    by_role = build_model(cfg, spec).state_dict()
+    monkeypatch.setattr(study.model, "init_weights", init_weights_by_name)
+    torch.manual_seed(5)
+    by_name = build_model(cfg, spec).state_dict()
+    assert by_role.keys() == by_name.keys()
+    for k in by_role:
+        assert torch.equal(by_role[k], by_name[k]), k
+
+
+def test_init_roles_are_declared_where_the_layers_are_built():
+    model = make_model({}, SPECS[0].values[0])
+    roles = {n: getattr(m, "init_role", None) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear)}
+    assert {n: r for n, r in roles.items() if r is not None} == {
+        f"blocks.{i}.{n}": r for i in range(SMALL["n_layers"])
+        for n, r in (("attn.qkv", "qkv"), ("attn.proj", "resid_out"), ("mlp.0", "mlp_in"),
+                     ("mlp.2", "resid_out"))}
+
+
+def test_init_statistics_per_role():
+    spec = SPECS[0].values[0]
+    L, d = 4, 128
+    # GPT-2: residual output projections get std 0.02 / sqrt(2L)
+    model = make_model({"init": "normal_002", "n_layers": L, "d_model": d, "d_ff": 4 * d}, spec)
+    for block in model.blocks:
+        for w in (block.attn.proj.weight, block.mlp[2].weight):
+            assert w.std().item() == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.05)
+        for w in (block.attn.qkv.weight, block.mlp[0].weight):
+            assert w.std().item() == pytest.approx(0.02, rel=0.05)
+    # DeepNet: the value slice (not q or k) is scaled by beta = (8L)^(-1/4)
+    model = make_model({"init": "deepnorm", "n_layers": L, "d_model": d, "d_ff": 4 * d}, spec)
+    beta = (8 * L) ** -0.25
+    for block in model.blocks:
+        q, k, v = block.attn.qkv.weight.split(d)
+        assert v.std().item() / q.std().item() == pytest.approx(beta, rel=0.05)
+        assert k.std().item() / q.std().item() == pytest.approx(1.0, rel=0.05)

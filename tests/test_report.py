@@ -13,21 +13,18 @@ import pandas as pd
 import pytest
 
 from analysis import plots
-from analysis.report import (
-    EFFECT_COLUMNS,
-    IMPORTANCE_COLUMNS,
-    MEASURE_COLUMNS,
-    write_report,
-)
+from analysis.load import Sweep
+from analysis.report import write_report
 from analysis.summary import findings, header, report_targets
+from study.records import EFFECT_CSV_COLUMNS, IMPORTANCE_CSV_COLUMNS, MEASURE_CSV_COLUMNS
 from tests.helpers import render_images
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 N_TRIALS = 40  # 35 completed + the 5 planted non-completed runs; keeps the store quick to build
-CSV_COLUMNS = {"effects.csv": EFFECT_COLUMNS, "importance.csv": IMPORTANCE_COLUMNS,
-               "measures.csv": MEASURE_COLUMNS}
+CSV_COLUMNS = {"effects.csv": EFFECT_CSV_COLUMNS, "importance.csv": IMPORTANCE_CSV_COLUMNS,
+               "measures.csv": MEASURE_CSV_COLUMNS}
 ROBUST_PLANTED = ("id_len_acc", "ood_len_acc", "len_gen_ratio", "corrupt_acc", "corrupt_rel")
 
 
@@ -67,7 +64,7 @@ def test_every_output_exists_and_is_nonempty(report):
 def test_csv_columns_are_exact(report):
     for name, cols in CSV_COLUMNS.items():
         df = pd.read_csv(report.out / name)
-        assert list(df.columns) == cols, name
+        assert list(df.columns) == list(cols), name
         assert len(df) > 0, name
     trials = pd.read_csv(report.out / "trials.csv")
     assert len(trials) == len(report.sweep.trials)
@@ -198,7 +195,8 @@ def test_findings_wording():
              granulated_kendall_tau=0.05, p_value=0.4, n=30),
         dict(target="gen_gap_acc", measure="attn_entropy", kendall_tau=-0.5,
              granulated_kendall_tau=-0.3, p_value=0.0001, n=30)])
-    sweep = SimpleNamespace(
+    sweep = Sweep(
+        experiment="x", parent_run_id="p", runs=pd.DataFrame(), objectives=[],
         used=30, skipped={"early_stopped": 2, "diverged": 1, "error": 0},
         params=["norm", "qk_norm", "n_heads"], metrics=["gen_gap_acc", "test_acc"],
         trials=pd.DataFrame({"trial_id": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1]}))
@@ -218,7 +216,9 @@ def test_findings_wording():
     assert lines[-1].startswith("Best measure for gen_gap_acc: attn_entropy (Kendall tau "
                                 "-0.500, granulated -0.300, p<0.001, n=30)")
     assert "smaller gen_gap_acc" in lines[-1]
-    assert header(SimpleNamespace(used=1, skipped={}, trials=None)) == \
+    one = Sweep(experiment="x", parent_run_id="p", runs=pd.DataFrame(), objectives=[],
+                used=1, skipped={}, params=[], metrics=[], trials=pd.DataFrame())
+    assert header(one) == \
         "Used 1 trial; skipped: none"
     assert report_targets(["ood_len_acc", "test_acc", "gen_gap_acc", "ece"]) == [
         "gen_gap_acc", "test_acc", "ood_len_acc"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import study.tasks.sequences as S  # registers the tasks
+import study.tasks.sequences as S  # the generated sequence tasks
 from study.config import ConfigError, TrialConfig
 from study.tasks.base import IGNORE, Split, TaskData
 from study.train import final_metrics
@@ -217,13 +217,6 @@ def test_associative_recall_refuses_more_pairs_than_keys():
         S.build_associative_recall(make_cfg("associative_recall", vocab_size=16))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train several times faster on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from study.spaces import SpaceError, load_space
+from study.spaces import SpaceError, infeasible, load_space
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -38,7 +38,7 @@ def test_shipped_spaces_parse(path: Path) -> None:
     space = load_space(path)
     assert space.num_trials >= 1 and space.params
     rng = random.Random(1)
-    assert any(space.infeasible(space.sample(rng)) is None for _ in range(200))
+    assert any(infeasible(space, space.sample(rng)) is None for _ in range(200))
 
 
 def test_required_files_ship() -> None:
@@ -50,8 +50,8 @@ def test_required_files_ship() -> None:
 def test_good_space_semantics(tmp_path: Path) -> None:
     s = load_space(write(tmp_path, GOOD))
     assert s.fixed["epochs"] == 4 and s.fixed["task"] == "digits" and s.seeds == 2
-    assert s.infeasible({"n_heads": 3, "qk_norm": "none", "n_layers": 1}) is not None
-    assert s.infeasible({"n_heads": 4, "qk_norm": "none", "n_layers": 1}) is None
+    assert infeasible(s, {"n_heads": 3, "qk_norm": "none", "n_layers": 1}) is not None
+    assert infeasible(s, {"n_heads": 4, "qk_norm": "none", "n_layers": 1}) is None
     gain = next(p for p in s.params if p.name == "qk_norm_gain")
     assert gain.active({"qk_norm": "l2"}) and not gain.active({"qk_norm": "none"})
     rng = random.Random(0)

@@ -30,7 +30,7 @@ def fixed_input(lengths=(24, 24, 17, 9, 24, 5)):
 
 def entropy(model, x, mask) -> torch.Tensor:
     with torch.no_grad():
-        return model(x, mask, stats=True)[1]["entropy"]  # (B, L, nh)
+        return model(x, mask, stats=True)[1].entropy  # (B, L, nh)
 
 
 def test_weights_do_not_depend_on_temperature():
@@ -85,7 +85,7 @@ def test_explicit_attention_with_tiny_scale_adjusted_tau_is_argmax():
     p, info = explicit_attention(q, k, eye, None, 1.0 / (tau * math.sqrt(hs)), 0.0, valid)
     one_hot = F.one_hot(raw.argmax(-1), T).float()
     torch.testing.assert_close(p, one_hot, atol=1e-6, rtol=0)
-    assert info["entropy"].max() < 1e-4
+    assert info.entropy.max() < 1e-4
     # at tau = 1 the same logits give a spread-out distribution
     p1, _ = explicit_attention(q, k, eye, None, 1.0 / math.sqrt(hs), 0.0, valid)
     assert (p1.amax(-1) < 0.999).any()
@@ -126,16 +126,16 @@ def test_learned_temperature_starts_at_the_fixed_one(arch, tau):
     for p in log_taus:
         torch.testing.assert_close(p.exp(), torch.full_like(p, tau))
     with torch.no_grad():
-        torch.testing.assert_close(learned(x, mask), fixed(x, mask), atol=1e-6, rtol=0)
+        torch.testing.assert_close(learned(x, mask)[0], fixed(x, mask)[0], atol=1e-6, rtol=0)
         out_l, st_l = learned(x, mask, stats=True)
         out_f, st_f = fixed(x, mask, stats=True)
     torch.testing.assert_close(out_l, out_f, atol=1e-6, rtol=0)
-    torch.testing.assert_close(st_l["entropy"], st_f["entropy"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(st_l.entropy, st_f.entropy, atol=1e-6, rtol=0)
     # a different starting tau gives a different model: the comparison above can fail
     other = model_with(arch=arch, attn_temperature=tau * 2, learned_temperature=True)
     other.load_state_dict(fixed.state_dict(), strict=False)
     with torch.no_grad():
-        assert not torch.allclose(other(x, mask), fixed(x, mask), atol=1e-4)
+        assert not torch.allclose(other(x, mask)[0], fixed(x, mask)[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["transformer", "lstm_attention"])
@@ -143,7 +143,7 @@ def test_learned_temperature_gets_a_gradient(arch):
     x, mask = fixed_input()
     model = model_with(arch=arch, learned_temperature=True).train()
     y = torch.arange(x.shape[0]) % SPEC.n_classes
-    F.cross_entropy(model(x, mask), y).backward()
+    F.cross_entropy(model(x, mask)[0], y).backward()
     grads = [p.grad for n, p in model.named_parameters() if n.endswith("log_tau")]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
                          for g in grads)

@@ -9,28 +9,34 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import on_free_port, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def test_ui_serves_on_localhost(tmp_path: Path) -> None:
-    port = free_port()
+def _start_ui(db: Path, port: int) -> tuple[subprocess.Popen, int] | None:
+    """`study ui` on `port`, once it answers /health; None (stopped) if it exited first,
+    e.g. because another process took the port."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "study.cli", "ui", "--port", str(port), "--tracking-uri",
-         f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
+         f"sqlite:///{db}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(1)
+    stop_group(proc)
+    return None
+
+
+def test_ui_serves_on_localhost(tmp_path: Path) -> None:
+    proc, port = on_free_port(lambda p: _start_ui(tmp_path / "mlflow.db", p))
     try:
-        deadline, status = time.time() + 90, None
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    status = r.status
-                    break
-            except OSError:
-                time.sleep(1)
-        assert status == 200, proc.stderr.read() if proc.poll() is not None else "no answer"
         # bound to loopback only: the machine's other addresses do not answer
         others = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), port,
                                                       socket.AF_INET)} - {"127.0.0.1"}
@@ -38,5 +44,4 @@ def test_ui_serves_on_localhost(tmp_path: Path) -> None:
             with pytest.raises(OSError):
                 socket.create_connection((addr, port), timeout=2).close()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_group(proc)

@@ -10,6 +10,7 @@ import torch
 from study.model import ModelSpec
 
 IGNORE = -100  # target value of positions that carry no label (per-token tasks)
+SEVERITIES = (1, 2, 3, 4, 5)  # the severities s of every `corrupt:<kind>:<s>` set
 
 
 @dataclass

@@ -20,12 +20,10 @@ from sklearn.datasets import load_digits
 
 from study.config import TrialConfig
 from study.model import ModelSpec
-from study.tasks import register
-from study.tasks.base import Split, TaskData, stratified_split
+from study.tasks.base import SEVERITIES, Split, TaskData, stratified_split
 
 SIDE = 8
 NOISE_SIGMA = (0.1, 0.2, 0.3, 0.4, 0.5)  # gaussian_noise sigma of severities 1..5
-SEVERITIES = (1, 2, 3, 4, 5)
 CORRUPTIONS = ("gaussian_noise", "occlusion")
 
 
@@ -54,7 +52,6 @@ def corrupt(x: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -
     raise ValueError(f"unknown corruption {kind!r}")
 
 
-@register("digits")
 def build(cfg: TrialConfig) -> TaskData:
     d = load_digits()
     x = d.data.astype(np.float32) / 16.0  # (1797, 64) in [0, 1]

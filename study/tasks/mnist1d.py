@@ -60,8 +60,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from study.config import TrialConfig
 from study.model import ModelSpec
-from study.tasks import register
-from study.tasks.base import Split, TaskData
+from study.tasks.base import SEVERITIES, Split, TaskData
 
 N_TRAIN, N_TEST, N_VAL, N_SHIFT = 4000, 1000, 1000, 1000
 SEQ_LEN = 40
@@ -74,7 +73,6 @@ SHIFTS: dict[str, tuple[str, float]] = {
     "scale": ("scale_coeff", 0.5),
     "shear": ("shear_scale", 0.5),
 }
-SEVERITIES = (1, 2, 3, 4, 5)
 _EPS = 1e-8  # mnist1d.transform.transform's eps: keeps the template apart from the zero padding
 
 
@@ -191,7 +189,6 @@ def raw_sets(data_seed: int, seq_len: int = SEQ_LEN) -> dict[str, tuple[np.ndarr
     return out
 
 
-@register("mnist1d")
 def build(cfg: TrialConfig) -> TaskData:
     raw = raw_sets(cfg.data_seed, cfg.seq_length)
     x_tr = raw["train"][0]

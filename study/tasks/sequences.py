@@ -38,14 +38,13 @@ import torch
 
 from study.config import ConfigError, TrialConfig
 from study.model import ModelSpec
-from study.tasks import register
-from study.tasks.base import IGNORE, Split, TaskData
+from study.tasks import rng_tag
+from study.tasks.base import IGNORE, SEVERITIES, Split, TaskData
 
 PAD, SEP, BLANK, SYM0 = 0, 1, 2, 3
 N_LEN = 200  # sequences per `len:<L>` set
 N_CORRUPT = 300  # clean test rows each corruption set is built from
 KINDS = ("substitution", "deletion", "insertion")
-SEVERITIES = (1, 2, 3, 4, 5)
 MANY_CLASS_NOISE = 0.1
 
 LISTOPS_OPS = ("MAX", "MIN", "MED", "SM")  # SM = sum mod 10 (LRA's name for SUM_MOD)
@@ -140,17 +139,14 @@ def _algorithmic(cfg: TrialConfig, mode: str) -> TaskData:
         ModelSpec(n_classes=V, max_len=0, vocab_size=V + SYM0, per_token=True)))
 
 
-@register("copy")
 def build_copy(cfg: TrialConfig) -> TaskData:
     return _algorithmic(cfg, "copy")
 
 
-@register("reverse")
 def build_reverse(cfg: TrialConfig) -> TaskData:
     return _algorithmic(cfg, "reverse")
 
 
-@register("sort")
 def build_sort(cfg: TrialConfig) -> TaskData:
     return _algorithmic(cfg, "sort")
 
@@ -191,7 +187,6 @@ def _edit_recall(row: ARRow, kind: str, rate: float, V: int, cap: int,
     return np.insert(k, pos, new_k), np.insert(v, pos, new_v), q + int((pos <= q).sum())
 
 
-@register("associative_recall")
 def build_associative_recall(cfg: TrialConfig) -> TaskData:
     V, hi = cfg.vocab_size, cfg.max_len
     longest = max(length_grid(cfg.min_len, hi, cfg.ood_len_factors))
@@ -349,7 +344,6 @@ def _encode_listops(rows: Sequence[ListopsRow]) -> Split:
     return _split(_pad([t for t, _ in rows])[0], np.array([v for _, v in rows], dtype=np.int64))
 
 
-@register("listops")
 def build_listops(cfg: TrialConfig) -> TaskData:
     lo = max(LISTOPS_MIN_LEN, cfg.min_len)
     hi = max(lo, cfg.max_len)
@@ -375,7 +369,6 @@ def build_listops(cfg: TrialConfig) -> TaskData:
 MCRow = tuple[np.ndarray, int]  # symbol indices, class
 
 
-@register("many_class")
 def build_many_class(cfg: TrialConfig) -> TaskData:
     """Class c has a random prototype; a sample is a prefix of length in [min_len, max_len]
     with each symbol replaced by a different one with probability 0.1. Prototypes are as long
@@ -383,7 +376,7 @@ def build_many_class(cfg: TrialConfig) -> TaskData:
     balanced: n_train // n_classes (>= 1) training samples per class."""
     V, C, hi = cfg.vocab_size, cfg.n_classes, cfg.max_len
     grid = length_grid(cfg.min_len, hi, cfg.ood_len_factors)
-    proto_rng = np.random.default_rng([cfg.data_seed, _TAGS["many_class"], 0])
+    proto_rng = np.random.default_rng([cfg.data_seed, rng_tag("many_class"), 0])
     protos = proto_rng.integers(0, V, (C, max(grid)))
 
     def sample(rng: np.random.Generator, lengths: np.ndarray) -> list[MCRow]:
@@ -422,16 +415,12 @@ class _Task:
     spec: ModelSpec  # max_len filled in by `_assemble`
 
 
-_TAGS = {"copy": 1, "reverse": 2, "sort": 3, "associative_recall": 4, "many_class": 5,
-         "listops": 6}
-
-
 def _assemble(cfg: TrialConfig, task: _Task) -> TaskData:
     """Train/val/test at lengths uniform in [lo, hi], the `len:` and `corrupt:` sets, and the
     spec's max_len; every random stream is derived from `cfg.data_seed` alone."""
     if cfg.vocab_size < 2:
         raise ConfigError(f"vocab_size: task {task.name} needs at least 2 symbols")
-    tag = _TAGS[task.name]
+    tag = rng_tag(task.name)  # from the task table study.tasks.TASKS
     rng = np.random.default_rng([cfg.data_seed, tag])
     rows = [task.sample(rng, rng.integers(task.lo, task.hi + 1, n))
             for n in (task.n_train, task.n_eval, task.n_eval)]

@@ -39,14 +39,12 @@ import torch
 
 from study.config import ConfigError, TrialConfig
 from study.model import ModelSpec
-from study.tasks import register
-from study.tasks.base import Split, TaskData, stratified_split
+from study.tasks.base import SEVERITIES, Split, TaskData, stratified_split
 
 PAD, UNK = 0, 1
 FRACTIONS = (0.7, 0.15, 0.15)
 MIN_PER_CLASS = 3
 CORRUPTIONS = ("substitution", "deletion", "insertion")
-SEVERITIES = (1, 2, 3, 4, 5)
 RATE_PER_SEVERITY = 0.05
 FORMATS = {".csv": "CSV", ".jsonl": "JSON lines", ".json": "JSON lines", ".parquet": "Parquet"}
 
@@ -88,7 +86,7 @@ def read_table(path_str: str) -> pd.DataFrame:
             df = pd.read_parquet(path)
         else:
             df = pd.read_json(path, lines=True)
-    except Exception as e:  # noqa: BLE001 (pandas/pyarrow raise many kinds)
+    except Exception as e:
         raise ConfigError(f"data_path: {path}: cannot read as {FORMATS[ext]} ({_one_line(e)}); "
                           "fix the file or give it the extension of its format") from None
     if not isinstance(df, pd.DataFrame):
@@ -207,6 +205,5 @@ def prepare(cfg: TrialConfig) -> TextData:
     return TextData(data, vocab, classes, tokens, (tr, va, te))
 
 
-@register("text_file")
 def build(cfg: TrialConfig) -> TaskData:
     return prepare(cfg).data

@@ -1,0 +1,451 @@
+"""What crosses a process or storage boundary, defined once (no torch, no Ray).
+
+Every hand-off of a trial encodes and decodes the records of this module:
+
+- the Ray worker (`study/trainable.py`) sends one `TrialReport` per epoch (`to_ray`);
+- the driver (`study/sweep/`) decodes it (`TrialReport.from_ray`), tells the searcher and logs it
+  to MLflow through `study/tracking.py` (`mlflow_metrics`, `outcome_tags`, `child_tags`);
+- the analysis (`analysis/load.py`) reads MLflow runs back as `TrialRecord`s
+  (`TrialRecord.from_mlflow`) and the sweep's parsed space as a `SweepSpec` (`SPEC_ARTIFACT`).
+
+Names here are read by other parts and by users' scripts: keep them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any
+
+from study.metrics import ALL_METRICS, EPOCH
+
+# --- outcomes -------------------------------------------------------------------------------
+
+
+class Outcome(StrEnum):
+    """How a trial ended. The value is the `stop_reason` tag and the Ray report's field."""
+
+    COMPLETED = "completed"  # trained its whole budget
+    EARLY_STOPPED = "early_stopped"  # stopped by ASHA at a lower budget
+    DIVERGED = "diverged"  # NaN/inf loss or gradient in some seed
+    ERROR = "error"  # the trial raised (bad config for the task, crash)
+    INTERRUPTED = "interrupted"  # its driver stopped before it could finish
+
+    @property
+    def mlflow_status(self) -> str:
+        return _MLFLOW_STATUS[self]
+
+    @property
+    def failed(self) -> bool:
+        return self in (Outcome.DIVERGED, Outcome.ERROR)
+
+    @property
+    def why(self) -> str:
+        """One phrase a report prints next to the count of trials with this outcome."""
+        return _WHY[self]
+
+
+_MLFLOW_STATUS = {Outcome.COMPLETED: "FINISHED", Outcome.EARLY_STOPPED: "KILLED",
+                  Outcome.DIVERGED: "FAILED", Outcome.ERROR: "FAILED",
+                  Outcome.INTERRUPTED: "KILLED"}
+_WHY = {Outcome.COMPLETED: "trained the whole budget",
+        Outcome.EARLY_STOPPED: "stopped by ASHA before the last epoch",
+        Outcome.DIVERGED: "NaN/inf loss or gradient",
+        Outcome.ERROR: "the trial raised an error",
+        Outcome.INTERRUPTED: "its driver stopped before it finished"}
+
+# why a child run is left out of an analysis (besides its outcome)
+SKIP_RUNNING = "running"
+SKIP_NO_METRICS = "no_final_metrics"
+SKIP_WHY: dict[str, str] = {**{o.value: o.why for o in Outcome},
+                            SKIP_RUNNING: "not finished yet",
+                            SKIP_NO_METRICS: "completed without final metrics"}
+
+
+def parse_outcome(value: Any) -> Outcome | None:
+    """The Outcome of a tag or report value; None when absent or unknown."""
+    try:
+        return Outcome(value)
+    except ValueError:
+        return None
+
+
+# --- tag, param and report names --------------------------------------------------------------
+
+TAG_KIND = "study.kind"  # "sweep" on a sweep's parent run
+KIND_SWEEP = "sweep"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_TRIAL = "ray_trial_id"
+TAG_OUTCOME = "stop_reason"
+TAG_MESSAGE = "stop_message"
+TAG_SEEDS = "seeds"
+TAG_OBJECTIVE = "objective"  # JSON list of [metric, mode] on the parent run
+SPACE_ARTIFACT = "space.yaml"  # the space file as written (parent run)
+SPEC_ARTIFACT = "sweep_spec.json"  # the parsed space, typed (parent run)
+
+# fields of a Ray report besides metrics
+REPORT_OUTCOME = TAG_OUTCOME
+REPORT_MESSAGE = TAG_MESSAGE
+REPORT_TABLES = "artifacts_json"
+REPORT_TRACEBACK = "traceback"
+
+SEED_STD_SUFFIX = "_seed_std"
+_SEED_METRIC = re.compile(r"^seed_(\d+)/(.+)$")
+_SEED_TABLES = re.compile(r"^seed_(\d+)\.json$")
+
+
+def seed_metric(k: int, name: str) -> str:
+    """The name under which replicate k's value of metric `name` is logged."""
+    return f"seed_{k}/{name}"
+
+
+def split_seed_metric(key: str) -> tuple[int, str] | None:
+    """(k, name) of a `seed_<k>/<name>` key, else None."""
+    m = _SEED_METRIC.match(key)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def seed_tables_artifact(k: int) -> str:
+    """The artifact holding replicate k's tables ({table name: rows})."""
+    return f"seed_{k}.json"
+
+
+def split_seed_tables(path: str) -> int | None:
+    m = _SEED_TABLES.match(path.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+# every metric key a trial logs: seed means, their std across seeds, per-seed values
+LOGGED_METRICS = frozenset(ALL_METRICS) | {m + SEED_STD_SUFFIX for m in ALL_METRICS}
+
+
+def is_logged_metric(key: str) -> bool:
+    if key in LOGGED_METRICS:
+        return True
+    s = split_seed_metric(key)
+    return s is not None and s[1] in ALL_METRICS
+
+
+# --- table schemas (report CSVs) --------------------------------------------------------------
+
+TRIAL_ID_COLUMNS = ("run_id", "trial_id", "seed", "seed_index", "status", "stop_reason", "epoch")
+RUN_COLUMNS = ("run_id", "trial_id", "status", "stop_reason", "stop_message", "start_time")
+EFFECT_COLUMNS = ("target", "param", "level", "mean", "ci_low", "ci_high", "n", "beyond_noise",
+                  "contrast", "contrast_low", "contrast_high", "noise_floor", "raw_mean",
+                  "n_trials")
+IMPORTANCE_COLUMNS = ("target", "param", "importance", "evaluator", "rank", "n_trials")
+MEASURE_COLUMNS = ("target", "measure", "kendall_tau", "granulated_kendall_tau", "p_value", "n",
+                   "n_params_granulated", "note")
+# the columns `effects.csv`, `importance.csv` and `measures.csv` hold (a prefix of the above)
+EFFECT_CSV_COLUMNS = EFFECT_COLUMNS[:13]
+IMPORTANCE_CSV_COLUMNS = IMPORTANCE_COLUMNS[:4]
+MEASURE_CSV_COLUMNS = MEASURE_COLUMNS[:6]
+
+
+# --- the parsed search space ------------------------------------------------------------------
+
+PARAM_TYPES = ("categorical", "int", "float")
+SEARCHERS = ("tpe", "random", "cmaes", "nsga2")
+MULTI_OBJECTIVE_SEARCHERS = ("tpe", "random", "nsga2")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched config field: a categorical set of values or an int/float range."""
+
+    name: str
+    kind: str
+    values: tuple[Any, ...] = ()
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    step: float | None = None
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # sampled only if every (key in values)
+
+    def suggest(self, trial: Any) -> Any:
+        """Sample from an Optuna trial (define-by-run)."""
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.values))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high),
+                                     step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def sample(self, rng: random.Random) -> Any:
+        """Sample uniformly (in log space where `log`), for feasibility checks."""
+        if self.kind == "categorical":
+            return rng.choice(self.values)
+        if self.log:
+            v = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            v = rng.uniform(self.low, self.high)
+        return int(round(v)) if self.kind == "int" else v
+
+    def active(self, context: dict[str, Any]) -> bool:
+        return all(context.get(k) in vals for k, vals in self.when)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "values": list(self.values),
+                "when": [[k, list(v)] for k, v in self.when]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ParamSpec:
+        return cls(name=str(d["name"]), kind=str(d["kind"]), values=tuple(d.get("values", ())),
+                   low=d.get("low", 0.0), high=d.get("high", 0.0), log=bool(d.get("log", False)),
+                   step=d.get("step"),
+                   when=tuple((str(k), tuple(v)) for k, v in d.get("when", ())))
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A parsed, validated search space: what a sweep runs and what its report analyses.
+
+    Built by `study.spaces.load_space`; stored with the sweep as the parent run's
+    `sweep_spec.json` and read back typed by `analysis.load`."""
+
+    name: str
+    path: str
+    text: str
+    fixed: dict[str, Any]
+    params: tuple[ParamSpec, ...]
+    constraints: tuple[str, ...] = ()
+    epochs: int = 10
+    grace_period: int = 1
+    reduction_factor: int = 3
+    seeds: int = 1
+    objectives: tuple[tuple[str, str], ...] = (("val_acc", "max"),)
+    searcher: str = "tpe"
+    searcher_seed: int = 0
+    num_trials: int = 8
+    max_concurrent: int = 2
+    cpu: float = 1.0
+    gpu: float = 0.0
+    description: str = ""
+
+    @property
+    def metric(self) -> str:
+        return self.objectives[0][0]
+
+    @property
+    def mode(self) -> str:
+        return self.objectives[0][1]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def conditional(self) -> tuple[str, ...]:
+        """Params sampled only under a condition (`when:`): they hold their default elsewhere."""
+        return tuple(p.name for p in self.params if p.when)
+
+    def resolve(self, sampled: dict[str, Any]) -> dict[str, Any]:
+        """Fixed values plus a sample: the trial's config values."""
+        return {**self.fixed, **sampled}
+
+    def sample(self, rng: random.Random) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in self.params:
+            if p.active({**self.fixed, **out}):
+                out[p.name] = p.sample(rng)
+        return out
+
+    def replace(self, **changes: Any) -> SweepSpec:
+        return replace(self, **changes)
+
+    def to_json(self) -> str:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["params"] = [p.to_json() for p in self.params]
+        d["objectives"] = [list(o) for o in self.objectives]
+        d["constraints"] = list(self.constraints)
+        d["fixed"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.fixed.items()}
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SweepSpec:
+        from study.config import coerce
+
+        d = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["params"] = tuple(ParamSpec.from_json(p) for p in d.get("params", ()))
+        d["objectives"] = tuple((str(m), str(o)) for m, o in d.get("objectives", ()))
+        d["constraints"] = tuple(d.get("constraints", ()))
+        d["fixed"] = {k: coerce(k, v) for k, v in d.get("fixed", {}).items()}
+        return cls(**d)
+
+    def summary(self) -> str:
+        lines = [f"space {self.name} ({self.path})",
+                 f"  task: {self.fixed.get('task')}  epochs: {self.epochs}  "
+                 f"grace_period: {self.grace_period}  seeds: {self.seeds}",
+                 "  objective: " + ", ".join(f"{m} ({d})" for m, d in self.objectives)
+                 + f"  searcher: {self.searcher} (seed {self.searcher_seed})",
+                 f"  num_trials: {self.num_trials}  max_concurrent: {self.max_concurrent}  "
+                 f"resources: cpu={self.cpu} gpu={self.gpu}",
+                 "  fixed: " + ", ".join(f"{k}={v}" for k, v in self.fixed.items()),
+                 "  params:"]
+        for p in self.params:
+            dom = (f"{list(p.values)}" if p.kind == "categorical"
+                   else f"[{p.low}, {p.high}]" + (" log" if p.log else ""))
+            cond = (" when " + ", ".join(f"{k} in {list(v)}" for k, v in p.when)) if p.when else ""
+            lines.append(f"    {p.name}: {p.kind} {dom}{cond}")
+        if self.constraints:
+            lines.append("  constraints: " + "; ".join(self.constraints))
+        return "\n".join(lines)
+
+
+# --- a trial's report to Ray (one per epoch) --------------------------------------------------
+
+Table = list[dict[str, Any]]
+
+
+@dataclass
+class TrialReport:
+    """What a trial sends to the driver after an epoch (or when it fails).
+
+    `metrics` holds seed means, `<name>_seed_std` and `seed_<k>/<name>` values. The last report
+    of a trial that ran to its end carries `outcome` (completed, diverged or error) and a
+    message; a trial stopped by ASHA never sends one, which is how the driver tells it was
+    early-stopped. `tables` (final epoch only): seed index -> table name -> rows."""
+
+    epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    outcome: Outcome | None = None
+    message: str = ""
+    tables: dict[int, dict[str, Table]] = field(default_factory=dict)
+    traceback: str = ""
+
+    def to_ray(self) -> dict[str, Any]:
+        """A flat dict for `tune.report` (the scheduler and searcher read metrics by name)."""
+        out: dict[str, Any] = dict(self.metrics)
+        if self.epoch:
+            out[EPOCH] = float(self.epoch)
+        if self.outcome is not None:
+            out[REPORT_OUTCOME] = self.outcome.value
+            out[REPORT_MESSAGE] = self.message
+        if self.tables:
+            out[REPORT_TABLES] = json.dumps({f"seed_{k}": t for k, t in self.tables.items()})
+        if self.traceback:
+            out[REPORT_TRACEBACK] = self.traceback
+        return out
+
+    @classmethod
+    def from_ray(cls, result: dict[str, Any] | None) -> TrialReport:
+        """Decode a Ray result (Ray adds its own bookkeeping keys, which are dropped)."""
+        result = result or {}
+        tables: dict[int, dict[str, Table]] = {}
+        raw = result.get(REPORT_TABLES)
+        if raw:
+            for key, t in json.loads(raw).items():
+                tables[int(key.split("_", 1)[1])] = t
+        metrics = {k: float(v) for k, v in result.items()
+                   if is_logged_metric(k) and isinstance(v, int | float)}
+        epoch = result.get(EPOCH)
+        return cls(epoch=int(epoch) if isinstance(epoch, int | float) else 0, metrics=metrics,
+                   outcome=parse_outcome(result.get(REPORT_OUTCOME)),
+                   message=str(result.get(REPORT_MESSAGE) or ""), tables=tables,
+                   traceback=str(result.get(REPORT_TRACEBACK) or ""))
+
+    def mean_metrics(self) -> dict[str, float]:
+        """Seed means and their std (what is logged at every epoch)."""
+        return {k: v for k, v in self.metrics.items() if split_seed_metric(k) is None}
+
+    def seed_metrics(self) -> dict[str, float]:
+        return {k: v for k, v in self.metrics.items() if split_seed_metric(k) is not None}
+
+    def ended(self) -> tuple[Outcome, str]:
+        """The outcome of a finished trial whose last report this is, and its message: a
+        trial that sent no outcome was stopped by ASHA."""
+        if self.outcome is not None:
+            return self.outcome, self.message or self.outcome.value
+        return Outcome.EARLY_STOPPED, f"stopped by ASHA at epoch {self.epoch}"
+
+
+def completed_message(epochs: int) -> str:
+    return f"completed {epochs} epochs"
+
+
+# --- a trial as stored in MLflow --------------------------------------------------------------
+
+
+def mlflow_params(config: dict[str, Any]) -> dict[str, str]:
+    """A config as MLflow params: every TrialConfig field under its own name (tuples as
+    comma-separated values)."""
+    return {k: ",".join(str(x) for x in v) if isinstance(v, tuple | list) else str(v)
+            for k, v in config.items()}
+
+
+def child_tags(parent_id: str, trial_id: str, seeds: int) -> dict[str, str]:
+    return {TAG_PARENT: parent_id, TAG_TRIAL: trial_id, TAG_SEEDS: str(seeds)}
+
+
+def outcome_tags(outcome: Outcome, message: str) -> dict[str, str]:
+    return {TAG_OUTCOME: outcome.value, TAG_MESSAGE: message or outcome.value}
+
+
+@dataclass
+class TrialRecord:
+    """One trial as the analysis reads it back from MLflow.
+
+    config: every TrialConfig field, typed (missing fields take their defaults);
+    outcome: None while it runs; metrics: each metric's latest seed mean; seeds: replicate
+    index -> {metric: latest value} from `seed_<k>/<name>` (a run logged by hand without them
+    falls back to its means as seed 0)."""
+
+    run_id: str
+    trial_id: str
+    status: str
+    outcome: Outcome | None
+    message: str
+    config: dict[str, Any]
+    metrics: dict[str, float]
+    seeds: dict[int, dict[str, float]]
+    artifact_uri: str = ""
+    start_time: int | None = None
+
+    @property
+    def skip_reason(self) -> str | None:
+        """None when the trial has final metrics to analyse, else a key of `SKIP_WHY`."""
+        if self.outcome is Outcome.COMPLETED:
+            return None if self.seeds else SKIP_NO_METRICS
+        if self.outcome is not None:
+            return self.outcome.value
+        if self.status == "RUNNING":
+            return SKIP_RUNNING
+        return Outcome.INTERRUPTED.value
+
+    @classmethod
+    def from_mlflow(cls, run: Any) -> TrialRecord:
+        """Decode an MLflow run (an `mlflow.entities.Run`)."""
+        from study.config import FIELD_NAMES, ConfigError, coerce, field_defaults
+
+        tags, raw = run.data.tags, run.data.params
+        config = field_defaults()
+        for name in FIELD_NAMES:
+            if name in raw:
+                try:
+                    config[name] = coerce(name, raw[name])
+                except ConfigError:
+                    config[name] = raw[name]
+        seeds: dict[int, dict[str, float]] = {}
+        means: dict[str, float] = {}
+        for key, value in run.data.metrics.items():
+            s = split_seed_metric(key)
+            if s is not None:
+                seeds.setdefault(s[0], {})[s[1]] = float(value)
+            elif not key.endswith(SEED_STD_SUFFIX) and "/" not in key:
+                means[key] = float(value)
+        if not seeds and means:
+            seeds[0] = dict(means)
+        return cls(run_id=run.info.run_id, trial_id=tags.get(TAG_TRIAL, run.info.run_id),
+                   status=run.info.status, outcome=parse_outcome(tags.get(TAG_OUTCOME)),
+                   message=tags.get(TAG_MESSAGE) or "", config=config, metrics=means,
+                   seeds=seeds, artifact_uri=run.info.artifact_uri or "",
+                   start_time=run.info.start_time)

@@ -1,0 +1,211 @@
+"""A sweep's lifecycle: start, resume, finish.
+
+`run_sweep` starts a sweep named NAME under `--storage` (Ray's experiment directory also holds
+`study.json`, the record `study resume NAME` needs); `resume_sweep` continues it with the
+searcher state restored; `finish` counts what MLflow holds and closes the parent run.
+Everything a sweep changes in the process (environment variables, warning filters, log levels,
+a Ray session it started) is put back when it returns (`sweep_environment`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from study.records import TAG_OBJECTIVE, Outcome, SweepSpec
+from study.spaces import SpaceError, load_space
+from study.sweep.progress import console
+from study.tracking import Tracker, resolve_uri
+
+DEFAULT_STORAGE = "ray_results"
+META = "study.json"
+# Ray's own output stays quiet; experiment state is saved at every step so a killed driver
+# loses nothing; results may omit the objective (a failed trial's last report).
+RAY_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+           "TUNE_GLOBAL_CHECKPOINT_S": "0", "RAY_AIR_NEW_OUTPUT": "0",
+           "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "1000",
+           "RAY_DEDUP_LOGS": "0", "RAY_TRAIN_V2_ENABLED": "0",
+           # a trial asking for no GPU sees none (Ray's current default, stated explicitly)
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", "TUNE_MAX_PENDING_TRIALS_PG": "4",
+           "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+QUIET_LOGGERS = ("ray", "ray.tune", "optuna", "mlflow")
+
+
+@contextlib.contextmanager
+def sweep_environment() -> Iterator[None]:
+    """Ray's settings (RAY_ENV, where the user has not set them), quiet loggers and warning
+    filters for the duration of a sweep; all of them restored afterwards, and a Ray session
+    started here shut down."""
+    import ray
+
+    saved_env = {k: os.environ.get(k) for k in RAY_ENV}
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    had_ray = ray.is_initialized()
+    os.environ.update({k: v for k, v in RAY_ENV.items() if saved_env[k] is None})
+    try:
+        with warnings.catch_warnings():
+            import optuna
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            warnings.filterwarnings("ignore", message="The reported value is ignored")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            for name in ("optuna", "mlflow"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+            yield
+    finally:
+        if not had_ray and ray.is_initialized():
+            ray.shutdown()
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def init_ray(address: str | None, quiet: bool = True) -> dict[str, float]:
+    """Connect to (or start) Ray quietly; returns the cluster resources."""
+    import ray
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": not quiet,
+                                  "logging_level": logging.ERROR, "configure_logging": True}
+        if address:
+            kwargs["address"] = address
+            kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).parents[1])]}
+        ray.init(**kwargs)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    return {k: float(v) for k, v in ray.cluster_resources().items()
+            if k in ("CPU", "GPU", "memory") or k.startswith("accelerator_type:")}
+
+
+def _trainable(spec: SweepSpec) -> Any:
+    from ray import tune
+
+    from study.trainable import trainable
+    return tune.with_resources(tune.with_parameters(trainable, seeds=spec.seeds),
+                               {"cpu": spec.cpu, "gpu": spec.gpu})
+
+
+def run_sweep(space_path: str | Path, name: str | None = None, trials: int | None = None,
+              address: str | None = None, tracking_uri: str | None = None,
+              storage: str | Path | None = None,
+              overrides: dict[str, Any] | None = None) -> dict:
+    """Start a sweep; returns its summary (see `finish`). `overrides` may set `epochs`, `gpu`
+    and `max_concurrent` of the space (None leaves a value as the file has it)."""
+    cli_values = {"num_trials": trials, **(overrides or {})}
+    spec = override(load_space(space_path), cli_values)
+    name = name or spec.name
+    store = Path(storage or DEFAULT_STORAGE).resolve()
+    exp_dir = store / name
+    if (exp_dir / META).exists():
+        raise SpaceError(f"--name: a sweep {name!r} already exists in {store}; continue it with "
+                         f"`study resume {name}` or choose another --name")
+    uri = resolve_uri(tracking_uri)
+    with sweep_environment():
+        resources = init_ray(address)
+        tracker = Tracker(uri)
+        parent = tracker.start_parent(name, f"sweep_{name}", spec, {
+            "space_file": spec.path, "space_name": spec.name,
+            "num_trials": str(spec.num_trials), "seeds": str(spec.seeds),
+            "ray_cluster_resources": json.dumps(resources),
+            TAG_OBJECTIVE: json.dumps(spec.objectives)})
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / "space.yaml").write_text(spec.text)
+        (exp_dir / META).write_text(json.dumps({
+            "name": name, "space_path": spec.path, "tracking_uri": uri,
+            "parent_run_id": parent, "num_trials": spec.num_trials, "address": address,
+            "created": time.time(),
+            "overrides": {k: v for k, v in cli_values.items() if v is not None}}, indent=1))
+        console().print(
+            f"sweep {name}: {spec.num_trials} trials x {spec.seeds} seeds of {spec.path} on "
+            f"{resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs; "
+            f"MLflow {uri} (parent run {parent})")
+        _tuner(spec, name, store, tracker, parent).fit()
+        return finish(tracker, parent, spec, name)
+
+
+def _tuner(spec: SweepSpec, name: str, store: Path, tracker: Tracker, parent: str) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from study.sweep.callbacks import TrackingCallback
+    from study.sweep.progress import ProgressView
+    from study.sweep.searcher import StudySearch
+
+    search = ConcurrencyLimiter(StudySearch(spec), max_concurrent=spec.max_concurrent)
+    scheduler = AsyncHyperBandScheduler(
+        metric=spec.metric, mode=spec.mode, max_t=spec.epochs,
+        grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+    callbacks = [TrackingCallback(tracker, parent, spec), ProgressView(spec)]
+    return tune.Tuner(
+        _trainable(spec),
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
+                                    num_samples=spec.num_trials, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=str(store), callbacks=callbacks,
+                                  verbose=0, log_to_file=False,
+                                  failure_config=tune.FailureConfig(max_failures=2)))
+
+
+def override(spec: SweepSpec, values: dict[str, Any]) -> SweepSpec:
+    """Command-line overrides of a parsed space, checked like the file's own values."""
+    values = {k: v for k, v in values.items() if v is not None}
+    for key in ("num_trials", "epochs", "max_concurrent"):
+        if key in values and values[key] < 1:
+            flag = "trials" if key == "num_trials" else key.replace("_", "-")
+            raise SpaceError(f"--{flag}: must be >= 1, got {values[key]}")
+    if values.get("gpu", 0) < 0:
+        raise SpaceError(f"--gpu: must be >= 0, got {values['gpu']}")
+    if "epochs" in values:
+        if spec.grace_period > values["epochs"]:
+            raise SpaceError(f"--epochs: {values['epochs']} is below the space's grace_period "
+                             f"({spec.grace_period})")
+        values["fixed"] = {**spec.fixed, "epochs": values["epochs"]}
+    return spec.replace(**values)
+
+
+def resume_sweep(name: str, storage: str | Path | None = None,
+                 tracking_uri: str | None = None, address: str | None = None) -> dict:
+    """Continue an interrupted sweep: finished trials are kept, unfinished ones restart."""
+    store = Path(storage or DEFAULT_STORAGE).resolve()
+    exp_dir = store / name
+    if not (exp_dir / META).exists():
+        raise SpaceError(f"NAME: no sweep {name!r} in {store}; pass --storage DIR where it ran")
+    meta = json.loads((exp_dir / META).read_text())
+    spec = override(load_space(exp_dir / "space.yaml"), meta.get("overrides", {}))
+    uri = tracking_uri or meta["tracking_uri"]
+    with sweep_environment():
+        init_ray(address or meta.get("address"))
+        tracker = Tracker(uri)
+        tracker.client.update_run(meta["parent_run_id"], status="RUNNING")
+        console().print(f"resuming sweep {name} from {exp_dir}")
+        from ray import tune
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(spec),
+                                   resume_unfinished=True, resume_errored=False)
+        tuner.fit()
+        return finish(tracker, meta["parent_run_id"], spec, name)
+
+
+def finish(tracker: Tracker, parent: str, spec: SweepSpec, name: str) -> dict:
+    """Count the sweep's trials in MLflow, close the parent run if all are done, and say so."""
+    outcomes = [r.outcome for r in tracker.children(parent).values()]
+    counts = {o.value: outcomes.count(o) for o in Outcome if o is not Outcome.INTERRUPTED}
+    done = sum(counts.values())
+    complete = done >= spec.num_trials
+    tracker.finish_parent(parent, "FINISHED" if complete else "KILLED")
+    con = console()
+    con.print(f"sweep {name}: {done}/{spec.num_trials} trials recorded "
+              + " ".join(f"{k}={v}" for k, v in counts.items()))
+    if not complete:
+        con.print(f"interrupted: continue with `study resume {name}`")
+    return {"name": name, "parent_run_id": parent, "done": done, "complete": complete,
+            "counts": counts, "tracking_uri": tracker.uri}

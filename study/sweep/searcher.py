@@ -1,0 +1,137 @@
+"""The searcher adapter: an Optuna study behind Ray Tune's `Searcher` interface.
+
+Uses only public APIs (`ray.tune.search.Searcher`; Optuna's ask-and-tell), so it does not break
+when Ray's own `OptunaSearch` changes its internals. What it adds to plain ask-and-tell:
+
+- define-by-run sampling of conditional params (`when:`): a param is suggested only when its
+  condition holds, so Optuna never learns from values that were not used;
+- infeasible samples (a broken constraint, a config the model refuses) are told to Optuna as
+  FAIL and resampled, up to `MAX_RESAMPLE` times;
+- trials that errored or diverged are told as FAIL, trials stopped by ASHA as PRUNED (their
+  per-epoch objective was reported as intermediate values, which TPE uses for pruned trials).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any, Literal
+
+from ray.tune.search import Searcher
+
+from study.records import Outcome, SweepSpec, TrialReport
+from study.spaces import infeasible
+
+MAX_RESAMPLE = 200
+
+
+def make_sampler(spec: SweepSpec) -> Any:
+    """The Optuna sampler of `spec.searcher`, seeded with `spec.searcher_seed`."""
+    import optuna
+
+    s = spec.searcher_seed
+    if spec.searcher == "random":
+        return optuna.samplers.RandomSampler(seed=s)
+    if spec.searcher == "cmaes":  # needs the `cmaes` package (a dependency)
+        return optuna.samplers.CmaEsSampler(seed=s, warn_independent_sampling=False)
+    if spec.searcher == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s)
+    return optuna.samplers.TPESampler(seed=s, multivariate=True, group=True,
+                                      constant_liar=True)
+
+
+def sample_config(spec: SweepSpec, trial: Any) -> dict[str, Any]:
+    """Define-by-run: the fixed values plus every param whose condition holds."""
+    ctx = dict(spec.fixed)
+    for p in spec.params:
+        if p.active(ctx):
+            ctx[p.name] = p.suggest(trial)
+    return ctx
+
+
+class StudySearch(Searcher):
+    """An Optuna study (in memory, pickled with the sweep's state) driven by Ray Tune."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        import optuna
+
+        multi = spec.multi_objective
+        # Ray accepts lists for multi-objective searchers, though it annotates `str | None`
+        metric: Any = [m for m, _ in spec.objectives] if multi else spec.metric
+        mode: Any = [d for _, d in spec.objectives] if multi else spec.mode
+        super().__init__(metric=metric, mode=mode)
+        self.spec = spec
+        directions: list[Literal["minimize", "maximize"]] = [
+            "maximize" if d == "max" else "minimize" for _, d in spec.objectives]
+        self.study = optuna.create_study(directions=directions, sampler=make_sampler(spec))
+        self.live: dict[str, int] = {}  # Ray trial id -> Optuna trial number
+        self._trials: dict[str, Any] = {}  # Ray trial id -> optuna.Trial (this process only)
+        self.resampled = 0
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
+                              **spec: Any) -> bool:
+        return True  # the space, metric and mode are the spec's
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        import optuna
+
+        for _ in range(MAX_RESAMPLE):
+            trial = self.study.ask()
+            config = sample_config(self.spec, trial)
+            sampled = {k: v for k, v in config.items() if k not in self.spec.fixed}
+            if infeasible(self.spec, sampled) is None:
+                self.live[trial_id], self._trials[trial_id] = trial.number, trial
+                return config
+            self.resampled += 1
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise RuntimeError(f"no feasible configuration in {MAX_RESAMPLE} samples")
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        trial = self._trials.get(trial_id)
+        value = result.get(self.spec.metric)
+        epoch = result.get("epoch")
+        if (trial is None or self.spec.multi_objective or not isinstance(value, int | float)
+                or not isinstance(epoch, int | float) or not math.isfinite(value)):
+            return
+        trial.report(float(value), int(epoch))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        import optuna
+
+        number = self.live.pop(trial_id, None)
+        self._trials.pop(trial_id, None)
+        if number is None:
+            return
+        State = optuna.trial.TrialState
+        report = TrialReport.from_ray(result)
+        if error or report.outcome in (Outcome.ERROR, Outcome.DIVERGED):
+            self.study.tell(number, state=State.FAIL)
+        elif report.outcome is None:  # stopped by ASHA at its last reported epoch
+            self.study.tell(number, state=State.PRUNED)
+        else:
+            values = [(result or {}).get(m) for m, _ in self.spec.objectives]
+            if all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+                self.study.tell(number, [float(v) for v in values])  # type: ignore[arg-type]
+            else:
+                self.study.tell(number, state=State.FAIL)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"study": self.study, "live": dict(self.live), "resampled": self.resampled}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.study, self.live = state["study"], dict(state["live"])
+        self.resampled = state.get("resampled", 0)
+        self._trials = {}  # restored live trials are told by number at their end
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray pickles the searcher with the tuner; optuna.Trial handles stay in this process
+        return {**self.__dict__, "_trials": {}}

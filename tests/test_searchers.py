@@ -1,0 +1,215 @@
+"""The sweep's parts in process: the searcher adapter, `lockstep`, and a tiny real sweep (real
+Ray, Optuna, MLflow) for every searcher, single- and multi-objective."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+
+from study.records import Outcome, SweepSpec, TrialRecord, TrialReport, seed_metric
+from study.spaces import infeasible, parse_space
+from study.sweep.searcher import StudySearch, sample_config
+from study.trainable import lockstep
+
+State = optuna.trial.TrialState
+
+SPACE = """
+name: tiny
+task: digits
+fixed: {{d_model: 16, d_ff: 32, n_layers: 1, batch_size: 256, n_heads: 2}}
+params:
+  lr: {{type: float, low: 0.001, high: 0.01, log: true}}
+  attn_dropout: {{type: float, low: 0.0, high: 0.2}}
+  qk_norm: [none, l2]
+  qk_norm_gain: {{type: float, low: 4.0, high: 16.0, when: {{qk_norm: l2}}}}
+budget: {{epochs: 2, grace_period: 1, reduction_factor: 2}}
+seeds: 1
+objective: {objective}
+searcher: {searcher}
+searcher_seed: 0
+num_trials: {trials}
+max_concurrent: 2
+"""
+SINGLE = "{metric: val_acc, mode: max}"
+MULTI = "[{metric: val_acc, mode: max}, {metric: gen_gap_acc, mode: min}]"
+
+
+def spec_of(searcher: str = "tpe", objective: str = SINGLE, trials: int = 3) -> SweepSpec:
+    return parse_space(SPACE.format(searcher=searcher, objective=objective, trials=trials),
+                       f"{searcher}.yaml")
+
+
+# --- the searcher adapter, without Ray ---------------------------------------------------------
+
+def test_suggestions_are_feasible_and_conditional_params_follow_their_condition() -> None:
+    spec = spec_of("random").replace(constraints=("qk_norm == 'l2'",))
+    search = StudySearch(spec)
+    for i in range(6):
+        cfg = search.suggest(f"t{i}")
+        assert cfg is not None and infeasible(spec, {k: cfg[k] for k in cfg
+                                                     if k not in spec.fixed}) is None
+        assert cfg["qk_norm"] == "l2" and "qk_norm_gain" in cfg
+        assert {k: cfg[k] for k in spec.fixed} == spec.fixed
+    states = [t.state for t in search.study.trials]
+    # every infeasible sample (qk_norm none) was told to Optuna as failed, then resampled
+    assert states.count(State.FAIL) == search.resampled > 0
+    assert states.count(State.RUNNING) == 6 == len(search.live)
+
+
+def test_outcomes_are_told_to_optuna() -> None:
+    search = StudySearch(spec_of("tpe"))
+    for tid in ("done", "stopped", "diverged", "crashed", "no_value"):
+        search.suggest(tid)
+    search.on_trial_result("done", {"val_acc": 0.5, "epoch": 1})
+    search.on_trial_result("stopped", {"val_acc": 0.2, "epoch": 1})
+    search.on_trial_complete("done", TrialReport(2, {"val_acc": 0.7},
+                                                 Outcome.COMPLETED).to_ray())
+    search.on_trial_complete("stopped", TrialReport(1, {"val_acc": 0.2}).to_ray())
+    search.on_trial_complete("diverged", TrialReport(1, outcome=Outcome.DIVERGED).to_ray())
+    search.on_trial_complete("crashed", None, error=True)
+    search.on_trial_complete("no_value", TrialReport(2, {}, Outcome.COMPLETED).to_ray())
+    by = {t.number: t for t in search.study.trials}
+    assert [by[i].state for i in range(5)] == [State.COMPLETE, State.PRUNED, State.FAIL,
+                                               State.FAIL, State.FAIL]
+    assert by[0].value == 0.7 and by[0].intermediate_values == {1: 0.5}
+    assert by[1].intermediate_values == {1: 0.2}  # TPE reads a pruned trial's last value
+    assert not search.live
+
+
+def test_multi_objective_tells_every_value() -> None:
+    search = StudySearch(spec_of("nsga2", MULTI))
+    search.suggest("a")
+    search.on_trial_result("a", {"val_acc": 0.5, "epoch": 1})  # no intermediate values
+    search.on_trial_complete("a", {"val_acc": 0.8, "gen_gap_acc": 0.05, "epoch": 2,
+                                   "stop_reason": "completed"})
+    (t,) = search.study.trials
+    assert t.state == State.COMPLETE and t.values == [0.8, 0.05]
+    assert search.study.directions == [optuna.study.StudyDirection.MAXIMIZE,
+                                       optuna.study.StudyDirection.MINIMIZE]
+
+
+def test_state_round_trips_through_save_and_restore(tmp_path: Path) -> None:
+    a = StudySearch(spec_of("tpe"))
+    a.suggest("x")
+    a.suggest("y")
+    a.on_trial_complete("x", TrialReport(2, {"val_acc": 0.6}, Outcome.COMPLETED).to_ray())
+    a.save(str(tmp_path / "s.pkl"))
+    b = StudySearch(spec_of("tpe"))
+    b.restore(str(tmp_path / "s.pkl"))
+    assert b.live == {"y": 1} and len(b.study.trials) == 2
+    b.on_trial_complete("y", TrialReport(2, {"val_acc": 0.4}, Outcome.COMPLETED).to_ray())
+    assert [t.value for t in b.study.trials] == [0.6, 0.4]
+    pickle.loads(pickle.dumps(a))  # Ray pickles the searcher with the tuner
+
+
+def test_sample_config_is_define_by_run() -> None:
+    spec = spec_of("random")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(20):
+        t = study.ask()
+        cfg = sample_config(spec, t)
+        seen.add(cfg["qk_norm"])
+        assert ("qk_norm_gain" in t.params) == (cfg["qk_norm"] == "l2")
+    assert seen == {"none", "l2"}
+
+
+# --- lockstep: the trainable's loop, without Ray ----------------------------------------------
+
+def test_lockstep_reports_seed_means_and_matches_single_runs() -> None:
+    from study.config import make_config
+    from study.train import run_trial
+
+    config = {"task": "digits", "d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2,
+              "epochs": 2, "batch_size": 256, "device": "cpu", "seed": 3}
+    reports = list(lockstep(config, seeds=2))
+    assert [r.epoch for r in reports] == [1, 2]
+    assert reports[0].outcome is None and reports[-1].outcome is Outcome.COMPLETED
+    cfg = make_config(config)
+    alone = [list(run_trial(cfg.replace(seed=3 + k)))[-1].metrics for k in range(2)]
+    last = reports[-1].metrics
+    for k in range(2):
+        assert last[seed_metric(k, "val_acc")] == alone[k]["val_acc"]
+    assert last["val_acc"] == pytest.approx((alone[0]["val_acc"] + alone[1]["val_acc"]) / 2)
+    assert last["val_acc_seed_std"] == pytest.approx(
+        abs(alone[0]["val_acc"] - alone[1]["val_acc"]) / 2)
+    decoded = TrialReport.from_ray({**reports[-1].to_ray(), "pid": 1, "timestamp": 2})
+    assert decoded.metrics == last and decoded.outcome is Outcome.COMPLETED
+
+
+def test_lockstep_records_errors_and_divergence() -> None:
+    base = {"task": "digits", "d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2,
+            "epochs": 2, "batch_size": 256, "device": "cpu"}
+    (err,) = lockstep({**base, "patch_size": 128}, seeds=1)
+    assert err.outcome is Outcome.ERROR and "patch_size" in err.message
+    reports = list(lockstep({**base, "lr": 1e30, "grad_clip": 0.0}, seeds=2))
+    assert reports[-1].outcome is Outcome.DIVERGED and "diverged" in reports[-1].message
+
+
+# --- a tiny real sweep per searcher -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module (each sweep would otherwise start its own)."""
+    from study.sweep.lifecycle import init_ray, sweep_environment
+
+    with sweep_environment():
+        init_ray(None)
+        yield
+
+
+def _process_state() -> tuple:
+    return ({k: os.environ.get(k) for k in ("RAY_AIR_NEW_OUTPUT", "RAY_CHDIR_TO_TRIAL_DIR",
+                                            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")},
+            list(warnings.filters), logging.getLogger("ray").level,
+            logging.getLogger("optuna").level)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("searcher", "objective"), [
+    pytest.param("tpe", SINGLE, id="tpe"),
+    pytest.param("random", SINGLE, id="random"),
+    pytest.param("cmaes", SINGLE, id="cmaes"),
+    pytest.param("nsga2", SINGLE, id="nsga2"),
+    pytest.param("tpe", MULTI, id="tpe-multi"),
+    pytest.param("nsga2", MULTI, id="nsga2-multi"),
+    pytest.param("random", MULTI, id="random-multi"),
+])
+def test_every_searcher_runs_a_real_sweep(ray_session, tmp_path: Path, searcher: str,
+                                          objective: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from study.sweep import run_sweep
+
+    space = tmp_path / f"{searcher}.yaml"
+    space.write_text(SPACE.format(searcher=searcher, objective=objective, trials=3))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = _process_state()
+    summary = run_sweep(space, name=f"s_{searcher}", tracking_uri=uri, storage=tmp_path / "ray")
+    assert _process_state() == before  # nothing process-wide left changed
+    assert summary["complete"] and summary["done"] == 3
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(f"s_{searcher}")
+    runs = [TrialRecord.from_mlflow(r) for r in client.search_runs([exp.experiment_id])
+            if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 3
+    spec = spec_of(searcher, objective)
+    lr = spec.param("lr")
+    assert lr is not None
+    for r in runs:
+        assert r.outcome in (Outcome.COMPLETED, Outcome.EARLY_STOPPED)
+        assert lr.low <= r.config["lr"] <= lr.high
+        assert all(math.isfinite(v) for v in r.metrics.values())
+    # the searcher told Optuna how every trial ended (its state is saved with the sweep)
+    (state_file,) = (tmp_path / "ray" / f"s_{searcher}").glob("searcher-state-*.pkl")
+    study = pickle.loads(state_file.read_bytes())["study"]
+    told = [t for t in study.trials if t.state in (State.COMPLETE, State.PRUNED)]
+    assert len(told) == 3 and not any(t.state == State.RUNNING for t in study.trials)
+    assert len(study.directions) == len(spec.objectives)
