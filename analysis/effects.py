@@ -13,11 +13,15 @@ adjusted mean of level l of param p is the model's partial dependence (Friedman 
 Function Approximation", section 8.2): the mean prediction over the data with p set to l, the
 other params kept as observed. Its contrast is PD(l) - mean of PD(other levels of p).
 
-Intervals come from a two-stage cluster bootstrap (Davison & Hinkley 1997, "Bootstrap Methods
-and their Application", section 3.8): resample trials with replacement, then each drawn trial's
-seeds with replacement; refit; take 95% percentile intervals (Efron & Tibshirani 1993, "An
-Introduction to the Bootstrap", chapter 13). All replicates are fit at once (batched normal
-equations), so a whole table takes well under a second.
+The unit of resampling is the trial: each trial enters as the mean over its seeds (seed noise
+stays inside its trial, counted once), trials are resampled with replacement, the model is
+refit, and 95% percentile intervals are taken (Efron & Tibshirani 1993, "An Introduction to
+the Bootstrap", chapter 13). Under early stopping the imputation of stopped trials
+(`analysis/estimators.py`) is repeated inside every replicate. All replicates are fit at once
+(batched normal equations). What each row estimates, at which budget and by which estimator,
+is in its `budget` and `estimator` columns; the calls (`effect`, `negligible`, `inconclusive`)
+against a smallest effect of interest, with multiplicity control, are made by
+`analysis/calls.py`.
 """
 
 from __future__ import annotations
@@ -28,12 +32,23 @@ from typing import Any, SupportsFloat
 import numpy as np
 import pandas as pd
 
-from analysis.load import TRIAL_KEY
-from study.records import EFFECT_COLUMNS
+from analysis.calls import apply_calls
+from analysis.estimators import (
+    ESTIMATOR_COMPLETE,
+    ESTIMATOR_IMPUTED,
+    FINAL,
+    BudgetData,
+    budget_data,
+    impute,
+    rung_epochs,
+)
+from analysis.load import TRIAL_KEY, Sweep, trial_means
+from study.records import DEFAULT_MIN_EFFECT, EFFECT_COLUMNS
 
 RIDGE = 1e-6  # relative to the mean diagonal of X'X: only fixes the one-hot coding
 MAX_LEVELS = 4  # numeric params with at most this many distinct values keep them as levels
 MIN_VALID_BOOT = 0.5  # fewer valid replicates than this fraction -> no interval
+MIN_TRIALS = 3  # trials a level needs for a call (SweepSpec.min_trials overrides)
 
 
 def _fmt(x: SupportsFloat) -> str:
@@ -111,24 +126,6 @@ def noise_floor(trials: pd.DataFrame, target: str, group: str = TRIAL_KEY) -> fl
     return float(np.median(sd))
 
 
-def _seed_matrix(trials: pd.DataFrame, targets: list[str], group: str
-                 ) -> tuple[list[Any], np.ndarray, np.ndarray]:
-    """Trial keys, values (n_trials, max_seeds, n_targets) padded with NaN, and seed counts
-    (n_trials, n_targets) of finite values (finite values packed first)."""
-    keys = list(dict.fromkeys(trials[group]))
-    pos = {k: i for i, k in enumerate(keys)}
-    rows = trials[group].map(pos).to_numpy()
-    rank = trials.groupby(group, sort=False).cumcount().to_numpy()
-    smax = int(rank.max()) + 1
-    vals = np.full((len(keys), smax, len(targets)), np.nan)
-    vals[rows, rank] = trials[targets].to_numpy(dtype=float)
-    # pack finite values first (a seed missing one metric) and count them per target
-    finite = np.isfinite(vals)
-    order = np.argsort(~finite, axis=1, kind="stable")
-    vals = np.take_along_axis(vals, order, axis=1)
-    return keys, vals, finite.sum(axis=1)
-
-
 def _design(levels: dict[str, pd.Series]) -> tuple[np.ndarray, dict[str, list[int]],
                                                       dict[str, list[str]]]:
     """Intercept + one-hot blocks (levels present in the data) per param."""
@@ -169,68 +166,165 @@ def _pd_and_contrast(X: np.ndarray, beta: np.ndarray, blocks: dict[str, list[int
     return out
 
 
-def _bootstrap(X: np.ndarray, vals: np.ndarray, counts: np.ndarray, blocks: dict[str, list[int]],
-               n_boot: int, rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Two-stage cluster bootstrap: trials with replacement, then each drawn trial's seeds with
-    replacement. Replicates missing a level of p get NaN for p's estimates."""
-    n, smax, T = vals.shape
-    idx = rng.integers(0, n, size=(n_boot, n))
-    c = counts[idx]  # (B, n, T) seeds available per drawn trial and target
-    draw = np.floor(rng.random((n_boot, n, smax, 1)) * c[:, :, None, :]).astype(int)
-    draw = np.minimum(draw, np.maximum(c[:, :, None, :] - 1, 0))
-    y = np.take_along_axis(vals[idx], draw, axis=2)  # (B, n, smax, T)
-    keep = np.arange(smax)[None, None, :, None] < c[:, :, None, :]
-    y = np.where(keep, y, 0.0).sum(axis=2) / np.maximum(c, 1)
-    Xb = X[idx]
-    beta = _solve(Xb, y)
-    est = _pd_and_contrast(Xb, beta, blocks)
-    present = Xb.sum(axis=1) > 0  # (B, p)
-    for p, cols in blocks.items():
-        ok = present[:, cols].all(axis=1)[:, None, None]
-        pdv, con = est[p]
-        est[p] = (np.where(ok, pdv, np.nan), np.where(ok, con, np.nan))
-    return est
-
-
 def _interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval over axis 0, NaN-aware; NaN where too few valid replicates."""
     a = (1 - level) / 2
+    valid = np.mean(np.isfinite(samples), axis=0) >= MIN_VALID_BOOT
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         lo, hi = np.nanpercentile(samples, [100 * a, 100 * (1 - a)], axis=0)
-    valid = np.mean(np.isfinite(samples), axis=0) >= MIN_VALID_BOOT
     return np.where(valid, lo, np.nan), np.where(valid, hi, np.nan)
 
 
-def effects_table(trials: pd.DataFrame, params: list[str], targets: list[str],
-                  n_boot: int = 1000, seed: int = 0, n_bins: int = 3,
-                  group: str = TRIAL_KEY) -> pd.DataFrame:
-    """Adjusted effect of every level of every param on every target, with 95% intervals.
+def _small_sample(n: int, rank: int, level: float = 0.95) -> tuple[float, float]:
+    """The bootstrap's small-sample correction for a regression with `rank` coefficients on n
+    trials: the percentile level of Hesterberg's expanded percentile interval (2015, "What
+    Teachers Should Know About the Bootstrap", section 5.2), sqrt(n / (n - rank)) * t(n - rank)
+    in normal units, and the matching standard-error inflation sqrt(n / (n - rank))."""
+    from scipy import stats
 
-    `trials`: one row per trial x seed (`Sweep.trials`); `group` names the trial column.
-    Columns: target, param, level, mean, ci_low, ci_high, n, beyond_noise, then contrast,
-    contrast_low, contrast_high, noise_floor, raw_mean, n_trials.
-    mean/ci: the adjusted (partial dependence) mean of the level and its bootstrap interval;
-    n: (trial, seed) rows at the level; beyond_noise: the contrast interval excludes 0 and
-    |contrast| exceeds the seed noise floor; raw_mean: the unadjusted mean (confounded).
-    Targets absent or constant and params with one level are skipped; `df.attrs["notes"]`
-    says which and why."""
+    df = max(n - rank, 1)
+    inflate = float(np.sqrt(n / df))
+    z = inflate * float(stats.t.ppf(0.5 + level / 2, df))
+    return float(1 - 2 * stats.norm.sf(z)), inflate
+
+
+def _omnibus(boot_pd: np.ndarray, point_pd: np.ndarray) -> float:
+    """Wald test that all levels of a param have the same adjusted mean: the differences
+    PD(l) - PD(first level), with their bootstrap covariance, against chi2(L - 1)."""
+    from scipy import stats
+
+    d = point_pd[1:] - point_pd[0]
+    bd = boot_pd[:, 1:] - boot_pd[:, :1]
+    bd = bd[np.isfinite(bd).all(axis=1)]
+    if len(bd) < max(10, 2 * len(d)):
+        return float("nan")
+    cov = np.atleast_2d(np.cov(bd, rowvar=False))
+    try:
+        w = float(d @ np.linalg.pinv(cov) @ d)
+    except np.linalg.LinAlgError:
+        return float("nan")
+    return float(stats.chi2.sf(w, len(d)))
+
+
+def _aliases(X: np.ndarray, blocks: dict[str, list[int]], names: dict[str, list[str]]
+             ) -> dict[tuple[str, int], str]:
+    """Levels whose trials are exactly another param's level's trials: their effects cannot
+    be told apart."""
+    out: dict[tuple[str, int], str] = {}
+    cols = [(p, i, X[:, c]) for p, cs in blocks.items() for i, c in enumerate(cs)]
+    for p, i, col in cols:
+        for q, j, other in cols:
+            if q != p and np.array_equal(col, other):
+                out[(p, i)] = f"{q}={names[q][j]}"
+                break
+    return out
+
+
+def _budget_rows(bd: BudgetData, levels: dict[str, pd.Series], n_boot: int,
+                 rng: np.random.Generator, min_trials: int,
+                 seed_rows: pd.Series | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Effect rows of one target at one budget (no calls yet)."""
     notes: list[str] = []
-    rng = np.random.default_rng(seed)
-    use_targets = []
-    for t in targets:
-        if t not in trials or not trials[t].notna().any():
-            notes.append(f"{t}: absent, skipped")
-        elif trials[t].nunique(dropna=True) < 2:
-            notes.append(f"{t}: constant, skipped")
-        else:
-            use_targets.append(t)
-    keys, vals, counts = _seed_matrix(trials, use_targets, group) if use_targets else \
-        ([], np.empty((0, 0, 0)), np.empty((0, 0), dtype=int))
-    per_trial = trials.drop_duplicates(group).set_index(group).loc[keys] if keys else trials
-    levels: dict[str, pd.Series] = {}
+    rows: list[dict[str, Any]] = []
+    lev = {p: s.reindex(bd.trial_ids) for p, s in levels.items()}
+    lev = {p: s for p, s in lev.items() if s.nunique() >= 2}
+    where = f"{bd.target} at budget {bd.budget}"
+    if not lev:
+        notes.append(f"{where}: no param has two levels among its trials, skipped")
+        return [], notes
+    X, blocks, names = _design(lev)
+    n = len(bd.y)
+    y0 = impute(X, bd.y, bd.steps)[0] if bd.steps else bd.y
+    if not np.isfinite(y0).all():
+        notes.append(f"{where}: too few trials past a rung to impute the stopped ones, skipped")
+        return [], notes
+    point = _pd_and_contrast(X, _solve(X, y0[:, None]), blocks)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    yb = impute(X, bd.y, bd.steps, idx) if bd.steps else bd.y[idx]
+    Xb = X[idx]
+    ok_rep = np.isfinite(yb).all(axis=1)
+    beta = _solve(Xb, np.where(np.isfinite(yb), yb, 0.0)[..., None])
+    boot = _pd_and_contrast(Xb, beta, blocks)
+    present = Xb.sum(axis=1) > 0  # (B, p)
+    completed_only = None
+    if bd.estimator == ESTIMATOR_IMPUTED and bd.observed.sum() > X.shape[1]:
+        obs = bd.observed
+        Xo, bo, _ = _design({p: s[obs] for p, s in lev.items()})
+        if all(len(bo[p]) == len(blocks[p]) for p in blocks):
+            completed_only = _pd_and_contrast(Xo, _solve(Xo, bd.y[obs][:, None]), bo)
+    aliases = _aliases(X, blocks, names)
+    ci_level, inflate = _small_sample(n, int(np.linalg.matrix_rank(X)))
+    for p, cols in blocks.items():
+        ok = (present[:, cols].all(axis=1) & ok_rep)[:, None, None]
+        bpd, bcon = (np.where(ok, a, np.nan)[..., 0] for a in boot[p])
+        pdv, con = (a[..., 0] for a in point[p])
+        pd_lo, pd_hi = _interval(bpd, ci_level)
+        c_lo, c_hi = _interval(bcon, ci_level)
+        # a robust standard error (half the central 68% range): a few replicates whose
+        # imputation extrapolates far must not inflate it
+        s_lo, s_hi = _interval(bcon, 0.6827)
+        se = (s_hi - s_lo) / 2 * inflate
+        p_family = _omnibus(bpd, pdv)
+        n_tr = X[:, cols].sum(axis=0)
+        for li, level in enumerate(names[p]):
+            at = X[:, cols[li]] > 0
+            obs_at = at & bd.observed
+            why = []
+            if n_tr[li] < min_trials:
+                why.append(f"{int(n_tr[li])} trial{'s' if n_tr[li] != 1 else ''} "
+                           f"(fewer than min_trials={min_trials})")
+            if (p, li) in aliases:
+                why.append(f"aliased with {aliases[(p, li)]} (the same trials)")
+            if not np.isfinite(c_lo[li]):
+                why.append("too few trials for an interval")
+            blind = [st.rung for st in bd.steps
+                     if (st.fill & at).any() and not (st.fit & at).any()]
+            if blind:
+                why.append(f"no trial at this level went on past epoch {blind[0]}, so its "
+                           "stopped trials' later values cannot be estimated")
+            ids = [t for t, a in zip(bd.trial_ids, at) if a]
+            rows_at = int(seed_rows.reindex(ids).fillna(0).sum()) if seed_rows is not None \
+                else int(at.sum())
+            z = abs(float(con[li])) / float(se[li]) if se[li] > 0 else float("nan")
+            from scipy import stats
+            rows.append({
+                "target": bd.target, "param": p, "level": level,
+                "mean": float(pdv[li]), "ci_low": float(pd_lo[li]), "ci_high": float(pd_hi[li]),
+                "n": int(n_tr[li]), "contrast": float(con[li]),
+                "contrast_low": float(c_lo[li]), "contrast_high": float(c_hi[li]),
+                "raw_mean": float(np.mean(bd.y[obs_at])) if obs_at.any() else float("nan"),
+                "n_trials": int(n_tr[li]), "budget": bd.budget, "estimator": bd.estimator,
+                "p_value": float(2 * stats.norm.sf(z)) if np.isfinite(z) else float("nan"),
+                "n_rows": rows_at, "n_imputed": int((at & ~bd.observed).sum()),
+                "se": float(se[li]), "p_family": p_family,
+                "contrast_completed_only": float(completed_only[p][1][li, 0])
+                if completed_only is not None else float("nan"),
+                "support": "; ".join(why)})
+    return rows, notes
+
+
+def _finish(rows_: list[dict[str, Any]], notes: list[str], min_effect: dict[str, float] | None,
+            min_trials: int, floors: dict[str, float]) -> pd.DataFrame:
+    out = pd.DataFrame(rows_)
+    if out.empty:
+        out = pd.DataFrame(columns=list(EFFECT_COLUMNS))
+        out.attrs["notes"] = notes
+        return out
+    out["noise_floor"] = out["target"].map(floors).fillna(0.0)
+    out = apply_calls(out, {**DEFAULT_MIN_EFFECT, **(min_effect or {})})
+    out = out.reindex(columns=list(EFFECT_COLUMNS))
+    out.attrs["notes"] = notes
+    return out
+
+
+def studied_levels(per_trial: pd.DataFrame, params: list[str], n_bins: int = 3
+                   ) -> tuple[dict[str, pd.Series], list[str]]:
+    """Each param's levels over the trials (`bin_levels`), params with one level left out;
+    and notes saying which were left out and why."""
+    notes, levels = [], {}
     for p in params:
-        if p not in trials:
+        if p not in per_trial:
             notes.append(f"{p}: not a column, skipped")
             continue
         lev = bin_levels(per_trial[p], n_bins)
@@ -238,67 +332,91 @@ def effects_table(trials: pd.DataFrame, params: list[str], targets: list[str],
             notes.append(f"{p}: one level only, skipped")
             continue
         levels[p] = lev
-    rows: list[dict[str, Any]] = []
-    if not use_targets or not levels:
-        out = pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
-        out.attrs["notes"] = notes
-        return out
-    row_level = {p: trials[group].map(dict(zip(keys, levels[p].astype(str)))) for p in levels}
-    floors = {}
-    for t in use_targets:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            floors[t] = noise_floor(trials, t, group)
-        if caught:
-            notes.append(f"{t}: one seed per trial, so the noise floor is unknown (0) and "
-                         "beyond_noise rests on the interval alone")
-    # targets with the same trials/seeds available are fit together
-    patterns: dict[bytes, list[int]] = {}
-    for j in range(len(use_targets)):
-        patterns.setdefault(counts[:, j].tobytes(), []).append(j)
-    for tjs in patterns.values():
-        cnt = counts[:, tjs]
-        sel = cnt[:, 0] > 0
-        X, blocks, names = _design({p: lev[sel] for p, lev in levels.items()})
-        rank = np.linalg.matrix_rank(X)
-        full = 1 + sum(len(c) - 1 for c in blocks.values())
-        if rank < full:
-            notes.append(f"{', '.join(use_targets[j] for j in tjs)}: some levels always occur "
-                         "together, so their separate effects are not identified")
-        v, c = vals[sel][:, :, tjs], cnt[sel]
-        ybar = np.nansum(v, axis=1) / np.maximum(c, 1)
-        point = _pd_and_contrast(X, _solve(X, ybar), blocks)
-        boot = _bootstrap(X, v, c, blocks, n_boot, rng)
-        for p, cols in blocks.items():
-            if len(cols) < 2:
-                notes.append(f"{p}: one level among the trials with "
-                             f"{use_targets[tjs[0]]}, skipped for it")
+    return levels, notes
+
+
+def effects_table(trials: pd.DataFrame, params: list[str], targets: list[str],
+                  n_boot: int = 1000, seed: int = 0, n_bins: int = 3,
+                  group: str = TRIAL_KEY, min_effect: dict[str, float] | None = None,
+                  min_trials: int = MIN_TRIALS) -> pd.DataFrame:
+    """Adjusted effect of every level of every param on every target at the final budget, from
+    trials that all trained the whole budget (complete case), with 95% intervals and calls.
+
+    `trials`: one row per trial x seed (`Sweep.trials`); `group` names the trial column. Columns:
+    `study.records.EFFECT_COLUMNS`. mean/ci: the level's adjusted (partial dependence) mean;
+    contrast: it minus the mean of the other levels' (trial-bootstrap interval); n = n_trials:
+    trials at the level; n_rows: trial x seed rows; raw_mean: the unadjusted mean
+    (confounded); call / beyond_noise: see `analysis.calls`. Targets absent or constant and
+    params with one level are skipped; `df.attrs["notes"]` says which and why."""
+    notes: list[str] = []
+    rng = np.random.default_rng(seed)
+    use = [t for t in targets if t in trials and trials[t].notna().any()]
+    notes += [f"{t}: absent, skipped" for t in targets if t not in use]
+    const = [t for t in use if trials[t].nunique(dropna=True) < 2]
+    notes += [f"{t}: constant, skipped" for t in const]
+    use = [t for t in use if t not in const]
+    per_trial = trial_means(trials, use, group).set_index(group)
+    levels, lnotes = studied_levels(per_trial, params, n_bins)
+    notes += lnotes
+    seed_rows = trials.groupby(group, sort=False).size()
+    floors = {t: _quiet_floor(trials, t, group) for t in use}
+    out_rows: list[dict[str, Any]] = []
+    if levels:
+        for t in use:
+            y = pd.to_numeric(per_trial[t], errors="coerce").to_numpy(float)
+            keep = np.isfinite(y)
+            bd = BudgetData(t, FINAL, 0, ESTIMATOR_COMPLETE,
+                            [i for i, k in zip(per_trial.index, keep) if k], y[keep])
+            r, nts = _budget_rows(bd, levels, n_boot, rng, min_trials, seed_rows)
+            out_rows += r
+            notes += nts
+    return _finish(out_rows, notes, min_effect, min_trials, floors)
+
+
+def _quiet_floor(trials: pd.DataFrame, target: str, group: str) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return noise_floor(trials, target, group)
+
+
+def effects_report(sweep: Sweep, targets: list[str], n_boot: int = 1000, seed: int = 0,
+                   n_bins: int = 3) -> pd.DataFrame:
+    """Every report target at the final budget (all targets) and, for a search design, at
+    each ASHA rung epoch (per-epoch targets), by the estimator the design calls for
+    (`analysis/estimators.py`), with calls made across the whole table."""
+    from analysis.load import CURVE_METRICS
+
+    spec = sweep.spec
+    design = sweep.design
+    table = sweep.trial_table
+    if table.empty:  # a store without the trial table: the completed trials alone
+        return effects_table(sweep.trials, sweep.params, targets, n_boot, seed, n_bins,
+                             min_effect=getattr(spec, "min_effect", None),
+                             min_trials=int(getattr(spec, "min_trials", MIN_TRIALS)))
+    min_trials = int(getattr(spec, "min_trials", MIN_TRIALS))
+    analysed = table[table["outcome"].isin(("completed", "early_stopped"))]
+    per_trial = analysed.set_index(TRIAL_KEY)
+    levels, notes = studied_levels(per_trial, sweep.params, n_bins)
+    epochs = int(spec.epochs) if spec else int(analysed["last_epoch"].max())
+    rungs = rung_epochs(spec.grace_period, spec.reduction_factor, epochs) if spec else []
+    objective = sweep.objectives[0][0] if sweep.objectives else None
+    seed_rows = sweep.trials.groupby(TRIAL_KEY, sort=False).size() if not sweep.trials.empty \
+        else None
+    rng = np.random.default_rng(seed)
+    floors = {t: _quiet_floor(sweep.trials, t, TRIAL_KEY) for t in targets
+              if t in sweep.trials}
+    out_rows: list[dict[str, Any]] = []
+    budgets = [(epochs, True)]
+    if design == "search":
+        budgets += [(r, False) for r in rungs]
+    for epoch, final in budgets:
+        for t in targets:
+            if not final and t not in CURVE_METRICS:
                 continue
-            pdv, con = point[p]
-            bpd, bcon = boot[p]
-            pd_lo, pd_hi = _interval(bpd)
-            c_lo, c_hi = _interval(bcon)
-            n_tr = X[:, cols].sum(axis=0)
-            for k, tj in enumerate(tjs):
-                target = use_targets[tj]
-                tv = trials[target]
-                for li, lvl in enumerate(names[p]):
-                    at = (row_level[p] == lvl) & tv.notna()
-                    lo, hi = c_lo[li, k], c_hi[li, k]
-                    excl = bool(np.isfinite(lo) and (lo > 0 or hi < 0))
-                    rows.append({
-                        "target": target, "param": p, "level": lvl,
-                        "mean": float(pdv[li, k]), "ci_low": float(pd_lo[li, k]),
-                        "ci_high": float(pd_hi[li, k]), "n": int(at.sum()),
-                        "beyond_noise": excl and abs(float(con[li, k])) > floors[target],
-                        "contrast": float(con[li, k]), "contrast_low": float(lo),
-                        "contrast_high": float(hi), "noise_floor": floors[target],
-                        "raw_mean": float(tv[at].mean()), "n_trials": int(n_tr[li])})
-    out = pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
-    order = {t: i for i, t in enumerate(use_targets)}
-    porder = {p: i for i, p in enumerate(levels)}
-    out = out.sort_values(["target", "param"], key=lambda s: s.map(order if s.name == "target"
-                                                                   else porder),
-                          kind="stable").reset_index(drop=True)
-    out.attrs["notes"] = notes
-    return out
+            bd = budget_data(table, sweep.curves, t, epoch, final, design, rungs, objective)
+            if bd is None or len(bd.y) < 2 or np.nanstd(bd.y) == 0:
+                continue
+            r, nts = _budget_rows(bd, levels, n_boot, rng, min_trials, seed_rows)
+            out_rows += r
+            notes += nts
+    return _finish(out_rows, notes, getattr(spec, "min_effect", None), min_trials, floors)

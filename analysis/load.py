@@ -58,6 +58,9 @@ DEFAULT_TARGETS: tuple[str, ...] = ("gen_gap_acc", "gen_gap_loss", "test_acc",
                                     *ROBUSTNESS_METRICS)
 # `seed` is the replicate seed (trial k of a config runs with seed + k): never a design choice
 NOT_DESIGN = ("seed",)
+# per-epoch metrics whose learning curves are read (common budgets, imputation of stopped trials)
+CURVE_METRICS: tuple[str, ...] = ("val_acc", "val_loss", "test_acc", "test_loss", "train_acc",
+                                  "train_loss", "gen_gap_acc", "gen_gap_loss", "ece")
 TRIAL_KEY = "trial_id"  # the column naming a trial in every table of a Sweep
 PAGE = 1000
 
@@ -82,6 +85,12 @@ class Sweep:
         trial_id, seed, seed_index, the table's own columns, and the varied params).
     used: number of trials used; skipped: reason (a key of `SKIP_WHY`) -> trials left out.
     spec: the sweep's parsed search space (None for a store written without one).
+    trial_table: one row per finished trial of ANY outcome (completed, early-stopped, diverged,
+        error, interrupted): trial_id, run_id, outcome, last_epoch (the last epoch it logged),
+        every TrialConfig field and each metric's last logged seed mean. The estimators use it
+        to see what early stopping selected.
+    curves: the seed-mean learning curves of completed and early-stopped trials: one row per
+        trial x epoch (trial_id, epoch, one column per metric of `CURVE_METRICS` logged).
     """
 
     experiment: str
@@ -97,6 +106,13 @@ class Sweep:
     tracking_uri: str = ""
     spec: SweepSpec | None = None
     conditional: list[str] = field(default_factory=list)  # varied but left out (see load_sweep)
+    trial_table: pd.DataFrame = field(default_factory=pd.DataFrame)
+    curves: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def design(self) -> str:
+        """The sweep's analysis design (`search` for stores written without one)."""
+        return str(getattr(self.spec, "design", "search")) if self.spec else "search"
 
     def targets(self) -> list[str]:
         """The default targets present in `trials` (gaps, test accuracy, robustness)."""
@@ -325,7 +341,10 @@ def load_sweep(tracking_uri: str | None = None, experiment: str | None = None,
         n_skip = sum(skipped.values())
         why = skipped_text(skipped) if n_skip else "no child runs yet"
         raise ReportError(f"{where}: no completed trials to analyse; {n_skip} skipped: {why}")
-    configs = pd.DataFrame([u.config for u in used])
+    finished = [r for r in records if r.outcome is not None or r.skip_reason != "running"]
+    analysable = [r for r in finished
+                  if r.outcome in (Outcome.COMPLETED, Outcome.EARLY_STOPPED)]
+    configs = pd.DataFrame([u.config for u in analysable])
     spec = _load_spec(parent.info.artifact_uri)
     # a conditional param (`when:` in the space) holds its default where inactive, which would
     # make one of its levels stand for "the condition is off": it is left out of the analysis
@@ -353,4 +372,29 @@ def load_sweep(tracking_uri: str | None = None, experiment: str | None = None,
     return Sweep(experiment=exp.name, parent_run_id=pid, trials=trials, runs=runs,
                  params=params, metrics=metrics, objectives=objectives,
                  tables=_load_tables(used, params), used=len(used), skipped=skipped,
-                 tracking_uri=uri, spec=spec, conditional=sorted(conditional & set(varied)))
+                 tracking_uri=uri, spec=spec, conditional=sorted(conditional & set(varied)),
+                 trial_table=_trial_table(finished), curves=_curves(client, analysable))
+
+
+def _trial_table(records: list[TrialRecord]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        outcome = r.outcome or Outcome.INTERRUPTED
+        last = r.metrics.get("epoch")
+        rows.append({"trial_id": r.trial_id, "run_id": r.run_id, "outcome": outcome.value,
+                     "last_epoch": int(last) if last is not None else 0, **r.config,
+                     **{k: v for k, v in r.metrics.items() if k != "epoch"}})
+    return pd.DataFrame(rows)
+
+
+def _curves(client: MlflowClient, records: list[TrialRecord]) -> pd.DataFrame:
+    """Seed-mean learning curves (one metric-history read per run and curve metric)."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in records:
+        for key in CURVE_METRICS:
+            if key not in r.metrics:
+                continue
+            for m in client.get_metric_history(r.run_id, key):
+                rows.setdefault((r.trial_id, int(m.step)), {})[key] = float(m.value)
+    out = pd.DataFrame([{"trial_id": t, "epoch": e, **v} for (t, e), v in rows.items()])
+    return out.sort_values(["trial_id", "epoch"]).reset_index(drop=True) if len(out) else out

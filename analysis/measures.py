@@ -7,12 +7,34 @@ Them", ICLR; arXiv 1912.02178, 2019):
   tau-b, which handles ties).
 - The granulated Kendall's tau (their eqs. 4-5): for each param i, group the trials that share
   the values of all OTHER params (numeric ones binned, as in `analysis.effects.bin_levels`),
-  take Kendall's tau within every group that has >= 2 trials with different values of i, and
-  average over groups -> psi_i; the granulated tau is the mean of psi_i over the params with
-  at least one such group. It asks whether the measure follows the target when ONE choice
-  changes, which a correlation driven by another choice cannot fake. With a sparse search
-  (random or TPE samples, not a grid) few trials share all other values, so it can be
-  undefined (NaN): the table says why.
+  take Kendall's tau within every qualifying group and average over groups -> psi_i; the
+  granulated tau is the mean of psi_i over the params with at least one qualifying group. It
+  asks whether the measure follows the target when ONE choice changes, which a correlation
+  driven by another choice cannot fake. With a sparse search (random or TPE samples, not a
+  grid) few trials share all other values, so it can be undefined (NaN): the table says why.
+
+Which groups qualify. Jiang et al. use every group of >= 2 trials that differ in param i; the
+functions `granulated_psi` / `granulated_kendall_tau` keep that definition by default
+(`min_group=2`). `measures_table` asks for more: a group must hold at least `MIN_GROUP` (3)
+trials with >= 2 distinct (binned) values of the varied param, because the tau of a 2-trial
+group is +1 or -1 whatever the measure is (an unrelated measure's granulated tau over 2-trial
+groups has an sd of about 0.45). A group whose tau is undefined (the measure or the target
+constant within it) is not used. A `design: one_at_a_time` sweep (README "Designs") makes one
+such group per base configuration and param with >= 3 levels: the base and its variations of
+that param; 2-level params give 2-trial groups only.
+
+Uncertainty (`measures_table`, 95% percentile intervals, `n_boot` resamples, seeded):
+- `granulated_low/high`: a cluster bootstrap over groups, stratified by param (as rliable's
+  stratified bootstrap over runs within tasks): for every param its qualifying groups are
+  drawn with replacement (as many as it has), psi_i is recomputed from the drawn groups' taus
+  and the granulated tau is the mean over params. The within-group taus are computed once; the
+  statistic (`granulated_stat`) is separate from the resampling (`resample_groups`) and is the
+  same function for the estimate and for every resample. Groups of different params share
+  trials (a base belongs to one group per param), which this stratified scheme ignores. A param
+  with a single group gives no spread, so the interval is NaN (with a note) unless every used
+  param has >= 2 groups.
+- `tau_low/high`: trials drawn with replacement (each trial's seed mean is one observation),
+  Kendall's tau-b of every resample (resamples where it is undefined are dropped).
 
 All functions work on per-trial seed means (one row per trial).
 """
@@ -33,6 +55,13 @@ from study.records import MEASURE_COLUMNS
 
 DEFAULT_MEASURES = ("attn_entropy", "attn_entropy_min", "attn_max_logit", "grad_norm",
                     "param_norm", "ece", "n_params", "samples_per_s")
+MIN_GROUP = 3  # the fewest trials a group needs in `measures_table` (see the module docstring)
+N_BOOT = 200  # bootstrap resamples of `measures_table`'s intervals
+CI_LEVEL = 0.95
+DESIGN_HINT = ("a `design: one_at_a_time` sweep with params of >= 3 levels gives such groups "
+               "(README \"Designs\")")
+
+FloatArray = npt.NDArray[np.float64]
 
 
 def kendall_tau_p(x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[float, float]:
@@ -53,49 +82,124 @@ def kendall_tau(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
     return kendall_tau_p(x, y)[0]
 
 
-def granulated_psi(trials: pd.DataFrame, measure: str, target: str, params: Sequence[str],
-                   n_bins: int = 3, group: str = TRIAL_KEY) -> dict[str, tuple[float, int]]:
-    """psi_i for each param i: (mean within-group Kendall's tau, number of groups used);
-    (NaN, 0) where no group qualifies."""
+def group_taus(trials: pd.DataFrame, measure: str, target: str, params: Sequence[str],
+               n_bins: int = 3, group: str = TRIAL_KEY,
+               min_group: int = 2) -> tuple[dict[str, list[tuple[float, int]]], int]:
+    """The groups behind the granulated tau: param -> [(Kendall's tau, trials) of every group
+    of >= `min_group` trials that share the other params' (binned) values and hold >= 2 values
+    of the param, with a defined tau], and the number of groups left out only for being
+    smaller than `min_group`."""
     df = trial_means(trials, [measure, target], group)
     df = df[np.isfinite(df[measure].astype(float)) & np.isfinite(df[target].astype(float))]
     params = [p for p in params if p in df]
     levels = pd.DataFrame({p: bin_levels(df[p], n_bins).astype(str) for p in params},
                           index=df.index)
-    out: dict[str, tuple[float, int]] = {}
+    out: dict[str, list[tuple[float, int]]] = {}
+    small = 0
     for p in params:
         others = [q for q in params if q != p]
-        taus = []
         key = levels[others].agg("\x1f".join, axis=1) if others else pd.Series("", df.index)
-        groups = key.groupby(key, sort=False).groups.values()
-        for idx in groups:
+        found: list[tuple[float, int]] = []
+        for idx in key.groupby(key, sort=False).groups.values():
             if len(idx) < 2 or levels.loc[idx, p].nunique() < 2:
+                continue
+            if len(idx) < min_group:
+                small += 1
                 continue
             t = kendall_tau(df.loc[idx, measure], df.loc[idx, target])
             if np.isfinite(t):
-                taus.append(t)
-        out[p] = (float(np.mean(taus)), len(taus)) if taus else (float("nan"), 0)
-    return out
+                found.append((t, len(idx)))
+        out[p] = found
+    return out, small
+
+
+def granulated_psi(trials: pd.DataFrame, measure: str, target: str, params: Sequence[str],
+                   n_bins: int = 3, group: str = TRIAL_KEY,
+                   min_group: int = 2) -> dict[str, tuple[float, int]]:
+    """psi_i for each param i: (mean within-group Kendall's tau, number of groups used);
+    (NaN, 0) where no group qualifies. `min_group=2` is Jiang et al.'s definition."""
+    taus, _ = group_taus(trials, measure, target, params, n_bins, group, min_group)
+    return {p: (float(np.mean([t for t, _ in g])), len(g)) if g else (float("nan"), 0)
+            for p, g in taus.items()}
 
 
 def granulated_kendall_tau(trials_df: pd.DataFrame, measure: str, target: str,
                            params: Sequence[str], n_bins: int = 3,
-                           group: str = TRIAL_KEY) -> float:
+                           group: str = TRIAL_KEY, min_group: int = 2) -> float:
     """Jiang et al.'s granulated Kendall's tau: the mean of psi_i over the params with at least
     one group of trials that differ only in param i; NaN if there is none."""
     psi = [v for v, n in granulated_psi(trials_df, measure, target, params, n_bins,
-                                        group).values() if n]
+                                        group, min_group).values() if n]
     return float(np.mean(psi)) if psi else float("nan")
+
+
+def granulated_stat(taus: Sequence[FloatArray]) -> FloatArray:
+    """The granulated tau from each used param's group taus: the mean over params of the mean
+    over groups (the last axis). 1-d arrays give a 0-d result, (n_boot, groups) arrays one
+    value per resample."""
+    return np.asarray(np.mean([t.mean(axis=-1) for t in taus], axis=0), dtype=np.float64)
+
+
+def resample_groups(taus: Sequence[FloatArray], n_boot: int,
+                    rng: np.random.Generator) -> list[FloatArray]:
+    """Stratified cluster resamples: for each param, `n_boot` draws with replacement of as many
+    of its groups as it has -> an (n_boot, groups) array of their taus."""
+    return [t[rng.integers(0, len(t), size=(n_boot, len(t)))] for t in taus]
+
+
+def percentile_ci(samples: npt.ArrayLike, level: float = CI_LEVEL) -> tuple[float, float]:
+    """The central `level` percentile interval of the finite samples; NaN if fewer than half
+    of them are finite."""
+    s = np.asarray(samples, dtype=float).ravel()
+    s = s[np.isfinite(s)]
+    if len(s) == 0 or 2 * len(s) < np.asarray(samples).size:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    lo, hi = np.quantile(s, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def granulated_ci(taus: Sequence[FloatArray], n_boot: int = N_BOOT, seed: int = 0,
+                  level: float = CI_LEVEL) -> tuple[float, float]:
+    """Bootstrap interval of `granulated_stat` (groups resampled within each param); NaN
+    when there is no group, a param has a single group, or `n_boot` is 0."""
+    if n_boot <= 0 or not taus or min(len(t) for t in taus) < 2:
+        return float("nan"), float("nan")
+    boot = granulated_stat(resample_groups(taus, n_boot, np.random.default_rng(seed)))
+    return percentile_ci(boot, level)
+
+
+def kendall_tau_ci(x: npt.ArrayLike, y: npt.ArrayLike, n_boot: int = N_BOOT, seed: int = 0,
+                   level: float = CI_LEVEL) -> tuple[float, float]:
+    """Trial-bootstrap interval of Kendall's tau-b over the pairs where both are finite."""
+    xa = np.asarray(x, dtype=float)
+    ya = np.asarray(y, dtype=float)
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[ok], ya[ok]
+    n = len(xa)
+    if n_boot <= 0 or n < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        boot = [kendall_tau(xa[i], ya[i]) for i in idx]
+    return percentile_ci(boot, level)
 
 
 def measures_table(trials: pd.DataFrame, params: Sequence[str],
                    targets: Sequence[str] = ("gen_gap_acc",),
                    measures: Sequence[str] = DEFAULT_MEASURES, n_bins: int = 3,
-                   group: str = TRIAL_KEY) -> pd.DataFrame:
+                   group: str = TRIAL_KEY, *, n_boot: int = N_BOOT, seed: int = 0,
+                   min_group: int = MIN_GROUP, level: float = CI_LEVEL) -> pd.DataFrame:
     """Kendall's tau and granulated Kendall's tau of each measure with each target over the
-    per-trial seed means. Columns: target, measure, kendall_tau, granulated_kendall_tau, then
-    p_value (of tau), n (trials), n_params_granulated (params with a qualifying group) and
-    note (why a value is empty). Measures or targets not present are skipped."""
+    per-trial seed means, with bootstrap intervals. Columns (`MEASURE_COLUMNS`): target,
+    measure, kendall_tau, granulated_kendall_tau, p_value (of tau), n (trials), tau_low,
+    tau_high (trial bootstrap), granulated_low, granulated_high (group bootstrap within params),
+    n_groups (qualifying groups over all params: >= `min_group` trials, >= 2 values of the
+    varied param, a defined tau), group_size (their median size), n_params_granulated (params
+    with a qualifying group) and note (why a value is empty). Every row uses the generator
+    `seed`, so a row does not depend on which other measures are present. Measures or targets
+    not present are skipped."""
     present = [m for m in measures if m in trials]
     tgts = [t for t in targets if t in trials]
     df = trial_means(trials, list(dict.fromkeys([*present, *tgts])), group)
@@ -109,19 +213,31 @@ def measures_table(trials: pd.DataFrame, params: Sequence[str],
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 tau, p = kendall_tau_p(x, y)
-                psi = granulated_psi(df, m, t, params, n_bins, group)
-            used = [v for v, k in psi.values() if k]
-            gran = float(np.mean(used)) if used else float("nan")
-            note = ""
+                taus, small = group_taus(df, m, t, params, n_bins, group, min_group)
+            used = {q: np.array([v for v, _ in g]) for q, g in taus.items() if g}
+            sizes = [k for g in taus.values() for _, k in g]
+            gran = float(granulated_stat(list(used.values()))) if used else float("nan")
+            tau_lo, tau_hi = kendall_tau_ci(x, y, n_boot, seed, level)
+            g_lo, g_hi = granulated_ci(list(used.values()), n_boot, seed, level)
+            notes = []
             if n < 2:
-                note = f"fewer than 2 trials with both {m} and {t}: tau undefined"
+                notes.append(f"fewer than 2 trials with both {m} and {t}: tau undefined")
             elif not np.isfinite(tau):
                 const = m if np.nanmax(x) == np.nanmin(x) else t
-                note = f"{const} is constant across trials: tau undefined"
+                notes.append(f"{const} is constant across trials: tau undefined")
             elif not used:
-                note = ("no two trials differ in only one param (after binning): "
-                        "granulated tau undefined")
+                why = f"; {small} smaller groups not counted" if small else ""
+                notes.append(f"no group of >= {min_group} trials that differ only in one "
+                             f"param (after binning){why}: granulated tau undefined; "
+                             f"{DESIGN_HINT}")
+            elif n_boot > 0 and np.isnan(g_lo):
+                single = [q for q, v in used.items() if len(v) < 2]
+                notes.append(f"granulated interval undefined: a single group for "
+                             f"{', '.join(single)}")
             rows.append({"target": t, "measure": m, "kendall_tau": tau,
                          "granulated_kendall_tau": gran, "p_value": p, "n": n,
-                         "n_params_granulated": len(used), "note": note})
+                         "tau_low": tau_lo, "tau_high": tau_hi, "granulated_low": g_lo,
+                         "granulated_high": g_hi, "n_groups": len(sizes),
+                         "group_size": float(np.median(sizes)) if sizes else float("nan"),
+                         "n_params_granulated": len(used), "note": "; ".join(notes)})
     return pd.DataFrame(rows, columns=list(MEASURE_COLUMNS))

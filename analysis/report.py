@@ -78,28 +78,36 @@ def _html_table(df: pd.DataFrame, highlight: pd.Series | None = None) -> str:
 
 
 def _ci(df: pd.DataFrame) -> pd.DataFrame:
-    """Effects in reading form: contrast with its CI in one column."""
-    out = df[["target", "param", "level", "n"]].copy()
-    out["contrast [95% CI]"] = [f"{fmt(c)} [{fmt(lo)}, {fmt(hi)}]" for c, lo, hi in
-                                zip(df["contrast"], df["contrast_low"], df["contrast_high"])]
+    """Effects in reading form: contrast with its CI in one column, the call and why."""
+    out = df[["target", "budget", "param", "level", "n"]].copy()
+    out["contrast [95% CI]"] = [
+        f"{fmt(c)} [{fmt(lo)}, {fmt(hi)}]" if pd.notna(lo) else f"{fmt(c)} (no interval)"
+        for c, lo, hi in zip(df["contrast"], df["contrast_low"], df["contrast_high"])]
+    out["adjusted CI"] = [f"[{fmt(lo)}, {fmt(hi)}]" for lo, hi in
+                          zip(df["adj_low"], df["adj_high"])]
+    out["delta"] = df["delta"].to_numpy()
+    out["q"] = df["q_value"].to_numpy()
+    out["call"] = df["call"].to_numpy()
+    out["note"] = df["note"].fillna("").to_numpy()
     out["adjusted mean"] = df["mean"].to_numpy()
     out["raw mean"] = df["raw_mean"].to_numpy()
-    out["noise floor"] = df["noise_floor"].to_numpy()
-    out["beyond noise"] = ["yes" if b else "no" for b in df["beyond_noise"].astype(bool)]
     return out
 
 
 def summary_markdown(sweep: Sweep, lines: list[str], effects: pd.DataFrame,
                      importance: pd.DataFrame, measures: pd.DataFrame,
                      figures: Sequence[str]) -> str:
-    beyond = effects[effects["beyond_noise"].astype(bool)] if not effects.empty else effects
+    beyond = effects[effects["call"] == "effect"] if not effects.empty else effects
     parts = [f"# Report: {sweep.experiment}\n",
              f"Parent run `{sweep.parent_run_id}`; params studied: "
              f"{', '.join(sweep.params) or 'none'}.\n",
              "## Summary\n", *[f"- {line}" for line in lines], "",
-             "## Effects beyond seed noise\n",
+             "## Effects called\n",
              "Contrast = the level's adjusted mean minus the mean of the other levels of the "
-             "same parameter (95% CI); all effects are in `effects.csv`.\n",
+             "same parameter (95% trial-bootstrap CI), at the budget given; `effect` = its "
+             "multiplicity-adjusted interval lies outside +-delta; all rows, with "
+             "`negligible` and `inconclusive` ones, are in `effects.csv`, outcomes per level "
+             "in `outcomes.csv`.\n",
              _md_table(_ci(beyond) if not beyond.empty else beyond),
              "## Parameter importance\n", _md_table(importance),
              "## Measures vs. the generalization gap\n", _md_table(measures),
@@ -116,7 +124,7 @@ def index_html(sweep: Sweep, lines: list[str], effects: pd.DataFrame, importance
         f'{base64.b64encode(png).decode("ascii")}"><figcaption>{e(caption)}</figcaption>'
         "</figure>" for name, (png, caption) in pngs.items())
     eff = _ci(effects) if not effects.empty else effects
-    flags = effects["beyond_noise"].astype(bool) if not effects.empty else None
+    flags = (effects["call"] == "effect") if not effects.empty else None
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -130,15 +138,17 @@ generated {e(stamp)}.</p>
 <h2>Summary</h2>
 <div class="summary"><ul>{"".join(f"<li>{e(x)}</li>" for x in lines)}</ul></div>
 <p class="note">Effects are differences between levels of one parameter, adjusted for the other
-parameters, with 95% bootstrap confidence intervals (trials and their seeds resampled);
-"beyond seed noise" means the interval excludes zero and the effect is larger than the seed-noise
-floor (the median spread between seeds of one configuration). They describe this sweep's sampled
-configurations, not guaranteed causes. Early-stopped, diverged and failed trials are left out.
-</p>
+parameters, at the budget given (final, or an ASHA rung epoch), with 95% bootstrap intervals over
+trials (each trial the mean of its seeds). Under early stopping the stopped trials' later values
+are imputed from their curves (the estimator column). A call is <b>effect</b> when the level's
+multiplicity-adjusted interval lies outside +-delta (the smallest effect of interest),
+<b>negligible</b> when it lies inside, else <b>inconclusive</b> (the note says why: not detected,
+too few trials, aliased). They describe this sweep's sampled configurations, not guaranteed
+causes. Diverged and failed trials are counted per level in outcomes.csv.</p>
 <h2>Figures</h2>
 {figs or '<p class="note">(no figures: no data)</p>'}
 <h2>Effects of each parameter level</h2>
-<p class="note">Highlighted rows are beyond seed noise.</p>
+<p class="note">Highlighted rows are called effects.</p>
 {_html_table(eff, flags)}
 <h2>Parameter importance</h2>
 {_html_table(importance)}
@@ -151,13 +161,15 @@ summary.md, figures/*.png.</p>
 
 
 def write_report(sweep: Sweep, out_dir: Path, n_boot: int = 1000, log_to_mlflow: bool = True,
-                 tracking_uri: str | None = None) -> Path:
+                 tracking_uri: str | None = None, importance_boot: int = 30) -> Path:
     """Compute the tables, write every file under `out_dir`, log it on the parent run (in
     `tracking_uri`, default the store the sweep was loaded from); returns index.html's path."""
-    from analysis.effects import effects_table
+    from analysis.budget import budget_curves, lr_sensitivity, lr_sensitivity_summary
+    from analysis.effects import effects_report
+    from analysis.estimators import outcome_table
     from analysis.importance import importance_table
     from analysis.measures import measures_table
-    from analysis.plots import all_figures, caption
+    from analysis.plots import CAPTIONS, all_figures, budget_figures, caption
 
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
@@ -166,9 +178,10 @@ def write_report(sweep: Sweep, out_dir: Path, n_boot: int = 1000, log_to_mlflow:
         stale.unlink()
     trials = sweep.trials
     targets = [t for t in report_targets(sweep.metrics) if t in trials]
-    effects = _ordered(effects_table(trials, sweep.params, targets, n_boot=n_boot, seed=0),
-                       EFFECT_CSV_COLUMNS)
-    raw_importance = importance_table(trials, sweep.params, targets, seed=0, spec=sweep.spec)
+    raw_effects = effects_report(sweep, targets, n_boot=n_boot, seed=0)
+    effects = _ordered(raw_effects, EFFECT_CSV_COLUMNS)
+    raw_importance = importance_table(trials, sweep.params, targets, seed=0, spec=sweep.spec,
+                                      n_boot=importance_boot, n_perm=importance_boot)
     importance = _ordered(raw_importance, IMPORTANCE_CSV_COLUMNS)
     measures = _ordered(measures_table(trials, sweep.params), MEASURE_CSV_COLUMNS)
 
@@ -176,12 +189,33 @@ def write_report(sweep: Sweep, out_dir: Path, n_boot: int = 1000, log_to_mlflow:
     effects.to_csv(out_dir / "effects.csv", index=False)
     importance.to_csv(out_dir / "importance.csv", index=False)
     measures.to_csv(out_dir / "measures.csv", index=False)
+    outcomes = _outcomes(sweep, outcome_table)
+    outcomes.to_csv(out_dir / "outcomes.csv", index=False)
+    objective, mode = sweep.objectives[0] if sweep.objectives else ("val_acc", "max")
+    budget = budget_curves(trials, sweep.params, objective, mode) \
+        if objective in trials else pd.DataFrame()
+    budget.to_csv(out_dir / "budget.csv", index=False)
+    lr_tables = [lr_sensitivity(trials, sweep.params, t) for t in (objective, "gen_gap_acc")
+                 if t in trials]
+    lr_table = pd.concat([t for t in lr_tables if not t.empty] or [pd.DataFrame()])
+    if not lr_table.empty:
+        lr_table.to_csv(out_dir / "lr_sensitivity.csv", index=False)
+        lr_sensitivity_summary(lr_table).to_csv(out_dir / "lr_sensitivity_summary.csv",
+                                                index=False)
 
+    figures = {name: (fig, caption(name)) for name, fig in
+               all_figures(sweep, effects, importance, measures, targets).items()}
+    for name, fig in budget_figures(budget, lr_table).items():
+        text = (CAPTIONS["budget"].format(metric=objective) if name.startswith("budget_")
+                else CAPTIONS["lr_sensitivity"].format(
+                    target=next(t for t in lr_table["target"].unique()
+                                if name.startswith(f"lr_sensitivity_{t}_"))))
+        figures[name] = (fig, text)
     pngs: dict[str, tuple[bytes, str]] = {}
-    for name, fig in all_figures(sweep, effects, importance, measures, targets).items():
+    for name, (fig, text) in figures.items():
         png = _png(fig)
         (fig_dir / f"{name}.png").write_bytes(png)
-        pngs[name] = (png, caption(name))
+        pngs[name] = (png, text)
         fig.clear()
 
     lines = findings(effects, importance, measures, sweep, targets)
@@ -190,6 +224,9 @@ def write_report(sweep: Sweep, out_dir: Path, n_boot: int = 1000, log_to_mlflow:
     if sweep.conditional:
         lines.append(f"Not analysed: {', '.join(sweep.conditional)} (conditional parameters: "
                      "where their condition is off they hold the default, not a sampled level)")
+    lines += [f"{r.param}={r.level}: {r.n_trials} trials, {r.stop_rate:.0%} stopped early, "
+              f"{r.divergence_rate:.0%} diverged (no trial completed)"
+              for r in outcomes.itertuples() if r.completed == 0]
     (out_dir / "summary.md").write_text(
         summary_markdown(sweep, lines, effects, importance, measures, list(pngs)),
         encoding="utf-8")
@@ -200,6 +237,18 @@ def write_report(sweep: Sweep, out_dir: Path, n_boot: int = 1000, log_to_mlflow:
         log_report(sweep.parent_run_id, out_dir,
                    tracking_uri or sweep.tracking_uri or None)
     return index
+
+
+def _outcomes(sweep: Sweep, table_fn: Any) -> pd.DataFrame:
+    """Trials per level of each studied param by how they ended (every outcome)."""
+    from analysis.effects import bin_levels
+
+    t = sweep.trial_table
+    if t.empty:
+        return pd.DataFrame()
+    levels = {p: bin_levels(t[p]) for p in sweep.params if p in t}
+    out: pd.DataFrame = table_fn(t, levels)
+    return out
 
 
 def log_report(parent_run_id: str, out_dir: Path, tracking_uri: str | None = None) -> None:

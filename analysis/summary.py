@@ -85,18 +85,53 @@ def header(sweep: Sweep) -> str:
             + sweep.skipped_text())
 
 
-def effect_findings(effects: pd.DataFrame, target: str, params: Sequence[str]) -> list[str]:
-    """Levels beyond seed noise (largest first), then the params with no detectable effect."""
+def estimand(sweep: Sweep, effects: pd.DataFrame) -> str:
+    """What the effects estimate: the design, the budgets, the trials per level and the
+    estimator, and how the calls are made."""
+    spec = sweep.spec
+    epochs = int(spec.epochs) if spec else None
+    if effects.empty:
+        return f"Estimand: no effect could be estimated; design: {sweep.design}"
+    final = effects[effects["budget"] == "final"]
+    budgets = sorted({str(b) for b in effects["budget"] if str(b) != "final"}, key=int)
+    text = ("Estimand: each level's adjusted contrast (its mean minus the mean of the other "
+            "levels of the same parameter, the other parameters held as observed) at the "
+            + (f"final budget ({epochs} epochs)" if epochs else "final budget"))
+    if budgets:
+        text += f" and at ASHA's rung epochs {', '.join(budgets)} (common budgets)"
+    text += f"; design: {sweep.design}"
+    if not final.empty:
+        n = final.groupby(["param", "level"])["n"].max()
+        m = int(np.isfinite(effects["p_value"].astype(float)).sum())
+        text += (f"; trials per level {int(n.min())}-{int(n.max())}; estimator: "
+                 + "; ".join(dict.fromkeys(final["estimator"].astype(str)))
+                 + "; calls against the smallest effect of interest (delta per target) with "
+                 f"Holm/Bonferroni adjustment across the report's {m} tests")
+    return text
+
+
+def _delta(rows: pd.DataFrame) -> str:
+    return fmt(float(rows["delta"].iloc[0])) if "delta" in rows and len(rows) else "n/a"
+
+
+def effect_findings(effects: pd.DataFrame, target: str, params: Sequence[str],
+                    budget: str = "final") -> list[str]:
+    """Effects (largest first), then the params whose levels are all negligible, then what
+    was not detected, with its interval and the minimum detectable effect (MDE)."""
     if effects is None or effects.empty:
         return []
     rows = effects[effects["target"] == target]
+    if "budget" in rows:
+        rows = rows[rows["budget"].astype(str) == budget]
     if rows.empty:
         return []
     higher = HIGHER_IS_BETTER.get(target)
     direction = None if higher is None else ("higher is better" if higher else
                                              "lower is better")
+    at = "" if budget == "final" else f" at epoch {budget} (all trials that reached it)"
     out = []
-    beyond = rows[rows["beyond_noise"].astype(bool)]
+    called = rows["call"] == "effect" if "call" in rows else rows["beyond_noise"].astype(bool)
+    beyond = rows[called]
     beyond = beyond.reindex(beyond["contrast"].abs().sort_values(ascending=False).index)
     levels = rows.groupby("param")["level"].agg(lambda s: list(dict.fromkeys(s.astype(str))))
     for r in cast("Iterable[_EffectRow]", beyond.itertuples(index=False)):
@@ -108,21 +143,44 @@ def effect_findings(effects: pd.DataFrame, target: str, params: Sequence[str]) -
                                                                 -r.contrast_low)
         over = (f"{r.param}={others[0]}" if len(others) == 1 else "the other levels")
         note = "adjusted for the other parameters" + (f"; {direction}" if direction else "")
-        out.append(f"{r.param}={r.level} {'raises' if up else 'lowers'} {target} by "
-                   f"{fmt(abs(r.contrast))} [{fmt(lo)}, {fmt(hi)}] relative to {over} ({note})")
+        n = f"; {int(r.n)} trials" if hasattr(r, "n") else ""
+        out.append(f"{r.param}={r.level} {'raises' if up else 'lowers'} {target}{at} by "
+                   f"{fmt(abs(r.contrast))} [{fmt(lo)}, {fmt(hi)}] relative to {over} "
+                   f"({note}{n})")
+    if "call" not in rows:
+        return out
     has_effect = set(beyond["param"])
-    floors: dict[str, list[str]] = {}
-    for p in [p for p in params if p in set(rows["param"]) and p not in has_effect]:
-        floors.setdefault(fmt(rows.loc[rows["param"] == p, "noise_floor"].max()), []).append(p)
-    for floor, ps in floors.items():
-        verb = "has" if len(ps) == 1 else "have"
-        out.append(f"{', '.join(ps)} {verb} no effect on {target} beyond seed noise "
-                   f"(floor {floor})")
+    rest = [p for p in params if p in set(rows["param"]) and p not in has_effect]
+    negligible = [p for p in rest
+                  if (rows.loc[rows["param"] == p, "call"] == "negligible").all()]
+    if negligible:
+        out.append(f"{', '.join(negligible)}: negligible effect on {target}{at} (every level's "
+                   f"adjusted interval lies within +-{_delta(rows)})")
+    for p in [p for p in rest if p not in negligible]:
+        pr = rows[rows["param"] == p]
+        big = pr.iloc[int(pr["contrast"].abs().fillna(-1).to_numpy().argmax())]
+        thin = [f"{lv} ({note})" for lv, note in zip(pr["level"], pr["note"])
+                if any(w in str(note) for w in ("trial", "aliased", "went on"))]
+        ci = (f"CI [{fmt(big['contrast_low'])}, {fmt(big['contrast_high'])}]"
+              if np.isfinite(float(big["contrast_low"])) else "no interval")
+        line = (f"{p} on {target}{at}: not detected: largest contrast {p}={big['level']} "
+                f"{fmt(big['contrast'])}, {ci}, MDE {fmt(big['mde'])}")
+        if thin:
+            line += "; too little support: " + ", ".join(thin)
+        out.append(line)
     return out
 
 
+def _imp_text(r: pd.Series) -> str:
+    text = fmt(r["importance"])
+    if "importance_low" in r and np.isfinite(float(r["importance_low"])):
+        text += f" [{fmt(r['importance_low'])}, {fmt(r['importance_high'])}]"
+    return text
+
+
 def importance_finding(importance: pd.DataFrame, target: str) -> str | None:
-    """The top parameter by fANOVA importance (PED-ANOVA when fANOVA is absent)."""
+    """The top parameter by fANOVA importance (PED-ANOVA when fANOVA is absent), with its
+    bootstrap interval and which params stand above the permutation null."""
     if importance is None or importance.empty:
         return None
     rows = importance[importance["target"] == target]
@@ -133,33 +191,44 @@ def importance_finding(importance: pd.DataFrame, target: str) -> str | None:
     rows = rows[rows["evaluator"] == ev].sort_values("importance", ascending=False)
     name = {"fanova": "fANOVA", "ped_anova": "PED-ANOVA"}.get(ev, ev)
     top = rows.iloc[0]
-    line = (f"Top parameter for {target} by {name} importance: {top['param']} "
-            f"({fmt(top['importance'])})")
+    line = f"Top parameter for {target} by {name} importance: {top['param']} ({_imp_text(top)})"
     if len(rows) > 1:
         nxt = rows.iloc[1]
-        line += f", next {nxt['param']} ({fmt(nxt['importance'])})"
+        line += f", next {nxt['param']} ({_imp_text(nxt)})"
+    if "important" in rows:
+        imp = [str(p) for p, i in zip(rows["param"], rows["important"]) if bool(i)]
+        line += ("; above their permutation null: "
+                 + (", ".join(imp) if imp else "none, so this ranking may be noise"))
     return line
 
 
 def measure_finding(measures: pd.DataFrame, target: str = GEN_GAP_ACC) -> str | None:
-    """The measure with the largest |Kendall tau| against the gap, with its sign."""
+    """Which measures rank-correlate with the target after Holm adjustment across every
+    measure tried (never the best of k with its unadjusted p-value)."""
     if measures is None or measures.empty:
         return None
     rows = measures[(measures["target"] == target) & measures["kendall_tau"].notna()]
     if rows.empty:
         return None
-    best = rows.iloc[int(rows["kendall_tau"].abs().argmax())]
-    tau = float(best["kendall_tau"])
-    sign = "larger" if tau > 0 else "smaller"
-    p = float(best["p_value"])
-    sig = "" if p < 0.05 else ", not significant at p < 0.05"
-    return (f"Best measure for {target}: {best['measure']} (Kendall tau {fmt(tau)}, granulated "
-            f"{fmt(best['granulated_kendall_tau'])}, {fmt_p(p)}, n={int(best['n'])}{sig}): "
-            f"trials with a higher {best['measure']} tend to have a {sign} {target} "
-            f"(a rank correlation, not a cause)")
+    from analysis.calls import holm
+
+    rows = rows.assign(q=holm(rows["p_value"].to_numpy(float))).sort_values("q")
+    hits = rows[rows["q"] < 0.05]
+    k = len(rows)
+    if hits.empty:
+        best = rows.iloc[0]
+        return (f"Measures vs {target}: no rank correlation survives Holm adjustment across the "
+                f"{k} measures tried (strongest: {best['measure']}, Kendall tau "
+                f"{fmt(best['kendall_tau'])}, adjusted p={float(best['q']):.3f}, "
+                f"n={int(best['n'])})")
+    parts = [f"{r['measure']} (Kendall tau {fmt(r['kendall_tau'])}, adjusted "
+             f"{fmt_p(float(r['q']))})" for _, r in hits.iterrows()]
+    return (f"Measures vs {target}, Holm-adjusted across the {k} measures tried "
+            f"(n={int(hits['n'].iloc[0])} trials): " + ", ".join(parts)
+            + ": a rank correlation over trials, not a cause")
 
 
-def _any_beyond(effects: pd.DataFrame, target: str) -> bool:
+def _any_effect(effects: pd.DataFrame, target: str) -> bool:
     if effects is None or effects.empty:
         return False
     return bool(effects.loc[effects["target"] == target, "beyond_noise"].astype(bool).any())
@@ -171,13 +240,18 @@ def findings(effects: pd.DataFrame, importance: pd.DataFrame, measures: pd.DataF
     params = list(sweep.params)
     if targets is None:
         targets = report_targets(sweep.metrics)
-    out = [header(sweep)]
+    out = ([estimand(sweep, effects)] if "budget" in effects else []) + [header(sweep)]
+    budgets = (sorted({str(b) for b in effects["budget"] if str(b) != "final"}, key=int)
+               if "budget" in effects else [])
     for t in finding_targets(targets):
         out.extend(effect_findings(effects, t, params))
+        for b in budgets:
+            out.extend(x for x in effect_findings(effects, t, params, b)
+                       if " raises " in x or " lowers " in x)
         line = importance_finding(importance, t)
         if line:
-            if not _any_beyond(effects, t):
-                line += " (no level is beyond seed noise, so this ranking may be noise)"
+            if "important" not in importance and not _any_effect(effects, t):
+                line += " (no level is called an effect, so this ranking may be noise)"
             out.append(line)
     line = measure_finding(measures, GEN_GAP_ACC)
     if line:

@@ -122,8 +122,15 @@ def resume(
 
 def _after_sweep(summary: dict) -> None:
     uri = summary["tracking_uri"]
+    # MLflow 3's UI opens experiments on its GenAI view unless told the workflow type
+    page = (f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}"
+            "?workflowType=machine_learning" if summary.get("experiment_id")
+            else "http://127.0.0.1:5000")
     console.print(f"browse the trials: study ui --tracking-uri {uri}  (or make ui), then open "
-                  "http://127.0.0.1:5000", highlight=False, soft_wrap=True)
+                  f"{page}", highlight=False, soft_wrap=True)
+    console.print("report with calls and intervals: make report  (or study report "
+                  f"--experiment {summary['name']} --tracking-uri {uri})", highlight=False,
+                  soft_wrap=True)
     if not summary["complete"]:
         raise typer.Exit(130)
 

@@ -16,14 +16,19 @@ ECE = "ece"
 ATTN_ENTROPY, ATTN_ENTROPY_MIN = "attn_entropy", "attn_entropy_min"
 ATTN_MAX_LOGIT = "attn_max_logit"
 GRAD_NORM, PARAM_NORM, N_PARAMS = "grad_norm", "param_norm", "n_params"
+FLOPS_PER_SAMPLE = "flops_per_sample"  # analytic training cost, `training_flops_per_sample`
 SAMPLES_PER_S, EPOCH = "samples_per_s", "epoch"
 
 # the metrics every trial reports, in display order
 CORE_METRICS: tuple[str, ...] = (
     TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, TEST_LOSS, TEST_ACC, GEN_GAP_ACC, GEN_GAP_LOSS,
     ECE, ATTN_ENTROPY, ATTN_ENTROPY_MIN, ATTN_MAX_LOGIT, GRAD_NORM, PARAM_NORM, N_PARAMS,
-    SAMPLES_PER_S, EPOCH,
+    FLOPS_PER_SAMPLE, SAMPLES_PER_S, EPOCH,
 )
+# metrics that are the same in every seed replicate of a configuration by construction
+# (structure and cost of the config, the epoch counter): their spread across seeds is
+# identically 0, so no `<name>_seed_std` series is logged for them
+SEED_INVARIANT_METRICS: frozenset[str] = frozenset({N_PARAMS, FLOPS_PER_SAMPLE, EPOCH})
 
 # robustness metrics (present only where they apply to the task)
 ID_LEN_ACC, OOD_LEN_ACC, LEN_GEN_RATIO = "id_len_acc", "ood_len_acc", "len_gen_ratio"
@@ -42,9 +47,33 @@ HIGHER_IS_BETTER = {TRAIN_ACC: True, VAL_ACC: True, TEST_ACC: True, TRAIN_LOSS: 
                     ECE: False, ID_LEN_ACC: True, OOD_LEN_ACC: True, LEN_GEN_RATIO: True,
                     BALANCED_ACC: True, MACRO_F1: True, MANY_SHOT_ACC: True,
                     MEDIUM_SHOT_ACC: True, FEW_SHOT_ACC: True, CORRUPT_ACC: True,
-                    CORRUPT_REL: True}
+                    CORRUPT_REL: True, FLOPS_PER_SAMPLE: False}
 
 ECE_BINS = 15
+
+
+def training_flops_per_sample(matmul_params: float, tokens: float, attn_pairs: float,
+                              n_attn_layers: int, d_attn: int,
+                              once_params: float = 0.0) -> float:
+    """Training FLOPs per sample, analytic (Kaplan et al. 2020, "Scaling Laws for Neural
+    Language Models", section 2.1), independent of the machine and of its load:
+
+        forward  = 2 * N * T + 2 * N_once + 2 * 2 * L * P * d
+        training = 3 * forward          (the backward pass costs about twice the forward)
+
+    N: weights of the matmuls applied at every token (linear layers, convolutions counted at
+    the positions they run at, LSTM input and recurrent weights; embedding lookups and
+    positional tables are not matmuls); T: tokens per sample as the model sees them;
+    N_once: weights applied once per sample (a pooled classification head, squeeze-excite
+    gates); L: self-attention layers (0 for `lstm_attention`); d: attention width (d_model);
+    P: query-key pairs per sample and layer, T^2 for full and local attention (the local
+    window is a mask, the scores are still computed), 2 * T * r for low-rank attention of
+    rank r (scores against r projected keys, plus the projection of keys and values along
+    the sequence). The factor 2 * 2 counts a multiply-add as 2 FLOPs for each of Q K^T and
+    A V. Softmax, norms and activations are left out (lower order)."""
+    forward = 2.0 * matmul_params * tokens + 2.0 * once_params \
+        + 4.0 * n_attn_layers * attn_pairs * d_attn
+    return 3.0 * forward
 
 
 def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor,

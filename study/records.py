@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
-from study.metrics import ALL_METRICS, EPOCH
+from study.metrics import ALL_METRICS, EPOCH, SEED_INVARIANT_METRICS
 
 # --- outcomes -------------------------------------------------------------------------------
 
@@ -84,6 +84,13 @@ TAG_OUTCOME = "stop_reason"
 TAG_MESSAGE = "stop_message"
 TAG_SEEDS = "seeds"
 TAG_OBJECTIVE = "objective"  # JSON list of [metric, mode] on the parent run
+# MLflow's own tags: the run description shown on the run page, and the experiment kind from
+# which MLflow 3 UIs choose an experiment's first tab: runs for "custom_model_development"
+# ("Machine learning"), traces for "genai_development" (MLflow's demo sets the latter). The UI
+# bundled with MLflow 3.17 follows its global workflow switch instead (README "Tracking").
+TAG_NOTE = "mlflow.note.content"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_ML = "custom_model_development"
 SPACE_ARTIFACT = "space.yaml"  # the space file as written (parent run)
 SPEC_ARTIFACT = "sweep_spec.json"  # the parsed space, typed (parent run)
 
@@ -119,8 +126,17 @@ def split_seed_tables(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-# every metric key a trial logs: seed means, their std across seeds, per-seed values
-LOGGED_METRICS = frozenset(ALL_METRICS) | {m + SEED_STD_SUFFIX for m in ALL_METRICS}
+# every metric key a trial logs: seed means, their std across seeds (not for metrics that are
+# the same in every replicate by construction, `SEED_INVARIANT_METRICS`), per-seed values
+LOGGED_METRICS = frozenset(ALL_METRICS) | {m + SEED_STD_SUFFIX for m in ALL_METRICS
+                                           if m not in SEED_INVARIANT_METRICS}
+
+
+def is_constant_series(key: str) -> bool:
+    """True for `<name>_seed_std` of a metric that cannot vary across seeds (identically 0:
+    never reported nor logged)."""
+    return key.endswith(SEED_STD_SUFFIX) and \
+        key[:-len(SEED_STD_SUFFIX)] in SEED_INVARIANT_METRICS
 
 
 def is_logged_metric(key: str) -> bool:
@@ -136,14 +152,19 @@ TRIAL_ID_COLUMNS = ("run_id", "trial_id", "seed", "seed_index", "status", "stop_
 RUN_COLUMNS = ("run_id", "trial_id", "status", "stop_reason", "stop_message", "start_time")
 EFFECT_COLUMNS = ("target", "param", "level", "mean", "ci_low", "ci_high", "n", "beyond_noise",
                   "contrast", "contrast_low", "contrast_high", "noise_floor", "raw_mean",
-                  "n_trials")
-IMPORTANCE_COLUMNS = ("target", "param", "importance", "evaluator", "rank", "n_trials")
+                  "budget", "estimator", "p_value", "q_value", "call", "n_trials", "n_rows",
+                  "n_imputed", "se", "adj_low", "adj_high", "delta", "p_family", "q_family",
+                  "mde", "contrast_completed_only", "note")
+IMPORTANCE_COLUMNS = ("target", "param", "importance", "evaluator", "rank", "n_trials",
+                      "importance_low", "importance_high", "null_high", "important", "p_value")
 MEASURE_COLUMNS = ("target", "measure", "kendall_tau", "granulated_kendall_tau", "p_value", "n",
-                   "n_params_granulated", "note")
+                   "tau_low", "tau_high", "granulated_low", "granulated_high", "n_groups",
+                   "group_size", "n_params_granulated", "note")
 # the columns `effects.csv`, `importance.csv` and `measures.csv` hold (a prefix of the above)
-EFFECT_CSV_COLUMNS = EFFECT_COLUMNS[:13]
-IMPORTANCE_CSV_COLUMNS = IMPORTANCE_COLUMNS[:4]
-MEASURE_CSV_COLUMNS = MEASURE_COLUMNS[:6]
+EFFECT_CSV_COLUMNS = EFFECT_COLUMNS
+IMPORTANCE_CSV_COLUMNS = (*IMPORTANCE_COLUMNS[:4], *IMPORTANCE_COLUMNS[6:])
+# measures.csv: + the intervals of tau and granulated tau, group counts, why a value is empty
+MEASURE_CSV_COLUMNS = (*MEASURE_COLUMNS[:12], "note")
 
 
 # --- the parsed search space ------------------------------------------------------------------
@@ -151,11 +172,28 @@ MEASURE_CSV_COLUMNS = MEASURE_COLUMNS[:6]
 PARAM_TYPES = ("categorical", "int", "float")
 SEARCHERS = ("tpe", "random", "cmaes", "nsga2")
 MULTI_OBJECTIVE_SEARCHERS = ("tpe", "random", "nsga2")
+# how a sweep chooses its trials (README "Designs"): an adaptive searcher with ASHA early
+# stopping, random sampling at the full budget, a (fractional) factorial grid, or
+# one-at-a-time variations around random base configurations (the last three: no early stopping)
+DESIGNS = ("search", "random", "factorial", "one_at_a_time")
+FIXED_DESIGNS = ("factorial", "one_at_a_time")  # a fixed list of configurations
+# the smallest difference of a metric that counts as an effect (README "Search spaces",
+# `analysis: {min_effect: ...}` overrides per metric): accuracies and fractions 0.01, losses
+# 0.02 nats, ECE 0.01, ratios 0.02; metrics without an entry have no minimum
+DEFAULT_MIN_EFFECT: dict[str, float] = {
+    **{m: 0.01 for m in ("train_acc", "val_acc", "test_acc", "gen_gap_acc", "id_len_acc",
+                         "ood_len_acc", "balanced_acc", "macro_f1", "many_shot_acc",
+                         "medium_shot_acc", "few_shot_acc", "corrupt_acc")},
+    **{m: 0.02 for m in ("train_loss", "val_loss", "test_loss", "gen_gap_loss")},
+    "ece": 0.01, "len_gen_ratio": 0.02, "corrupt_rel": 0.02,
+}
+DEFAULT_MIN_TRIALS = 3
 
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One searched config field: a categorical set of values or an int/float range."""
+    """One searched config field: a categorical set of values, an int/float range, or an
+    int/float with explicit `values` (levels: `low`/`high` are their min and max)."""
 
     name: str
     kind: str
@@ -166,9 +204,14 @@ class ParamSpec:
     step: float | None = None
     when: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # sampled only if every (key in values)
 
+    @property
+    def levels(self) -> tuple[Any, ...]:
+        """The explicit values (categorical, or numeric with `values`); () for a range."""
+        return self.values
+
     def suggest(self, trial: Any) -> Any:
         """Sample from an Optuna trial (define-by-run)."""
-        if self.kind == "categorical":
+        if self.values:  # categorical, or numeric levels (chosen among as a set)
             return trial.suggest_categorical(self.name, list(self.values))
         if self.kind == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high),
@@ -177,7 +220,7 @@ class ParamSpec:
 
     def sample(self, rng: random.Random) -> Any:
         """Sample uniformly (in log space where `log`), for feasibility checks."""
-        if self.kind == "categorical":
+        if self.values:
             return rng.choice(self.values)
         if self.log:
             v = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
@@ -225,6 +268,20 @@ class SweepSpec:
     cpu: float = 1.0
     gpu: float = 0.0
     description: str = ""
+    design: str = "search"  # one of DESIGNS
+    design_fraction: float | None = None  # factorial: the fraction of the grid run
+    design_bases: int | None = None  # one_at_a_time: the number of base configurations
+    # factorial / one_at_a_time: the sampled params of every trial, in the order they run
+    design_points: tuple[dict[str, Any], ...] = ()
+    design_note: str = ""  # how the design's trials were counted (grid size, dropped points)
+    min_effect: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIN_EFFECT))
+    min_trials: int = DEFAULT_MIN_TRIALS  # the fewest trials per level for a call
+    vary_data_seed: bool = True  # replicate k also uses data_seed + k (its own test set)
+
+    @property
+    def early_stopping(self) -> bool:
+        """ASHA stops trials early only in the `search` design."""
+        return self.design == "search"
 
     @property
     def metric(self) -> str:
@@ -265,7 +322,9 @@ class SweepSpec:
         d["params"] = [p.to_json() for p in self.params]
         d["objectives"] = [list(o) for o in self.objectives]
         d["constraints"] = list(self.constraints)
-        d["fixed"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.fixed.items()}
+        d["fixed"] = _plain_values(self.fixed)
+        d["design_points"] = [_plain_values(p) for p in self.design_points]
+        d["min_effect"] = dict(self.min_effect)
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -279,26 +338,56 @@ class SweepSpec:
         d["objectives"] = tuple((str(m), str(o)) for m, o in d.get("objectives", ()))
         d["constraints"] = tuple(d.get("constraints", ()))
         d["fixed"] = {k: coerce(k, v) for k, v in d.get("fixed", {}).items()}
+        d["design_points"] = tuple({k: coerce(k, v) for k, v in p.items()}
+                                   for p in d.get("design_points", ()))
+        d["min_effect"] = {**DEFAULT_MIN_EFFECT,
+                           **{str(k): float(v) for k, v in d.get("min_effect", {}).items()}}
+        # sweeps stored before the field existed shared one data split across replicates
+        d["vary_data_seed"] = bool(d.get("vary_data_seed", False))
         return cls(**d)
 
     def summary(self) -> str:
+        search = self.early_stopping
         lines = [f"space {self.name} ({self.path})",
                  f"  task: {self.fixed.get('task')}  epochs: {self.epochs}  "
-                 f"grace_period: {self.grace_period}  seeds: {self.seeds}",
+                 + (f"grace_period: {self.grace_period}  " if search else "")
+                 + f"seeds: {self.seeds}",
                  "  objective: " + ", ".join(f"{m} ({d})" for m, d in self.objectives)
-                 + f"  searcher: {self.searcher} (seed {self.searcher_seed})",
+                 + (f"  searcher: {self.searcher} (seed {self.searcher_seed})" if search else ""),
                  f"  num_trials: {self.num_trials}  max_concurrent: {self.max_concurrent}  "
                  f"resources: cpu={self.cpu} gpu={self.gpu}",
                  "  fixed: " + ", ".join(f"{k}={v}" for k, v in self.fixed.items()),
                  "  params:"]
         for p in self.params:
-            dom = (f"{list(p.values)}" if p.kind == "categorical"
+            dom = (f"{list(p.values)}" if p.values
                    else f"[{p.low}, {p.high}]" + (" log" if p.log else ""))
             cond = (" when " + ", ".join(f"{k} in {list(v)}" for k, v in p.when)) if p.when else ""
             lines.append(f"    {p.name}: {p.kind} {dom}{cond}")
         if self.constraints:
             lines.append("  constraints: " + "; ".join(self.constraints))
+        if search:
+            how = (f"{self.searcher} searcher, ASHA early stopping (grace_period "
+                   f"{self.grace_period}, reduction_factor {self.reduction_factor})")
+        elif self.design == "random":
+            how = (f"{self.num_trials} configurations sampled at random (seed "
+                   f"{self.searcher_seed})")
+        else:
+            how = self.design_note + f" -> {self.num_trials} trials"
+        lines.append(f"  design: {self.design}: {how}"
+                     + ("" if search else "; no early stopping (every trial trains "
+                        f"{self.epochs} epochs)"))
+        changed = {k: v for k, v in sorted(self.min_effect.items())
+                   if DEFAULT_MIN_EFFECT.get(k) != v}
+        lines.append(f"  vary_data_seed: {str(self.vary_data_seed).lower()}  "
+                     f"min_trials: {self.min_trials}  min_effect: "
+                     + (", ".join(f"{k}={v:g}" for k, v in changed.items()) + " (others default)"
+                        if changed else "defaults"))
         return "\n".join(lines)
+
+
+def _plain_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Config values as JSON (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 # --- a trial's report to Ray (one per epoch) --------------------------------------------------
@@ -313,7 +402,10 @@ class TrialReport:
     `metrics` holds seed means, `<name>_seed_std` and `seed_<k>/<name>` values. The last report
     of a trial that ran to its end carries `outcome` (completed, diverged or error) and a
     message; a trial stopped by ASHA never sends one, which is how the driver tells it was
-    early-stopped. `tables` (final epoch only): seed index -> table name -> rows."""
+    early-stopped. `tables` (final epoch only): seed index -> table name -> rows.
+    The spread across seeds of a seed-invariant metric (`SEED_INVARIANT_METRICS`: n_params,
+    flops_per_sample, epoch) is identically 0 and is dropped when the report is built, so it is
+    neither reported nor logged."""
 
     epoch: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -321,6 +413,9 @@ class TrialReport:
     message: str = ""
     tables: dict[int, dict[str, Table]] = field(default_factory=dict)
     traceback: str = ""
+
+    def __post_init__(self) -> None:
+        self.metrics = {k: v for k, v in self.metrics.items() if not is_constant_series(k)}
 
     def to_ray(self) -> dict[str, Any]:
         """A flat dict for `tune.report` (the scheduler and searcher read metrics by name)."""
@@ -354,8 +449,14 @@ class TrialReport:
                    traceback=str(result.get(REPORT_TRACEBACK) or ""))
 
     def mean_metrics(self) -> dict[str, float]:
-        """Seed means and their std (what is logged at every epoch)."""
+        """Seed means and their std."""
         return {k: v for k, v in self.metrics.items() if split_seed_metric(k) is None}
+
+    def logged_metrics(self) -> dict[str, float]:
+        """What the driver logs for this epoch (`step=epoch`), once: seed means, their std
+        across seeds and every replicate's `seed_<k>/<name>`; only logged names
+        (`is_logged_metric`), so never the std of a seed-invariant metric."""
+        return {k: v for k, v in self.metrics.items() if is_logged_metric(k)}
 
     def seed_metrics(self) -> dict[str, float]:
         return {k: v for k, v in self.metrics.items() if split_seed_metric(k) is not None}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import functools
+import itertools
+import math
 import operator
 import random
 from pathlib import Path
@@ -16,6 +18,10 @@ from typing import Any
 from study.config import CHOICES, FIELD_NAMES, ConfigError, coerce, make_config, parse_yaml_mapping
 from study.metrics import ALL_METRICS, CORE_METRICS
 from study.records import (
+    DEFAULT_MIN_EFFECT,
+    DEFAULT_MIN_TRIALS,
+    DESIGNS,
+    FIXED_DESIGNS,
     MULTI_OBJECTIVE_SEARCHERS,
     PARAM_TYPES,
     SEARCHERS,
@@ -25,7 +31,9 @@ from study.records import (
 
 NOT_SEARCHABLE = ("epochs", "seed", "device")
 TOP_KEYS = ("name", "description", "task", "fixed", "params", "constraints", "budget", "seeds",
-            "objective", "searcher", "searcher_seed", "num_trials", "max_concurrent", "resources")
+            "objective", "design", "searcher", "searcher_seed", "num_trials", "max_concurrent",
+            "resources", "analysis", "vary_data_seed")
+MAX_GRID = 100_000  # the largest factorial grid enumerated
 
 
 class SpaceError(ConfigError):
@@ -156,8 +164,23 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
         _expect(isinstance(vals, list) and len(vals) > 0,
                 f"{where}.values: expected a non-empty list")
         return ParamSpec(name, kind, tuple(co(v, "values") for v in vals), when=tuple(when))
+    if "values" in spec:  # numeric levels: a design's grid, or a set to choose among
+        both = sorted({"low", "high", "log", "step"} & set(spec))
+        _expect(not both, f"{where}: give either values or low/high, not both (also {both})")
+        vals = spec["values"]
+        _expect(isinstance(vals, list) and len(vals) > 0,
+                f"{where}.values: expected a non-empty list of numbers")
+        levels = tuple(co(v, "values") for v in vals)
+        _expect(all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels),
+                f"{where}: {name} is not numeric; use type: categorical")
+        _expect((kind == "int") == isinstance(levels[0], int),
+                f"{where}: {name} is {'an int' if isinstance(levels[0], int) else 'a float'} "
+                f"field; use type: {'int' if isinstance(levels[0], int) else 'float'}")
+        _expect(len(set(levels)) == len(levels), f"{where}.values: a value is repeated")
+        return ParamSpec(name, kind, levels, low=min(levels), high=max(levels), when=tuple(when))
     for key in ("low", "high"):
-        _expect(key in spec, f"{where}: {kind} needs '{key}'")
+        _expect(key in spec, f"{where}: {kind} needs '{key}' (a range low..high) or 'values' "
+                             "(explicit levels)")
     low, high = co(spec["low"], "low"), co(spec["high"], "high")
     _expect(isinstance(low, (int, float)) and not isinstance(low, bool),
             f"{where}: {name} is not numeric; use type: categorical")
@@ -243,8 +266,17 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
     for i, c in enumerate(cons_raw):
         _check_expr(c, f"{src}: constraints[{i}]")
     objectives = _objectives(src, data.get("objective", {"metric": "val_acc", "mode": "max"}))
-    searcher = data.get("searcher", "tpe")
+    design, fraction, bases = _design(src, data.get("design"))
+    searcher = data.get("searcher", "tpe" if design == "search" else "random")
     _expect(searcher in SEARCHERS, f"{src}: searcher: {searcher!r}; valid: {', '.join(SEARCHERS)}")
+    if design != "search":
+        # the design chooses the trials; a searcher key would say otherwise
+        _expect((design == "random" and searcher == "random") or "searcher" not in data,
+                f"{src}: searcher: {searcher} contradicts design {design} (which chooses the "
+                "trials itself); remove the searcher key, or use design: search")
+        asha = sorted({"grace_period", "reduction_factor"} & set(budget))
+        _expect(not asha, f"{src}: budget.{asha[0] if asha else ''}: design {design} has no "
+                          "early stopping (every trial trains budget.epochs); remove it")
     _expect(len(objectives) == 1 or searcher in MULTI_OBJECTIVE_SEARCHERS,
             f"{src}: searcher: {searcher} is single-objective; use nsga2 (or tpe) for "
             f"{len(objectives)} objectives")
@@ -255,6 +287,17 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
                                                                    res.get("gpu", 0))
     _expect(cpu > 0, f"{src}: resources.cpu must be > 0")
     _expect(gpu >= 0, f"{src}: resources.gpu must be >= 0 (fractions share a GPU)")
+    min_effect, min_trials = _analysis(src, data.get("analysis"))
+    vary = data.get("vary_data_seed", True)
+    _expect(isinstance(vary, bool), f"{src}: vary_data_seed: expected true or false, got {vary!r}")
+    if design in FIXED_DESIGNS:
+        for p in params:
+            _expect(not p.when, f"{src}: params.{p.name}: design {design} does not take "
+                                "conditional params (when:); drop the condition or move the "
+                                "param to fixed")
+            _expect(bool(p.levels), f"{src}: params.{p.name}: design {design} needs explicit "
+                                    f"levels; write {{type: {p.kind}, values: [...]}} instead of "
+                                    "a low/high range")
     space = SweepSpec(
         name=str(data.get("name") or default_name), path=src, text=text, fixed=fixed,
         params=tuple(params), constraints=tuple(cons_raw), epochs=epochs, grace_period=grace,
@@ -263,9 +306,163 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
         searcher_seed=_int(src, "searcher_seed", data.get("searcher_seed", 0), 0),
         num_trials=_int(src, "num_trials", data.get("num_trials", 8), 1),
         max_concurrent=_int(src, "max_concurrent", data.get("max_concurrent", 2), 1),
-        cpu=cpu, gpu=gpu, description=str(data.get("description", "")))
+        cpu=cpu, gpu=gpu, description=str(data.get("description", "")), design=design,
+        design_fraction=fraction, design_bases=bases, min_effect=min_effect,
+        min_trials=min_trials, vary_data_seed=vary)
     _check_feasible(space)
+    if design in FIXED_DESIGNS:
+        points, note = (_factorial(space) if design == "factorial"
+                        else _one_at_a_time(space))
+        if "num_trials" in data:
+            _expect(data["num_trials"] == len(points),
+                    f"{src}: num_trials: {data['num_trials']!r}, but design {design} runs "
+                    f"{len(points)} trials ({note}); remove num_trials or set it to "
+                    f"{len(points)}")
+        space = space.replace(design_points=tuple(points), design_note=note,
+                              num_trials=len(points))
     return space
+
+
+def _design(src: str, raw: Any) -> tuple[str, float | None, int | None]:
+    """(kind, fraction, bases) of the `design:` key (a name or {kind, fraction, bases})."""
+    if raw is None:
+        return "search", None, None
+    if isinstance(raw, str):
+        raw = {"kind": raw}
+    _expect(isinstance(raw, dict), f"{src}: design: expected one of {', '.join(DESIGNS)} or a "
+                                   "mapping, e.g. {kind: factorial, fraction: 0.5}")
+    kind = raw.get("kind")
+    _expect(kind in DESIGNS, f"{src}: design.kind: {kind!r}; valid: {', '.join(DESIGNS)}")
+    allowed = {"kind"} | ({"fraction"} if kind == "factorial" else set()) | (
+        {"bases"} if kind == "one_at_a_time" else set())
+    extra = sorted(set(raw) - allowed)
+    _expect(not extra, f"{src}: design.{extra[0] if extra else ''}: not a key of design {kind}; "
+                       f"valid: {', '.join(sorted(allowed))}")
+    fraction = raw.get("fraction")
+    if fraction is not None:
+        _expect(isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+                and 0 < fraction <= 1,
+                f"{src}: design.fraction: expected a number in (0, 1], got {fraction!r}")
+        fraction = float(fraction)
+    bases = None
+    if kind == "one_at_a_time":
+        _expect("bases" in raw, f"{src}: design: one_at_a_time needs bases (the number of "
+                                "random base configurations), e.g. {kind: one_at_a_time, "
+                                "bases: 3}")
+        bases = _int(src, "design.bases", raw["bases"], 1)
+    return kind, fraction, bases
+
+
+def _analysis(src: str, raw: Any) -> tuple[dict[str, float], int]:
+    """min_effect (merged over DEFAULT_MIN_EFFECT) and min_trials of the `analysis:` key."""
+    raw = {} if raw is None else raw
+    _expect(isinstance(raw, dict), f"{src}: analysis: expected a mapping with min_effect "
+                                   "and/or min_trials")
+    extra = sorted(set(raw) - {"min_effect", "min_trials"})
+    _expect(not extra, f"{src}: analysis.{extra[0] if extra else ''}: unknown key; valid: "
+                       "min_effect, min_trials")
+    effects = raw.get("min_effect") or {}
+    _expect(isinstance(effects, dict), f"{src}: analysis.min_effect: expected a mapping of "
+                                       "metric: smallest effect, e.g. {test_acc: 0.01}")
+    min_effect = dict(DEFAULT_MIN_EFFECT)
+    for metric, v in effects.items():
+        where = f"{src}: analysis.min_effect.{metric}"
+        _expect(metric in ALL_METRICS,
+                f"{where}: unknown metric; valid: {', '.join(ALL_METRICS)}")
+        _expect(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and v > 0, f"{where}: expected a finite number > 0, got {v!r}")
+        min_effect[metric] = float(v)
+    min_trials = _int(src, "analysis.min_trials",
+                      raw.get("min_trials", DEFAULT_MIN_TRIALS), 1)
+    return min_effect, min_trials
+
+
+def _feasible_points(space: SweepSpec, points: list[dict[str, Any]]
+                     ) -> tuple[list[dict[str, Any]], int, str | None]:
+    """The points that can run, how many were dropped and the first reason."""
+    kept, dropped, why = [], 0, None
+    for p in points:
+        reason = infeasible(space, p)
+        if reason is None:
+            kept.append(p)
+        else:
+            dropped, why = dropped + 1, why or reason
+    return kept, dropped, why
+
+
+def _dropped(n: int, why: str | None) -> str:
+    return f", {n} infeasible dropped (e.g. {why})" if n else ""
+
+
+def _factorial(space: SweepSpec) -> tuple[list[dict[str, Any]], str]:
+    """The full grid over every param's levels (or a `fraction` of it that keeps every level of
+    every param), infeasible points dropped, in a seeded random order."""
+    src, names = space.path, [p.name for p in space.params]
+    size = math.prod(len(p.levels) for p in space.params)
+    _expect(size <= MAX_GRID, f"{src}: design: the factorial grid has {size} points (over "
+                              f"{MAX_GRID}); use fewer levels or design one_at_a_time/random")
+    grid = [dict(zip(names, combo)) for combo in
+            itertools.product(*(p.levels for p in space.params))]
+    points, dropped, why = _feasible_points(space, grid)
+    _expect(bool(points), f"{src}: design: no point of the factorial grid can run (e.g. {why}); "
+                          "change the levels or relax the constraints")
+    for p in space.params:
+        missing = [v for v in p.levels if all(pt[p.name] != v for pt in points)]
+        _expect(not missing, f"{src}: params.{p.name}: level {missing[0] if missing else ''!r} "
+                             f"is in no feasible grid point (e.g. {why}); remove it")
+    rng = random.Random(space.searcher_seed)
+    rng.shuffle(points)  # an interrupted sweep then holds a random part of the grid
+    note = f"{size} grid points{_dropped(dropped, why)}"
+    if space.design_fraction is None or space.design_fraction >= 1.0:
+        return points, f"full grid: {note}"
+    keep = max(1, round(space.design_fraction * len(points)))
+    cover = _cover(space, points)
+    _expect(len(cover) <= keep,
+            f"{src}: design.fraction: {space.design_fraction:g} keeps {keep} of {len(points)} "
+            f"feasible grid points, fewer than the {len(cover)} needed to keep every level of "
+            f"every param; use fraction >= {math.ceil(len(cover) / len(points) * 100) / 100:g}")
+    chosen = {id(p) for p in cover}
+    rest = [p for p in points if id(p) not in chosen]
+    subset = cover + rest[:keep - len(cover)]
+    rng.shuffle(subset)
+    return subset, (f"fraction {space.design_fraction:g}: {keep} of the {len(points)} feasible "
+                    f"points, every level kept ({note})")
+
+
+def _cover(space: SweepSpec, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Greedily, points (in their order) that together hold every level of every param."""
+    todo = {(p.name, v) for p in space.params for v in p.levels}
+    cover: list[dict[str, Any]] = []
+    while todo:
+        best = max(points, key=lambda pt: sum((k, v) in todo for k, v in pt.items()))
+        cover.append(best)
+        todo -= set(best.items())
+    return cover
+
+
+def _one_at_a_time(space: SweepSpec) -> tuple[list[dict[str, Any]], str]:
+    """`bases` distinct feasible base configurations drawn at random from the levels, each
+    followed by its variations: one param set to each of its other levels, the rest held."""
+    src, bases = space.path, space.design_bases or 1
+    rng = random.Random(space.searcher_seed)
+    drawn: list[dict[str, Any]] = []
+    for _ in range(1000 + 100 * bases):
+        if len(drawn) == bases:
+            break
+        base = {p.name: rng.choice(p.levels) for p in space.params}
+        if base not in drawn and infeasible(space, base) is None:
+            drawn.append(base)
+    _expect(len(drawn) == bases, f"{src}: design.bases: only {len(drawn)} distinct feasible "
+                                 f"base configurations found; use bases <= {len(drawn)}")
+    grid: list[dict[str, Any]] = []
+    for base in drawn:
+        grid.append(base)
+        grid.extend({**base, p.name: v} for p in space.params for v in p.levels
+                    if v != base[p.name])
+    points, dropped, why = _feasible_points(space, grid)
+    per = sum(len(p.levels) - 1 for p in space.params)
+    return points, (f"{bases} bases x (1 + {per} one-param variations) = {len(grid)} points"
+                    + _dropped(dropped, why))
 
 
 def _int(src: str, key: str, v: Any, minimum: int) -> int:

@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from study.records import (
+    EXPERIMENT_KIND_ML,
     KIND_SWEEP,
     SPACE_ARTIFACT,
     SPEC_ARTIFACT,
+    TAG_EXPERIMENT_KIND,
     TAG_KIND,
+    TAG_MESSAGE,
+    TAG_NOTE,
     TAG_PARENT,
+    TAG_TRIAL,
     Outcome,
     SweepSpec,
     Table,
@@ -91,6 +96,14 @@ class _RetryingClient:
         return lambda *a, **k: _retry(attr, *a, **k)
 
 
+def trial_run_name(trial_id: str, outcome: Outcome | None = None) -> str:
+    """A child run's name: `trial_<id>`, with the outcome appended once the trial ended any
+    other way than completed, e.g. `trial_ab12 (early_stopped)`, so the runs table tells
+    stopped and failed trials apart at a glance."""
+    name = f"trial_{trial_id}"
+    return name if outcome in (None, Outcome.COMPLETED) else f"{name} ({Outcome(outcome).value})"
+
+
 class Tracker:
     """Batched MLflow logging; the client is created lazily so the object pickles (Ray stores
     the run config, callbacks included, for `study resume`)."""
@@ -113,8 +126,17 @@ class Tracker:
         return self._client
 
     def experiment_id(self, name: str) -> str:
+        """The experiment `name`, created if absent, tagged `mlflow.experimentKind` =
+        `custom_model_development` so that MLflow 3 opens it on its runs, not on GenAI traces
+        (an experiment created before the tag existed gets it here too)."""
         exp = self.client.get_experiment_by_name(name)
-        return exp.experiment_id if exp else self.client.create_experiment(name)
+        if exp is None:
+            return self.client.create_experiment(
+                name, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_ML})
+        if TAG_EXPERIMENT_KIND not in (exp.tags or {}):
+            self.client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND,
+                                           EXPERIMENT_KIND_ML)
+        return exp.experiment_id
 
     def start_parent(self, experiment: str, run_name: str, spec: SweepSpec,
                      tags: dict[str, str]) -> str:
@@ -139,7 +161,7 @@ class Tracker:
                     seeds: int) -> str:
         from mlflow.entities import Param
         parent = self.client.get_run(parent_id)
-        run = self.client.create_run(parent.info.experiment_id, run_name=f"trial_{trial_id}",
+        run = self.client.create_run(parent.info.experiment_id, run_name=trial_run_name(trial_id),
                                      tags=child_tags(parent_id, trial_id, seeds))
         rid = run.info.run_id
         items = [Param(k, v) for k, v in mlflow_params(config).items()]
@@ -162,9 +184,17 @@ class Tracker:
 
     def finish_child(self, run_id: str, outcome: Outcome, message: str = "",
                      tables: dict[int, dict[str, Table]] | None = None) -> None:
-        """Record how a trial ended, with each replicate's tables (`seed_<k>.json`)."""
+        """Record how a trial ended: tags `stop_reason`/`stop_message`, the run's description
+        (e.g. "early_stopped: stopped by ASHA at epoch 4"), a run name that says any outcome
+        but completed (`trial_<id> (early_stopped)`), each replicate's tables
+        (`seed_<k>.json`) and the MLflow status."""
         outcome = Outcome(outcome)
-        self.set_tags(run_id, outcome_tags(outcome, message))
+        tags = outcome_tags(outcome, message)
+        self.set_tags(run_id, {**tags, TAG_NOTE: f"{outcome.value}: {tags[TAG_MESSAGE]}"})
+        run = self.client.get_run(run_id)
+        trial_id = run.data.tags.get(TAG_TRIAL)
+        if trial_id is not None:
+            self.client.update_run(run_id, name=trial_run_name(trial_id, outcome))
         for k, seed_tables in (tables or {}).items():
             self.client.log_text(run_id, json.dumps(seed_tables, indent=1),
                                  seed_tables_artifact(k))

@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from study import metrics as M
 from study.config import TrialConfig
 from study.device import resolve_device
 from study.evaluation import epoch_metrics, robustness_metrics
-from study.model import build_model
+from study.model import AttentionModel, SqueezeExcite, build_model
 from study.step import TrainState, make_optimizer, train_step
 from study.tasks import get_task
 from study.tasks.base import IGNORE, TaskData
@@ -95,6 +96,48 @@ class _RNG:
             self._save()
 
 
+def flops_per_sample(model: AttentionModel, cfg: TrialConfig, data: TaskData) -> float:
+    """Training FLOPs per sample of `model` on `data`'s training split (`metrics.FLOPS_PER_SAMPLE`,
+    the formula in `metrics.training_flops_per_sample`): the model's matmul weights and the
+    tokens it sees per sample, i.e. the padded width the batches keep (`pad`, `truncate`) or
+    each sample's own length (`bucket`, whose batches are trimmed to similar lengths)."""
+    p = model.embed.p
+    once: set[nn.Module] = set()
+    if not data.spec.per_token:  # the head and squeeze-excite gates act on a pooled vector
+        once.add(model.head)
+    for mod in model.modules():
+        if isinstance(mod, SqueezeExcite):
+            once |= set(mod.children())
+    per_token = once_params = 0.0
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            n = float(mod.weight.numel())
+            if mod in once:
+                once_params += n
+            else:
+                per_token += n
+        elif isinstance(mod, nn.Conv1d):  # runs at raw steps: p / stride positions per token
+            per_token += float(mod.weight.numel()) * p / int(mod.stride[0])
+        elif isinstance(mod, nn.LSTM):
+            per_token += float(sum(w.numel() for name, w in mod.named_parameters()
+                                   if name.startswith("weight")))
+    if cfg.length_mode == "bucket":
+        raw = data.train.lengths().double()
+    else:
+        raw = torch.full((len(data.train),), float(data.train.mask.shape[1]),
+                         dtype=torch.float64)
+    tokens = torch.ceil(raw / p)
+    t_mean = float(tokens.mean())
+    if cfg.arch != "transformer":
+        layers, pairs = 0, 0.0
+    elif cfg.attn_kind == "low_rank":
+        layers, pairs = cfg.n_layers, 2.0 * t_mean * cfg.attn_rank
+    else:
+        layers, pairs = cfg.n_layers, float((tokens**2).mean())
+    return M.training_flops_per_sample(per_token, t_mean, pairs, layers, cfg.d_model,
+                                       once_params)
+
+
 def run_trial(cfg: TrialConfig, data: TaskData | None = None) -> Iterator[EpochResult]:
     """Train `cfg` and yield an `EpochResult` after every epoch; stop early on divergence."""
     device = resolve_device(cfg)
@@ -104,6 +147,7 @@ def run_trial(cfg: TrialConfig, data: TaskData | None = None) -> Iterator[EpochR
         model = build_model(cfg, data.spec).to(device)
         gen = torch.Generator().manual_seed(cfg.seed)
     n_params = model.n_params()
+    flops = flops_per_sample(model, cfg, data)  # a constant of the config: computed once
     train = data.train.to(device)
     lengths = data.train.lengths().numpy()
     opt, sched = make_optimizer(model, cfg, cfg.epochs * math.ceil(len(train) / cfg.batch_size))
@@ -139,6 +183,7 @@ def run_trial(cfg: TrialConfig, data: TaskData | None = None) -> Iterator[EpochR
         metrics[M.GEN_GAP_ACC] = metrics[M.TRAIN_ACC] - metrics[M.TEST_ACC]
         metrics[M.GEN_GAP_LOSS] = metrics[M.TEST_LOSS] - metrics[M.TRAIN_LOSS]
         metrics[M.N_PARAMS] = float(n_params)
+        metrics[M.FLOPS_PER_SAMPLE] = flops
         metrics[M.SAMPLES_PER_S] = len(train) / max(train_time, 1e-9)
         metrics[M.EPOCH] = float(epoch)
         artifacts: dict[str, list[dict[str, Any]]] = {}

@@ -121,7 +121,7 @@ def _seed_metrics(rng: np.random.Generator, p: dict[str, Any], seeds: int) -> li
 
 
 def _epoch_logs(tracker: Tracker, rid: str, seeds: list[dict], last_epoch: int) -> None:
-    """Per-epoch seed means and `_seed_std` (population std, as `seed_summary` does), drifting
+    """Per-epoch seed means and `_seed_std` (sample std, as `seed_summary` does), drifting
     towards the final values; the last logged epoch carries the final values."""
     names = list(seeds[0]["metrics"])
     for epoch in range(1, last_epoch + 1):
@@ -134,7 +134,7 @@ def _epoch_logs(tracker: Tracker, rid: str, seeds: list[dict], last_epoch: int) 
             elif n.endswith("_acc") and epoch < EPOCHS:
                 v = v * (1 - 0.2 * lag)
             row[n] = float(v.mean())
-            row[f"{n}_seed_std"] = float(v.std())
+            row[f"{n}_seed_std"] = float(v.std(ddof=1))
         tracker.log_metrics(rid, row, step=epoch)
 
 

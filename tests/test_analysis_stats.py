@@ -149,7 +149,8 @@ def test_effects_recover_planted_and_reject_confounded_null(sweep) -> None:
     # ... while the adjusted contrasts are within the noise, at every level
     assert not heads.beyond_noise.any()
     assert (heads.contrast.abs() < SEED_NOISE).all()
-    assert heads.n.sum() == len(sweep.trials)
+    # n counts trials, n_rows trial x seed rows
+    assert heads.n.sum() == sweep.used and heads.n_rows.sum() == len(sweep.trials)
     # attn_dropout's small real effect: the highest bin lowers the gap
     drop = g.loc["attn_dropout"]
     assert drop.contrast.iloc[-1] < 0 and drop.contrast.iloc[0] > 0

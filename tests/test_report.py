@@ -42,7 +42,8 @@ def report(planted):
     from analysis.load import load_sweep
     sweep = load_sweep(planted.uri, experiment="planted")
     out = planted.root / "report"
-    index = write_report(sweep, out, n_boot=300, tracking_uri=planted.uri)
+    index = write_report(sweep, out, n_boot=300, tracking_uri=planted.uri,
+                         importance_boot=6)
     return SimpleNamespace(sweep=sweep, out=out, index=index)
 
 
@@ -77,21 +78,21 @@ def test_summary_leads_with_the_planted_effect(report, planted):
     md = (report.out / "summary.md").read_text(encoding="utf-8")
     bullets = [ln[2:] for ln in md.splitlines() if ln.startswith("- ")]
     used = planted.truth["counts"]["completed"]
-    assert bullets[0].startswith(f"Used {used} trials (x 3 seeds); skipped: ")
-    assert "2 early_stopped" in bullets[0] and "1 diverged" in bullets[0]
-    assert "1 error" in bullets[0]
+    assert bullets[0].startswith("Estimand: ")  # what is estimated, at which budget, how
+    assert bullets[1].startswith(f"Used {used} trials (x 3 seeds); skipped: ")
+    assert "2 early_stopped" in bullets[1] and "1 diverged" in bullets[1]
+    assert "1 error" in bullets[1]
     # the first finding is the planted norm effect on the gap, with its size and CI
     m = re.match(r"norm=post_ln raises gen_gap_acc by (\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\]",
-                 bullets[1])
-    assert m, bullets[1]
+                 bullets[2])
+    assert m, bullets[2]
     est, lo, hi = map(float, m.groups())
     assert lo <= est <= hi and lo < 0.08 < hi + 0.01
     gap_lines = [b for b in bullets if "gen_gap_acc" in b]
     assert any(b.startswith("Top parameter for gen_gap_acc") and ": norm (" in b
                for b in gap_lines)
-    best = [b for b in bullets if b.startswith("Best measure for gen_gap_acc")]
-    assert best and "attn_entropy" in best[0] and "tau -" in best[0]
-    assert "Kendall tau" in best[0] and "smaller gen_gap_acc" in best[0]
+    best = [b for b in bullets if b.startswith("Measures vs gen_gap_acc")]
+    assert best and "Holm-adjusted" in best[0] and "attn_entropy (Kendall tau -" in best[0]
 
 
 def _no_external(html: str) -> None:
@@ -171,25 +172,35 @@ def test_analysis_never_imports_torch_or_ray():
 
 # --- pure pieces on small hand-made tables ---
 
-def _effect(target, param, level, contrast, lo, hi, beyond, floor=0.01):
+def _effect(target, param, level, contrast, lo, hi, call, note="", budget="final"):
     return dict(target=target, param=param, level=level, mean=0.1, ci_low=0.09, ci_high=0.11,
-                n=30, beyond_noise=beyond, contrast=contrast, contrast_low=lo,
-                contrast_high=hi, noise_floor=floor, raw_mean=0.1)
+                n=30, beyond_noise=call == "effect", contrast=contrast, contrast_low=lo,
+                contrast_high=hi, noise_floor=0.01, raw_mean=0.1, budget=budget,
+                estimator="complete-case (no early stopping)", p_value=0.01, q_value=0.02,
+                call=call, n_trials=30, n_rows=60, se=0.005, adj_low=lo, adj_high=hi,
+                delta=0.01, mde=0.03, note=note)
 
 
 def test_findings_wording():
     effects = pd.DataFrame([
-        _effect("gen_gap_acc", "norm", "post_ln", 0.081, 0.070, 0.093, True),
-        _effect("gen_gap_acc", "norm", "pre_ln", -0.081, -0.093, -0.070, True),
-        _effect("gen_gap_acc", "qk_norm", "l2", -0.03, -0.04, -0.02, True),
-        _effect("gen_gap_acc", "qk_norm", "none", 0.01, -0.01, 0.02, False),
-        _effect("gen_gap_acc", "qk_norm", "layernorm", 0.02, 0.0, 0.03, False),
-        _effect("gen_gap_acc", "n_heads", "4", 0.002, -0.01, 0.012, False),
-        _effect("test_acc", "norm", "post_ln", 0.001, -0.01, 0.01, False),
+        _effect("gen_gap_acc", "norm", "post_ln", 0.081, 0.070, 0.093, "effect"),
+        _effect("gen_gap_acc", "norm", "pre_ln", -0.081, -0.093, -0.070, "effect"),
+        _effect("gen_gap_acc", "qk_norm", "l2", -0.03, -0.04, -0.02, "effect"),
+        _effect("gen_gap_acc", "qk_norm", "none", 0.01, -0.01, 0.02, "inconclusive"),
+        _effect("gen_gap_acc", "qk_norm", "layernorm", 0.02, 0.0, 0.03, "inconclusive"),
+        _effect("gen_gap_acc", "n_heads", "4", 0.002, -0.01, 0.012, "inconclusive",
+                "not detected"),
+        _effect("gen_gap_acc", "n_heads", "8", -0.002, -0.012, 0.01, "inconclusive",
+                "1 trial (fewer than min_trials=3)"),
+        _effect("test_acc", "norm", "post_ln", 0.001, -0.004, 0.004, "negligible"),
+        _effect("test_acc", "norm", "pre_ln", -0.001, -0.004, 0.004, "negligible"),
+        _effect("test_acc", "norm", "post_ln", 0.05, 0.04, 0.06, "effect", budget="4"),
     ])
     importance = pd.DataFrame([
-        dict(target="gen_gap_acc", param="norm", importance=0.7, evaluator="fanova"),
-        dict(target="gen_gap_acc", param="n_heads", importance=0.1, evaluator="fanova")])
+        dict(target="gen_gap_acc", param="norm", importance=0.7, evaluator="fanova",
+             importance_low=0.55, importance_high=0.8, null_high=0.3, important=True),
+        dict(target="gen_gap_acc", param="n_heads", importance=0.1, evaluator="fanova",
+             importance_low=0.02, importance_high=0.2, null_high=0.3, important=False)])
     measures = pd.DataFrame([
         dict(target="gen_gap_acc", measure="grad_norm", kendall_tau=0.1,
              granulated_kendall_tau=0.05, p_value=0.4, n=30),
@@ -201,21 +212,31 @@ def test_findings_wording():
         params=["norm", "qk_norm", "n_heads"], metrics=["gen_gap_acc", "test_acc"],
         trials=pd.DataFrame({"trial_id": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1]}))
     lines = findings(effects, importance, measures, sweep)
-    assert lines[0] == ("Used 30 trials (x 2 seeds); skipped: 2 early_stopped (stopped by ASHA "
+    # the summary opens with the estimand: budgets, design, trials per level, estimator
+    assert lines[0].startswith("Estimand: each level's adjusted contrast")
+    assert "at ASHA's rung epochs 4" in lines[0] and "design: search" in lines[0]
+    assert "trials per level 30-30" in lines[0] and "complete-case" in lines[0]
+    assert lines[1] == ("Used 30 trials (x 2 seeds); skipped: 2 early_stopped (stopped by ASHA "
                         "before the last epoch), 1 diverged (NaN/inf loss or gradient)")
     # two levels: one line, not a mirrored "pre_ln lowers" twin; largest effect first
-    assert lines[1].startswith("norm=post_ln raises gen_gap_acc by 0.081 [0.070, 0.093] "
+    assert lines[2].startswith("norm=post_ln raises gen_gap_acc by 0.081 [0.070, 0.093] "
                                "relative to norm=pre_ln (adjusted for the other parameters")
-    assert lines[2].startswith("qk_norm=l2 lowers gen_gap_acc by 0.030 [0.020, 0.040] "
+    assert lines[3].startswith("qk_norm=l2 lowers gen_gap_acc by 0.030 [0.020, 0.040] "
                                "relative to the other levels")
     assert not any("pre_ln lowers" in ln for ln in lines)
-    assert "n_heads has no effect on gen_gap_acc beyond seed noise (floor 0.010)" in lines
-    assert "Top parameter for gen_gap_acc by fANOVA importance: norm (0.700), next n_heads " \
-           "(0.100)" in lines
-    assert "norm has no effect on test_acc beyond seed noise (floor 0.010)" in lines
-    assert lines[-1].startswith("Best measure for gen_gap_acc: attn_entropy (Kendall tau "
-                                "-0.500, granulated -0.300, p<0.001, n=30)")
-    assert "smaller gen_gap_acc" in lines[-1]
+    # never "no effect": what was not detected says its interval and the MDE
+    assert not any("no effect" in ln for ln in lines)
+    heads = next(ln for ln in lines if ln.startswith("n_heads on gen_gap_acc"))
+    assert "not detected" in heads and "CI [" in heads and "MDE 0.030" in heads
+    assert "8 (1 trial (fewer than min_trials=3))" in heads
+    assert "norm: negligible effect on test_acc (every level's adjusted interval lies " \
+           "within +-0.010)" in lines
+    assert any(ln.startswith("norm=post_ln raises test_acc at epoch 4") for ln in lines)
+    top = next(ln for ln in lines if ln.startswith("Top parameter for gen_gap_acc"))
+    assert "norm (0.700 [0.550, 0.800])" in top and "above their permutation null: norm" in top
+    # measures: Holm-adjusted across all measures tried, never the best of k alone
+    assert lines[-1].startswith("Measures vs gen_gap_acc, Holm-adjusted across the 2 measures")
+    assert "attn_entropy (Kendall tau -0.500, adjusted p<0.001)" in lines[-1]
     one = Sweep(experiment="x", parent_run_id="p", runs=pd.DataFrame(), objectives=[],
                 used=1, skipped={}, params=[], metrics=[], trials=pd.DataFrame())
     assert header(one) == \

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from study.config import FIELD_NAMES
-from study.metrics import CORE_METRICS
+from study.metrics import CORE_METRICS, SEED_INVARIANT_METRICS
 from tests.helpers import render_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +39,8 @@ def test_smoke_sweep_end_to_end(cli, tmp_path: Path) -> None:
     assert "study ui" in res.stderr and "4/4 trials" in res.stderr
     client, parents, children = runs_of(tmp_path / "mlflow.db", "smoke_e2e")
     assert len(parents) == 1 and len(children) == 4
+    exp = client.get_experiment_by_name("smoke_e2e")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     for tag in ("git_commit", "version.ray", "version.torch", "ray_cluster_resources"):
@@ -60,9 +62,24 @@ def test_smoke_sweep_end_to_end(cli, tmp_path: Path) -> None:
         assert steps == list(range(1, n_epochs + 1))
         if reason == "early_stopped":
             assert n_epochs < 3 and f"epoch {n_epochs}" in r.data.tags["stop_message"]
+        # per-seed values at every epoch, exactly one point per (metric, epoch)
+        for k in (0, 1):
+            for key in (f"seed_{k}/val_acc", f"seed_{k}/train_loss"):
+                seed_steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+                assert sorted(seed_steps) == list(range(1, n_epochs + 1)), (key, seed_steps)
+        # the outcome in the run's name and description
+        tid = r.data.tags["ray_trial_id"]
+        assert r.info.run_name == (f"trial_{tid}" if reason == "completed"
+                                   else f"trial_{tid} ({reason})")
+        assert r.data.tags["mlflow.note.content"] == f"{reason}: {r.data.tags['stop_message']}"
         for m in CORE_METRICS:
-            assert m in r.data.metrics and f"{m}_seed_std" in r.data.metrics
+            assert m in r.data.metrics
+            # no constant series: the spread across seeds of n_params, epoch, flops_per_sample
+            assert (f"{m}_seed_std" in r.data.metrics) == (m not in SEED_INVARIANT_METRICS), m
             assert f"seed_0/{m}" in r.data.metrics and f"seed_1/{m}" in r.data.metrics
+        assert "n_params_seed_std" not in r.data.metrics
+        assert "epoch_seed_std" not in r.data.metrics
+        assert r.data.metrics["flops_per_sample"] > r.data.metrics["n_params"]
         mean = (r.data.metrics["seed_0/val_acc"] + r.data.metrics["seed_1/val_acc"]) / 2
         assert r.data.metrics["val_acc"] == pytest.approx(mean)
         for bookkeeping in ("pid", "timestamp", "time_this_iter_s", "training_iteration"):
@@ -120,6 +137,9 @@ def test_failing_trial_is_recorded_and_sweep_continues(cli, tmp_path: Path) -> N
     for r in by_patch["128"]:
         assert r.info.status == "FAILED" and r.data.tags["stop_reason"] == "error"
         assert "patch_size" in r.data.tags["stop_message"]
+        assert r.info.run_name == f"trial_{r.data.tags['ray_trial_id']} (error)"
+        assert r.data.tags["mlflow.note.content"].startswith("error: ")
+        assert "patch_size" in r.data.tags["mlflow.note.content"]
     for r in by_patch["4"]:
         assert r.info.status == "FINISHED" and r.data.tags["stop_reason"] == "completed"
 

@@ -41,3 +41,137 @@ def test_retry_gives_up_on_a_lock_that_stays(monkeypatch) -> None:
 
     with pytest.raises(sqlite3.OperationalError):
         tracking._retry(stuck)
+
+
+# --- what the driver writes: names, tags, one point per (metric, epoch) -----------------------
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A fresh SQLite store (migrated once for the module: migrations take seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    d = tmp_path_factory.mktemp("tracking")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
+def _parent(uri: str, name: str) -> tuple[tracking.Tracker, str]:
+    from study.records import SweepSpec
+
+    tr = tracking.Tracker(uri)
+    spec = SweepSpec(name=name, path="", text=f"name: {name}\n", fixed={}, params=())
+    return tr, tr.start_parent(name, f"sweep_{name}", spec, {})
+
+
+def test_experiment_opens_on_runs_not_traces(store) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from study.records import EXPERIMENT_KIND_ML, TAG_EXPERIMENT_KIND
+
+    tr, _ = _parent(store, "kind")
+    exp = MlflowClient(store).get_experiment_by_name("kind")
+    assert exp.tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND_ML == "custom_model_development"
+    # an experiment created without the tag (an older store) gets it on the next sweep
+    client = MlflowClient(store)
+    old = client.create_experiment("older")
+    assert tr.experiment_id("older") == old
+    assert client.get_experiment(old).tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND_ML
+
+
+@pytest.mark.parametrize(("outcome", "message", "name", "note"), [
+    ("completed", "completed 3 epochs", "trial_t0", "completed: completed 3 epochs"),
+    ("early_stopped", "stopped by ASHA at epoch 4", "trial_t0 (early_stopped)",
+     "early_stopped: stopped by ASHA at epoch 4"),
+    ("diverged", "seed 1: diverged at step 7", "trial_t0 (diverged)",
+     "diverged: seed 1: diverged at step 7"),
+    ("error", "ValueError: bad", "trial_t0 (error)", "error: ValueError: bad"),
+])
+def test_finished_run_is_named_and_described_by_outcome(store, outcome, message, name,
+                                                        note) -> None:
+    from study.records import Outcome
+
+    tr, pid = _parent(store, f"named_{outcome}")
+    rid = tr.start_child(pid, "t0", {"n_heads": 2}, 1)
+    assert tr.client.get_run(rid).info.run_name == "trial_t0"
+    tr.finish_child(rid, outcome, message)
+    run = tr.client.get_run(rid)
+    assert run.info.run_name == name and run.data.tags["mlflow.runName"] == name
+    assert run.data.tags["mlflow.note.content"] == note
+    assert run.data.tags["stop_reason"] == outcome and run.data.tags["stop_message"] == message
+    assert run.info.status == Outcome(outcome).mlflow_status
+
+
+def test_report_logs_no_constant_seed_spread() -> None:
+    from study.metrics import SEED_INVARIANT_METRICS
+    from study.records import TrialReport, is_logged_metric
+    from study.trainable import seed_summary
+
+    per_seed = [{"val_acc": 0.5, "n_params": 10.0, "epoch": 2.0, "flops_per_sample": 7.0},
+                {"val_acc": 0.7, "n_params": 10.0, "epoch": 2.0, "flops_per_sample": 7.0}]
+    assert {"n_params", "epoch", "flops_per_sample"} <= SEED_INVARIANT_METRICS
+    raw = TrialReport(2, seed_summary(per_seed)).to_ray()
+    for name in ("n_params", "epoch", "flops_per_sample"):
+        assert f"{name}_seed_std" not in raw and not is_logged_metric(f"{name}_seed_std")
+    logged = TrialReport.from_ray(raw).logged_metrics()
+    assert logged["val_acc"] == pytest.approx(0.6)
+    assert logged["val_acc_seed_std"] == pytest.approx(0.1 * 2 ** 0.5)  # sample std, ddof=1
+    assert logged["seed_1/val_acc"] == 0.7 and logged["seed_0/n_params"] == 10.0
+    assert not any(k.endswith("_seed_std") and k[:-9] in SEED_INVARIANT_METRICS
+                   for k in logged)
+
+
+class _Trial:
+    def __init__(self, trial_id: str, last_result: dict) -> None:
+        self.trial_id, self.config, self.last_result = trial_id, {"n_heads": 2}, last_result
+        self.error_file = None
+
+
+def test_callback_logs_every_epoch_once_per_seed(store) -> None:
+    """Per-seed values at every epoch, the last one not logged again when the trial ends."""
+    from study.records import SweepSpec, TrialReport
+    from study.sweep.callbacks import TrackingCallback
+    from study.trainable import seed_summary
+
+    tr, pid = _parent(store, "per_epoch")
+    cb = TrackingCallback(tr, pid, SweepSpec(name="x", path="", text="", fixed={}, params=(),
+                                             seeds=2))
+    cb._synced = True
+    results = [TrialReport(e, seed_summary([{"val_acc": 0.1 * e, "epoch": float(e)},
+                                            {"val_acc": 0.2 * e, "epoch": float(e)}])).to_ray()
+               for e in (1, 2, 3)]
+    trial = _Trial("t9", results[-1])
+    cb.on_trial_start(0, [trial], trial)
+    for r in results:
+        cb.on_trial_result(0, [trial], trial, dict(r))
+    cb.on_trial_complete(0, [trial], trial)
+    rid = cb.runs["t9"]
+    for key in ("seed_0/val_acc", "seed_1/val_acc", "val_acc", "val_acc_seed_std"):
+        hist = tr.client.get_metric_history(rid, key)
+        assert sorted(m.step for m in hist) == [1, 2, 3], key
+    assert [m.value for m in sorted(tr.client.get_metric_history(rid, "seed_1/val_acc"),
+                                    key=lambda m: m.step)] == pytest.approx([0.2, 0.4, 0.6])
+    run = tr.client.get_run(rid)
+    assert "epoch_seed_std" not in run.data.metrics and "seed_0/epoch" in run.data.metrics
+    assert run.info.run_name == "trial_t9 (early_stopped)"  # it sent no outcome
+    assert run.data.tags["mlflow.note.content"] == "early_stopped: stopped by ASHA at epoch 3"
+
+
+def test_callback_replaces_the_run_of_a_retried_trial(store) -> None:
+    """Ray restarts a retried trial from epoch 1: a fresh run, never two points per epoch."""
+    from study.records import SweepSpec, TrialReport
+    from study.sweep.callbacks import TrackingCallback
+
+    tr, pid = _parent(store, "retried")
+    cb = TrackingCallback(tr, pid, SweepSpec(name="x", path="", text="", fixed={}, params=()))
+    cb._synced = True
+    first = TrialReport(1, {"val_acc": 0.3}).to_ray()
+    trial = _Trial("t1", first)
+    cb.on_trial_start(0, [trial], trial)
+    cb.on_trial_result(0, [trial], trial, dict(first))
+    old = cb.runs["t1"]
+    cb.on_trial_recover(0, [trial], trial)
+    cb.on_trial_start(0, [trial], trial)  # Ray starts the trial again: the new run is kept
+    cb.on_trial_result(0, [trial], trial, dict(first))
+    assert cb.runs["t1"] != old and tr.client.get_run(old).info.lifecycle_stage == "deleted"
+    assert [m.step for m in tr.client.get_metric_history(cb.runs["t1"], "val_acc")] == [1]

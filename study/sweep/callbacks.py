@@ -1,8 +1,11 @@
 """The driver's tracking callback: every trial of a sweep logged to MLflow as it happens.
 
 Runs in the driver process (one writer, which works across nodes). It decodes each Ray result
-as a `TrialReport` and writes it through `Tracker`: one child run per trial, the seed means at
-every epoch (`step=epoch`), per-seed values and tables at the end, the outcome as tags.
+as a `TrialReport` and writes it through `Tracker`: one child run per trial; at every epoch
+(`step=epoch`, one point per metric and epoch) the seed means, their std across seeds and each
+replicate's `seed_<k>/<name>`; at the end the tables, the outcome as tags, description and run
+name. A trial Ray retries after an infrastructure failure restarts from scratch, so its run is
+replaced rather than given a second point per epoch.
 """
 
 from __future__ import annotations
@@ -67,22 +70,29 @@ class TrackingCallback(Callback):
                 self.parent_id, trial.trial_id, make_config(trial.config).to_dict(),
                 self.spec.seeds)
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Ray retries the trial from scratch: a fresh run, so no epoch is logged twice."""
+        rid = self.runs.pop(trial.trial_id, None)
+        if rid is not None:
+            self.tracker.delete(rid)
+        self.on_trial_start(iteration, trials, trial)
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        rid = self.runs.get(trial.trial_id)
+        """Every result Ray passes on, the last one included, is logged here and only here."""
         report = TrialReport.from_ray(result)
-        metrics = report.mean_metrics()
-        if rid and metrics and report.epoch:
-            self.tracker.log_metrics(rid, metrics, step=report.epoch)
+        metrics = report.logged_metrics()
+        if metrics and report.epoch:
+            if trial.trial_id not in self.runs:
+                self.on_trial_start(iteration, trials, trial)
+            self.tracker.log_metrics(self.runs[trial.trial_id], metrics, step=report.epoch)
 
     def _finish(self, trials: list, trial: Any, errored: bool) -> None:
+        """The outcome and tables; the last epoch's metrics were logged by `on_trial_result`."""
         if trial.trial_id not in self.runs:
             self.on_trial_start(0, trials, trial)
-        rid = self.runs[trial.trial_id]
         outcome, message, last = trial_end(trial, errored)
-        if last.seed_metrics():
-            self.tracker.log_metrics(rid, last.seed_metrics(), step=last.epoch)
-        self.tracker.finish_child(rid, outcome, message, last.tables)
+        self.tracker.finish_child(self.runs[trial.trial_id], outcome, message, last.tables)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any,
                           **info: Any) -> None:

@@ -91,7 +91,8 @@ def _trainable(spec: SweepSpec) -> Any:
     from ray import tune
 
     from study.trainable import trainable
-    return tune.with_resources(tune.with_parameters(trainable, seeds=spec.seeds),
+    return tune.with_resources(tune.with_parameters(trainable, seeds=spec.seeds,
+                                                    vary_data_seed=spec.vary_data_seed),
                                {"cpu": spec.cpu, "gpu": spec.gpu})
 
 
@@ -135,7 +136,6 @@ def run_sweep(space_path: str | Path, name: str | None = None, trials: int | Non
 
 def _tuner(spec: SweepSpec, name: str, store: Path, tracker: Tracker, parent: str) -> Any:
     from ray import tune
-    from ray.tune.schedulers import AsyncHyperBandScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from study.sweep.callbacks import TrackingCallback
@@ -143,9 +143,7 @@ def _tuner(spec: SweepSpec, name: str, store: Path, tracker: Tracker, parent: st
     from study.sweep.searcher import StudySearch
 
     search = ConcurrencyLimiter(StudySearch(spec), max_concurrent=spec.max_concurrent)
-    scheduler = AsyncHyperBandScheduler(
-        metric=spec.metric, mode=spec.mode, max_t=spec.epochs,
-        grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+    scheduler = _scheduler(spec)
     callbacks = [TrackingCallback(tracker, parent, spec), ProgressView(spec)]
     return tune.Tuner(
         _trainable(spec),
@@ -156,6 +154,18 @@ def _tuner(spec: SweepSpec, name: str, store: Path, tracker: Tracker, parent: st
                                   failure_config=tune.FailureConfig(max_failures=2)))
 
 
+def _scheduler(spec: SweepSpec) -> Any:
+    """ASHA on the first objective for the `search` design; otherwise FIFO: no early stopping,
+    every trial trains the whole budget (a report over completed trials is then unbiased)."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    if not spec.early_stopping:
+        return FIFOScheduler()
+    return AsyncHyperBandScheduler(
+        metric=spec.metric, mode=spec.mode, max_t=spec.epochs,
+        grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+
+
 def override(spec: SweepSpec, values: dict[str, Any]) -> SweepSpec:
     """Command-line overrides of a parsed space, checked like the file's own values."""
     values = {k: v for k, v in values.items() if v is not None}
@@ -163,6 +173,10 @@ def override(spec: SweepSpec, values: dict[str, Any]) -> SweepSpec:
         if key in values and values[key] < 1:
             flag = "trials" if key == "num_trials" else key.replace("_", "-")
             raise SpaceError(f"--{flag}: must be >= 1, got {values[key]}")
+    if (spec.design_points and "num_trials" in values
+            and values["num_trials"] != spec.num_trials):
+        raise SpaceError(f"--trials: design {spec.design} runs exactly {spec.num_trials} trials "
+                         f"({spec.design_note}); drop --trials")
     if values.get("gpu", 0) < 0:
         raise SpaceError(f"--gpu: must be >= 0, got {values['gpu']}")
     if "epochs" in values:
@@ -208,4 +222,5 @@ def finish(tracker: Tracker, parent: str, spec: SweepSpec, name: str) -> dict:
     if not complete:
         con.print(f"interrupted: continue with `study resume {name}`")
     return {"name": name, "parent_run_id": parent, "done": done, "complete": complete,
-            "counts": counts, "tracking_uri": tracker.uri}
+            "counts": counts, "tracking_uri": tracker.uri,
+            "experiment_id": tracker.experiment_id(name)}

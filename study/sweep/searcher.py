@@ -8,7 +8,10 @@ when Ray's own `OptunaSearch` changes its internals. What it adds to plain ask-a
 - infeasible samples (a broken constraint, a config the model refuses) are told to Optuna as
   FAIL and resampled, up to `MAX_RESAMPLE` times;
 - trials that errored or diverged are told as FAIL, trials stopped by ASHA as PRUNED (their
-  per-epoch objective was reported as intermediate values, which TPE uses for pruned trials).
+  per-epoch objective was reported as intermediate values, which TPE uses for pruned trials);
+- designs (README "Designs"): `random` samples with a seeded `RandomSampler`; `factorial` and
+  `one_at_a_time` enqueue their fixed list of configurations (`spec.design_points`) in the
+  Optuna study, which hands them out in order, and the searcher is finished after the last.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from study.records import Outcome, SweepSpec, TrialReport
 from study.spaces import infeasible
 
 MAX_RESAMPLE = 200
+# Ray's sentinel for "no more trials" (a str, though `Searcher.suggest` is annotated dict | None)
+FINISHED: Any = Searcher.FINISHED
 
 
 def make_sampler(spec: SweepSpec) -> Any:
@@ -30,7 +35,7 @@ def make_sampler(spec: SweepSpec) -> Any:
     import optuna
 
     s = spec.searcher_seed
-    if spec.searcher == "random":
+    if spec.design != "search" or spec.searcher == "random":  # fixed designs: enqueued trials
         return optuna.samplers.RandomSampler(seed=s)
     if spec.searcher == "cmaes":  # needs the `cmaes` package (a dependency)
         return optuna.samplers.CmaEsSampler(seed=s, warn_independent_sampling=False)
@@ -67,15 +72,27 @@ class StudySearch(Searcher):
         self.live: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self._trials: dict[str, Any] = {}  # Ray trial id -> optuna.Trial (this process only)
         self.resampled = 0
+        for params in spec.design_points:  # a fixed design: asked in this order
+            self.study.enqueue_trial(dict(params))
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
                               **spec: Any) -> bool:
         return True  # the space, metric and mode are the spec's
 
+    def waiting(self) -> int:
+        """How many enqueued configurations of a fixed design are still to be suggested."""
+        import optuna
+
+        return len(self.study.get_trials(deepcopy=False,
+                                         states=(optuna.trial.TrialState.WAITING,)))
+
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         import optuna
 
+        fixed_design = bool(self.spec.design_points)
         for _ in range(MAX_RESAMPLE):
+            if fixed_design and not self.waiting():
+                return FINISHED  # every configuration of the design was handed out
             trial = self.study.ask()
             config = sample_config(self.spec, trial)
             sampled = {k: v for k, v in config.items() if k not in self.spec.fixed}

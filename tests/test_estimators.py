@@ -1,0 +1,215 @@
+"""Effects whose truth is known: early-stopping bias removed, intervals that cover, calls that
+hold their error rates. Stores are seeded simulations written through the project's own
+`Tracker` (the layout `study sweep` writes), then read back by `analysis.load`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.effects import effects_report, effects_table
+from analysis.estimators import ESTIMATOR_IMPUTED, outcome_table, rung_epochs
+from analysis.load import load_sweep
+from study.config import TrialConfig
+from study.records import Outcome, seed_metric
+from study.spaces import parse_space
+from study.tracking import Tracker
+
+ASHA_SPACE = """
+name: asha_planted
+task: digits
+params:
+  norm: [pre_ln, post_ln]        # post_ln learns faster, ends the same (no final effect)
+  n_heads: [2, 4]                # n_heads=4 raises the final test accuracy by REAL
+  qk_norm: [none, l2]            # null
+budget: {epochs: 12, grace_period: 4, reduction_factor: 2}
+seeds: 1
+objective: {metric: val_acc, mode: max}
+searcher: tpe
+num_trials: 160
+"""
+EPOCHS, GRACE, RF = 12, 4, 2
+REAL = 0.06
+SLOW_GAP, FAST_GAP = 0.10, 0.02  # how far below its final value a level is at epoch 0
+
+
+def _curve(final: float, gap: float, epoch: int, rng: np.random.Generator) -> float:
+    """Additive learning curve: `gap` below the final value at the start, none at the end."""
+    return final - gap * (1 - epoch / EPOCHS) + float(rng.normal(0, 0.005))
+
+
+def build_asha_store(uri: str, n_trials: int = 160, seed: int = 0) -> dict:
+    """A TPE+ASHA-like sweep: trials arrive one by one; at each rung a trial continues only if
+    its val_acc is in the top 1/RF of the values seen at that rung so far (asynchronous
+    successive halving), else it is early-stopped there."""
+    rng = np.random.default_rng(seed)
+    spec = parse_space(ASHA_SPACE, "asha_planted.yaml")
+    tracker = Tracker(uri)
+    parent = tracker.start_parent("asha", "sweep_asha", spec,
+                                  {"objective": '[["val_acc", "max"]]'})
+    rungs = rung_epochs(GRACE, RF, EPOCHS)
+    seen: dict[int, list[float]] = {r: [] for r in rungs}
+    counts = {"completed": 0, "early_stopped": 0}
+    for i in range(n_trials):
+        p = {"norm": str(rng.choice(["pre_ln", "post_ln"])), "n_heads": int(rng.choice([2, 4])),
+             "qk_norm": str(rng.choice(["none", "l2"]))}
+        cfg = TrialConfig(task="digits", epochs=EPOCHS, **p).to_dict()
+        final = 0.8 + REAL * (p["n_heads"] == 4) + float(rng.normal(0, 0.03))
+        gap = FAST_GAP if p["norm"] == "post_ln" else SLOW_GAP
+        rid = tracker.start_child(parent, f"t{i:04d}", cfg, 1)
+        outcome = Outcome.COMPLETED
+        for e in range(1, EPOCHS + 1):
+            test = _curve(final, gap, e, rng)
+            val = test + float(rng.normal(0, 0.005))
+            m = {"val_acc": val, "test_acc": test, "epoch": float(e)}
+            tracker.log_metrics(rid, {**m, **{seed_metric(0, k): v for k, v in m.items()}}, e)
+            if e in seen:
+                seen[e].append(val)
+                if val < np.quantile(seen[e], 1 - 1 / RF) and len(seen[e]) > 1:
+                    outcome = Outcome.EARLY_STOPPED
+                    break
+        counts[outcome.value] += 1
+        tracker.finish_child(rid, outcome, outcome.value)
+    tracker.finish_parent(parent)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(tmp_path_factory):
+    d = tmp_path_factory.mktemp("asha")
+    uri = f"sqlite:///{d / 'asha.db'}"
+    counts = build_asha_store(uri)
+    return load_sweep(uri), counts
+
+
+@pytest.mark.slow
+def test_early_stopping_bias_is_removed_and_the_early_advantage_shows(asha_sweep) -> None:
+    sweep, counts = asha_sweep
+    assert counts["early_stopped"] > 30 and counts["completed"] > 20  # ASHA did select
+    e = effects_report(sweep, ["test_acc"], n_boot=400, seed=0)
+    final = e[e.budget == "final"].set_index(["param", "level"])
+    assert (final.estimator == ESTIMATOR_IMPUTED).all()
+    fast = final.loc[("norm", "post_ln")]
+    # the estimate that uses the stopped trials' curves: no final effect, and not called one
+    assert fast.contrast_low <= 0 <= fast.contrast_high
+    assert fast.call != "effect"
+    heads = final.loc[("n_heads", "4")]
+    assert heads.contrast_low <= REAL <= heads.contrast_high and heads.call != "negligible"
+    # completed trials only: ASHA kept the n_heads=2 trials that happened to be strong, so the
+    # real effect shrinks (survivorship), below the interval of the estimate that uses them all
+    assert heads.contrast_completed_only < heads.contrast_low
+    analysed = sweep.trial_table.outcome.isin(["completed", "early_stopped"])
+    assert heads.n == (analysed & (sweep.trial_table.n_heads == 4)).sum()
+    assert heads.n_imputed > 0
+    rung = e[e.budget == str(GRACE)].set_index(["param", "level"])
+    early = rung.loc[("norm", "post_ln")]
+    assert early.call == "effect" and early.contrast > 0  # the early advantage, at the rung
+    assert early.n_imputed == 0  # every trial reached the first rung
+
+
+def _synthetic(rng: np.random.Generator, n_trials: int, effects: dict[str, dict[str, float]],
+               targets: list[str], seeds: int = 2, trial_sd: float = 0.02,
+               seed_sd: float = 0.01) -> pd.DataFrame:
+    """Trial x seed rows: each param's level shifts every target by `effects[param][level]`."""
+    rows = []
+    for i in range(n_trials):
+        levels = {p: str(rng.choice(list(lv))) for p, lv in effects.items()}
+        base = sum(effects[p][lv] for p, lv in levels.items())
+        mu = {t: 0.5 + base + rng.normal(0, trial_sd) for t in targets}
+        for k in range(seeds):
+            rows.append({"trial_id": f"t{i}", "seed": k, **levels,
+                         **{t: mu[t] + rng.normal(0, seed_sd) for t in targets}})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.slow
+def test_contrast_intervals_cover_the_truth() -> None:
+    """Over 200 synthetic sweeps the 95% trial-bootstrap interval of each contrast covers its
+    planted value 92-98% of the time."""
+    rng = np.random.default_rng(1)
+    effects = {"a": {"x": 0.0, "y": 0.03, "z": -0.01}, "b": {"p": 0.0, "q": 0.02},
+               "c": {"u": 0.0, "v": 0.0}}
+    truth = {("a", lv): v - np.mean([w for k, w in effects["a"].items() if k != lv])
+             for lv, v in effects["a"].items()}
+    hits, total = 0, 0
+    for rep in range(200):
+        t = _synthetic(rng, 40, effects, ["m"])
+        e = effects_table(t, ["a", "b", "c"], ["m"], n_boot=300, seed=rep)
+        for r in e[e.param == "a"].itertuples():
+            total += 1
+            hits += r.contrast_low <= truth[("a", r.level)] <= r.contrast_high
+    coverage = hits / total
+    assert 0.92 <= coverage <= 0.98, coverage
+
+
+@pytest.mark.slow
+def test_global_null_rarely_calls_an_effect() -> None:
+    """No param has any effect on any target: across 100 reports the share with any `effect`
+    call stays within 5% (plus Monte Carlo error)."""
+    rng = np.random.default_rng(2)
+    effects = {p: {"l0": 0.0, "l1": 0.0, "l2": 0.0} for p in ("a", "b", "c", "d")}
+    any_effect = 0
+    for rep in range(100):
+        t = _synthetic(rng, 40, effects, ["m1", "m2", "m3"])
+        e = effects_table(t, list(effects), ["m1", "m2", "m3"], n_boot=200, seed=rep,
+                          min_effect={"m1": 0.005, "m2": 0.005, "m3": 0.005})
+        any_effect += bool((e.call == "effect").any())
+    assert any_effect / 100 <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / 100), any_effect
+
+
+def test_a_planted_zero_is_called_negligible_and_a_thin_level_inconclusive() -> None:
+    rng = np.random.default_rng(3)
+    t = _synthetic(rng, 300, {"a": {"x": 0.0, "y": 0.0}, "b": {"p": 0.0, "q": 0.05}}, ["m"],
+                   trial_sd=0.005, seed_sd=0.002)
+    e = effects_table(t, ["a", "b"], ["m"], n_boot=300, min_effect={"m": 0.01})
+    assert set(e[e.param == "a"].call) == {"negligible"}
+    assert set(e[e.param == "b"].call) == {"effect"}
+    # a level held by one trial: no effect call, and the note says why
+    thin = t.copy()
+    first = thin.trial_id == "t0"
+    thin.loc[first, "b"] = "r"
+    thin.loc[first, "m"] += 0.5
+    e = effects_table(thin, ["a", "b"], ["m"], n_boot=200, min_effect={"m": 0.01})
+    row = e[(e.param == "b") & (e.level == "r")].iloc[0]
+    assert row.call == "inconclusive" and "1 trial" in row.note and row.n == 1
+    assert row.n_rows == 2
+
+
+def test_aliased_levels_are_inconclusive() -> None:
+    rng = np.random.default_rng(4)
+    t = _synthetic(rng, 60, {"a": {"x": 0.0, "y": 0.1}}, ["m"])
+    t["b"] = t["a"].map({"x": "p", "y": "q"})  # b always moves with a
+    e = effects_table(t, ["a", "b"], ["m"], n_boot=200)
+    assert (e.call == "inconclusive").all()
+    assert e.note.str.contains("aliased").all()
+
+
+def test_outcome_table_keeps_levels_only_stopped_trials_reached() -> None:
+    table = pd.DataFrame({"trial_id": ["a", "b", "c", "d"],
+                          "outcome": ["completed", "early_stopped", "early_stopped", "diverged"],
+                          "init": ["x", "x", "small", "small"]})
+    levels = {"init": pd.Series(pd.Categorical(table["init"]), index=table.index)}
+    out = outcome_table(table, levels).set_index("level")
+    assert out.loc["small", "completed"] == 0 and out.loc["small", "stop_rate"] == 0.5
+    assert out.loc["small", "divergence_rate"] == 0.5 and out.loc["x", "n_trials"] == 2
+
+
+def test_rung_epochs_follow_asha() -> None:
+    assert rung_epochs(4, 2, 12) == [4, 8]
+    assert rung_epochs(1, 3, 10) == [1, 3, 9]
+    assert rung_epochs(8, 2, 8) == []
+
+
+def test_asha_store_helper_is_importable_without_ray(tmp_path: Path) -> None:
+    """The planted ASHA store is written by the product's tracker only (no Ray needed)."""
+    uri = f"sqlite:///{tmp_path / 'small.db'}"
+    counts = build_asha_store(uri, n_trials=12, seed=5)
+    assert sum(counts.values()) == 12
+    sweep = load_sweep(uri)
+    assert len(sweep.trial_table) == 12 and set(sweep.curves.columns) >= {"trial_id", "epoch"}
+    assert sweep.design == "search"
+    shutil.rmtree(tmp_path, ignore_errors=True)
