@@ -238,32 +238,53 @@ def importance_bars(importance: pd.DataFrame,
 @_styled
 def measure_bars(measures: pd.DataFrame) -> Figure | None:
     """(c) Which measures rank trials by their generalization gap? Kendall tau and granulated
-    Kendall tau (Jiang et al. 2020) per measure."""
+    Kendall tau (Jiang et al. 2020) per measure, with their 95% bootstrap intervals (trials
+    resampled for tau, groups within each param for the granulated tau) where the table has
+    them; each measure's label gives the number of groups behind its granulated tau."""
     if measures is None or measures.empty:
         return None
-    long = measures.melt(id_vars=["target", "measure"],
-                         value_vars=["kendall_tau", "granulated_kendall_tau"],
-                         var_name="statistic", value_name="tau").dropna(subset=["tau"])
-    if long.empty:
+    stats_ = {"kendall_tau": ("Kendall τ", "tau_low", "tau_high"),
+              "granulated_kendall_tau": ("granulated Kendall τ", "granulated_low",
+                                         "granulated_high")}
+    d_all = measures[measures[list(stats_)].notna().any(axis=1)]
+    if d_all.empty:
         return None
-    long["statistic"] = long["statistic"].map(
-        {"kendall_tau": "Kendall τ", "granulated_kendall_tau": "granulated Kendall τ"})
-    targets = list(dict.fromkeys(long["target"]))
-    fig, axes = _grid(len(targets), 5.5, 1.3 + 0.45 * long["measure"].nunique(), ncols=2)
+    colors = sns.color_palette("colorblind", len(stats_))
+    targets = list(dict.fromkeys(d_all["target"]))
+    fig, axes = _grid(len(targets), 5.5, 1.3 + 0.45 * d_all["measure"].nunique(), ncols=2)
+    height = 0.8 / len(stats_)
+    drawn = False  # any interval
     for ax, t in zip(axes, targets):
-        d = long[long["target"] == t]
-        order = (d[d["statistic"] == "Kendall τ"].assign(a=lambda x: x["tau"].abs())
-                 .sort_values("a", ascending=False)["measure"].tolist())
-        order += [m for m in d["measure"].unique() if m not in order]
-        sns.barplot(data=d, x="tau", y="measure", hue="statistic", order=order, ax=ax,
-                    palette="colorblind")
+        d = d_all[d_all["target"] == t].assign(a=lambda x: x["kendall_tau"].abs())
+        d = d.sort_values("a", ascending=False, na_position="last").reset_index(drop=True)
+        ys = np.arange(len(d), dtype=float)
+        for k, (col, (_, lo, hi)) in enumerate(stats_.items()):
+            y = ys - 0.4 + height * (k + 0.5)
+            v = d[col].to_numpy(dtype=float)
+            ax.barh(y, np.nan_to_num(v), height=height, color=colors[k])
+            if {lo, hi} <= set(d):
+                low, high = d[lo].to_numpy(dtype=float), d[hi].to_numpy(dtype=float)
+                ok = np.isfinite(v) & np.isfinite(low) & np.isfinite(high)
+                if ok.any():
+                    drawn = True
+                    ax.errorbar(v[ok], y[ok], xerr=[v[ok] - low[ok], high[ok] - v[ok]],
+                                fmt="none", ecolor="0.15", elinewidth=1.0, capsize=2.5)
+        groups = d["n_groups"] if "n_groups" in d else pd.Series(np.nan, index=d.index)
+        labels = [f"{m} ({int(g)} groups)" if pd.notna(g) else str(m)
+                  for m, g in zip(d["measure"], groups)]
+        ax.set_yticks(ys, labels)
+        ax.invert_yaxis()
         ax.axvline(0, color="0.2", lw=0.8)
         ax.set_xlim(-1, 1)
-        sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, title=None,
-                        frameon=False)
         ax.set_xlabel(f"rank correlation with {t} (τ, -1 to 1)")
         ax.set_ylabel("")
         ax.set_title(t)
+    handles: list[Patch | Line2D] = [Patch(color=colors[k], label=name) for k, (name, _, _)
+                                     in enumerate(stats_.values())]
+    if drawn:
+        handles.append(Line2D([], [], color="0.15", marker="|", markersize=8, lw=1.0,
+                              label="95% bootstrap interval"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
     fig.suptitle("Which measures predict the generalization gap?")
     return fig
 

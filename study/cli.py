@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -198,12 +198,33 @@ def spaces_validate(
         typer.echo(space.summary())
 
 
-def main() -> None:
+def _click_exceptions() -> Any:
+    """The exception classes of the click Typer runs on (Typer >= 0.26 vendors its own)."""
     try:
-        app()
+        from typer._click import exceptions
+    except ImportError:  # an older Typer on the click package
+        from click import exceptions  # type: ignore[no-redef]
+    return exceptions
+
+
+def main() -> None:
+    cx = _click_exceptions()
+    try:
+        rc = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except cx.UsageError as e:  # a bad flag or argument: one line, exit 2
+        where = f"{e.ctx.command_path}: " if e.ctx else ""
+        console.print(f"[bold red]error:[/] {escape(where + e.format_message())}; see "
+                      f"--help", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except cx.Abort:
+        sys.exit(130)
     except ConfigError as e:  # bad input that surfaced late still gets one line and exit 2
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

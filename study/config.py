@@ -9,6 +9,7 @@ task table `study.tasks.TASKS`; fields that shape a task's data are declared wit
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -146,7 +147,27 @@ _NON_NEGATIVE = ("weight_decay", "attn_entropy_reg", "z_loss", "logit_adjust_tau
                  "seed", "data_seed", "many_shot_thr", "few_shot_thr")
 
 
+# upper limits of sizes and seeds: beyond them a trial cannot run on any machine this harness
+# targets (or a seed overflows torch's generator); the message names the limit. Real-valued
+# fields need only be finite: an absurd learning rate is a legitimate way to study divergence.
+_MAX = {"seed": 2**31 - 1, "data_seed": 2**31 - 1, "d_model": 16384, "d_ff": 65536,
+        "n_heads": 1024, "n_layers": 256, "epochs": 100_000, "batch_size": 1 << 20,
+        "patch_size": 4096, "attn_window": 1 << 16, "attn_rank": 1 << 16, "min_len": 1 << 16,
+        "max_len": 1 << 16, "vocab_size": 1 << 20, "n_train": 10_000_000, "seq_length": 1 << 16,
+        "n_classes": 100_000, "many_shot_thr": 10_000_000, "few_shot_thr": 10_000_000}
+
+
 def _check_ranges(c: TrialConfig) -> None:
+    for f in fields(c):
+        v = getattr(c, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name}: must be a finite number, got {v!r}")
+        if isinstance(v, tuple) and not all(math.isfinite(x) for x in v):
+            raise ConfigError(f"{f.name}: every value must be finite, got {v!r}")
+    for name, top in _MAX.items():
+        if getattr(c, name) > top:
+            raise ConfigError(f"{name}: {getattr(c, name)!r} exceeds the limit {top:g}; "
+                              "choose a smaller value")
     for name in _POSITIVE:
         if getattr(c, name) <= 0:
             raise ConfigError(f"{name}: must be > 0, got {getattr(c, name)!r}")

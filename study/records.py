@@ -160,7 +160,7 @@ IMPORTANCE_COLUMNS = ("target", "param", "importance", "evaluator", "rank", "n_t
 MEASURE_COLUMNS = ("target", "measure", "kendall_tau", "granulated_kendall_tau", "p_value", "n",
                    "tau_low", "tau_high", "granulated_low", "granulated_high", "n_groups",
                    "group_size", "n_params_granulated", "note")
-# the columns `effects.csv`, `importance.csv` and `measures.csv` hold (a prefix of the above)
+# the columns `effects.csv`, `importance.csv` and `measures.csv` hold
 EFFECT_CSV_COLUMNS = EFFECT_COLUMNS
 IMPORTANCE_CSV_COLUMNS = (*IMPORTANCE_COLUMNS[:4], *IMPORTANCE_COLUMNS[6:])
 # measures.csv: + the intervals of tau and granulated tau, group counts, why a value is empty

@@ -184,6 +184,8 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
     low, high = co(spec["low"], "low"), co(spec["high"], "high")
     _expect(isinstance(low, (int, float)) and not isinstance(low, bool),
             f"{where}: {name} is not numeric; use type: categorical")
+    _expect(all(math.isfinite(float(v)) for v in (low, high)),
+            f"{where}: low and high must be finite numbers, got {low!r}, {high!r}")
     _expect(low < high, f"{where}: low ({low}) must be < high ({high})")
     log = bool(spec.get("log", False))
     _expect(not log or low > 0, f"{where}: log scale needs low > 0")

@@ -87,6 +87,12 @@ BAD_INPUTS = [
      ["typ.yaml", "epochs", "expected int"]),
     ("yaml_not_a_mapping", lambda t: ["--config", _yaml(t, "list.yaml", "- 1\n- 2\n")],
      ["list.yaml", "mapping"]),
+    ("nan_temperature", lambda t: ["--set", "attn_temperature=nan"],
+     ["attn_temperature", "finite"]),
+    ("inf_lr", lambda t: ["--set", "lr=inf"], ["lr", "finite"]),
+    ("huge_seed", lambda t: ["--set", "seed=1e20"], ["seed", "expected int"]),
+    ("huge_seed_int", lambda t: ["--set", "seed=100000000000000000000"], ["seed", "limit"]),
+    ("huge_model", lambda t: ["--set", "d_model=1000000000"], ["d_model", "limit"]),
 ]
 
 
