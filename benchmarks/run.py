@@ -1,76 +1,202 @@
-"""`make bench`: attention-path throughput as ratios measured in one run.
+"""`make bench`: the project's performance goals, each a ratio measured side by side in one run.
 
-Compares, on the same machine and inputs, the fused SDPA path against the explicit softmax path
-(the oracle), and the attention kinds (full, local, low_rank) against full attention, for a
-training step (`study.step.train_step`: forward, loss, backward, clip, AdamW and schedule step).
-Writes JSON under benchmarks/results/.
+Writes under benchmarks/results/:
+- `attention_<cpu|cuda>.json`: attention-path throughput ratios (`benchmarks.attention`);
+- `bench-<device>.json`: every measurement in detail, with the machine, its load, the device
+  and package versions;
+- `summary-<device>.json`: one number per goal (`SUMMARY_KEYS`; null where not measured on
+  this device, the reason in the detailed file),
+and prints a table of goal vs measured. `<device>` is `cpu`, or the GPU's name with spaces as
+dashes. On the CPU every measurement runs with one PyTorch thread (on a shared 2-core machine
+two threads are several times slower, and less repeatable). About 10 minutes on 2 CPU cores.
+
+`python -m benchmarks.run [--only NAME ...] [--keep]` runs some sections only (attention,
+trials, study, harness, search; the others' keys are null in the summary) and keeps the
+sweeps' temp dir.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from study.config import TrialConfig
-from study.model import ModelSpec, build_model
-from study.step import TrainState, make_optimizer, train_step
-
 OUT = Path(__file__).parent / "results"
+SECTIONS = ("attention", "trials", "study", "harness", "search")
+SUMMARY_KEYS = ("device", "small_trial_speedup", "seeds4_cost_ratio", "seeds16_cost_ratio",
+                "packing_throughput_x8", "study_speedup", "harness_overhead_frac",
+                "disk_mb_per_trial", "search_epochs_ratio", "mfu_gpt2_small",
+                "attn_step_speedup_T1024", "attn_peak_mem_ratio_T1024")
+PACKAGES = ("torch", "ray", "optuna", "mlflow", "numpy", "attention-study")
+NO_GPU = "GPU only: no GPU lent to this session (this is a CPU run)"
 
 
-def step_time(cfg: TrialConfig, spec: ModelSpec, device: torch.device, batch: int,
-              explicit: bool, iters: int) -> float:
-    torch.manual_seed(0)
-    model = build_model(cfg, spec).to(device).train()
-    warmup = 3
-    opt, sched = make_optimizer(model, cfg, warmup + iters)
-    state = TrainState(model, opt, sched, cfg, stats=explicit)
-    x = torch.randint(1, spec.vocab_size, (batch, spec.max_len), device=device)
-    mask = torch.ones_like(x, dtype=torch.bool)
-    y = torch.randint(0, spec.n_classes, (batch,), device=device)
-
-    for _ in range(warmup):
-        train_step(state, x, y, mask)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        train_step(state, x, y, mask)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
+def device_name(cuda: bool) -> str:
+    """`cpu`, or the GPU's name with spaces as dashes (e.g. NVIDIA-H100-80GB-HBM3)."""
+    return torch.cuda.get_device_name().replace(" ", "-") if cuda else "cpu"
 
 
-def main() -> None:
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    T, batch, iters = (1024, 32, 20) if cuda else (256, 16, 5)
-    spec = ModelSpec(n_classes=10, max_len=T, vocab_size=64)
-    base = TrialConfig(d_model=256 if cuda else 64, n_heads=8 if cuda else 4, n_layers=4,
-                       d_ff=1024 if cuda else 128, attn_window=32, attn_rank=64)
-    full = step_time(base, spec, device, batch, False, iters)
-    rows = {
-        "sdpa_vs_explicit_speedup": step_time(base, spec, device, batch, True, iters) / full,
-        "local_vs_full_speedup": full / step_time(base.replace(attn_kind="local"), spec, device,
-                                                  batch, False, iters),
-        "low_rank_vs_full_speedup": full / step_time(base.replace(attn_kind="low_rank"), spec,
-                                                     device, batch, False, iters),
-        "alibi_vs_sinusoidal_slowdown": step_time(base.replace(pos_encoding="alibi"), spec,
-                                                  device, batch, False, iters) / full,
+def goals(device: str, epochs: int | None) -> dict[str, tuple[str, Callable[[float], bool]]]:
+    """Summary key -> (the goal as written, whether a value meets it) on this device; keys
+    whose goal holds on a GPU only are listed as such on the CPU (never met there)."""
+    gpu = device != "cpu"
+    per_trial = float(epochs or 1)
+
+    def gpu_only(text: str, ok: Callable[[float], bool]) -> tuple[str, Callable[[float], bool]]:
+        return (text, ok) if gpu else (f"{text} (on a GPU)", lambda v: False)
+
+    return {
+        "small_trial_speedup": gpu_only(">= 8", lambda v: v >= 8),
+        "seeds4_cost_ratio": gpu_only("<= 1.3", lambda v: v <= 1.3),
+        "seeds16_cost_ratio": gpu_only("<= 2.5", lambda v: v <= 2.5),
+        "packing_throughput_x8": gpu_only(">= 7", lambda v: v >= 7),
+        "study_speedup": (">= 4", lambda v: v >= 4) if gpu else (">= 2", lambda v: v >= 2),
+        "harness_overhead_frac": ("< 0.05", lambda v: v < 0.05),
+        "disk_mb_per_trial": (f"<= 1 MB x {per_trial:g} epochs = {per_trial:g}",
+                              lambda v: v <= per_trial),
+        "search_epochs_ratio": ("<= 0.33", lambda v: v <= 0.33),
+        "mfu_gpt2_small": gpu_only(">= 0.40", lambda v: v >= 0.40),
+        "attn_step_speedup_T1024": (">= 2.5", lambda v: v >= 2.5) if gpu
+        else (">= 1.5", lambda v: v >= 1.5),
+        "attn_peak_mem_ratio_T1024": gpu_only("<= 0.5", lambda v: v <= 0.5),
     }
-    result = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-              "torch": torch.__version__, "seq_len": T, "batch": batch,
-              "d_model": base.d_model, "n_layers": base.n_layers,
-              "full_step_ms": full * 1e3, "ratios": rows}
+
+
+def summarize(detail: dict[str, Any], device: str) -> dict[str, Any]:
+    """The summary's one number per key from the detailed results (None where missing)."""
+    def get(*path: str) -> Any:
+        node: Any = detail
+        for p in path:
+            if not isinstance(node, dict) or node.get(p) is None:
+                return None
+            node = node[p]
+        return node
+
+    return {
+        "device": device,
+        "small_trial_speedup": get("small_trial", "speedup"),
+        "seeds4_cost_ratio": get("seeds", "seeds4", "cost_ratio"),
+        "seeds16_cost_ratio": get("seeds", "seeds16", "cost_ratio"),
+        "packing_throughput_x8": get("packing", "value"),
+        "study_speedup": get("study", "speedup"),
+        "harness_overhead_frac": get("harness", "overhead_frac"),
+        "disk_mb_per_trial": get("harness", "disk", "mb_per_trial"),
+        "search_epochs_ratio": get("search", "ratio"),
+        "mfu_gpt2_small": get("mfu", "value"),
+        "attn_step_speedup_T1024": get("attention_textbook", "speedup"),
+        "attn_peak_mem_ratio_T1024": get("attention_textbook", "peak_mem_ratio"),
+    }
+
+
+def table(summary: dict[str, Any], detail: dict[str, Any]) -> str:
+    """Goal vs measured, one row per summary key."""
+    device = summary["device"]
+    rows = [("key", "goal", "measured", "met")]
+    for key, (goal, ok) in goals(device, (detail.get("harness") or {}).get("epochs")).items():
+        v = summary.get(key)
+        if v is None:
+            measured, met = "null", "-"
+        else:
+            measured, met = f"{v:.3g}", "yes" if ok(v) else "no"
+        rows.append((key, goal, measured, met))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def machine() -> dict[str, Any]:
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    cuda = torch.cuda.is_available()
+    return {"platform": platform.platform(), "processor": platform.processor() or None,
+            "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if cuda else None,
+            "cuda": torch.version.cuda if cuda else None, "packages": versions}
+
+
+def _section(detail: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    print(f"[bench] {name} ... (load {load:.1f})", flush=True)
+    detail[name] = fn()
+    took = time.perf_counter() - t0
+    detail["timing"][name] = {"seconds": took, "load_before": load,
+                              "load_after": os.getloadavg()[0]}
+    print(f"[bench] {name}: {took:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the sweeps' stores and logs (the temp dir is printed)")
+    args = parser.parse_args(argv)
+    from benchmarks import attention, sweeps, trials
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(1)
+    device = device_name(cuda)
+    detail: dict[str, Any] = {"device": device, "machine": machine(), "started": time.time(),
+                              "load_at_start": list(os.getloadavg()), "timing": {},
+                              "sections": args.only}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    if "attention" in args.only:
+        _section(detail, "attention", lambda: attention.attention_ratios(dev))
+        _section(detail, "attention_textbook", lambda: attention.textbook_comparison(dev))
+        if not cuda:
+            detail["attention_textbook"]["note"] = (
+                "CPU: T = 256, not 1024 (a 4-layer step at T = 1024 takes seconds per step on "
+                "2 cores); the summary keys keep their names")
+    if "trials" in args.only:
+        _section(detail, "small_trial", lambda: trials.small_trial_speedup(dev))
+        _section(detail, "seeds", trials.seeds_cost)
+    if "study" in args.only:
+        _section(detail, "study", lambda: sweeps.study_speedup(tmp / "study"))
+    if "harness" in args.only:
+        _section(detail, "harness", lambda: sweeps.harness(tmp / "harness"))
+    if "search" in args.only:
+        _section(detail, "search", lambda: sweeps.search_epochs(tmp / "search"))
+    reason = NO_GPU if not cuda else "not measured by this benchmark yet"
+    detail["packing"] = {"value": None, "reason": reason}
+    detail["mfu"] = {"value": None, "reason": reason}
+    detail["finished"] = time.time()
+    detail["load_at_end"] = list(os.getloadavg())
+    if args.keep:
+        detail["tmp_dir"] = str(tmp)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = summarize(detail, device)
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"attention_{'cuda' if cuda else 'cpu'}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    if "attention" in args.only:
+        att = {"device": torch.cuda.get_device_name() if cuda else "cpu",
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+               **detail["attention"]}
+        (OUT / f"attention_{'cuda' if cuda else 'cpu'}.json").write_text(json.dumps(att,
+                                                                                  indent=1))
+    (OUT / f"bench-{device}.json").write_text(json.dumps(detail, indent=1))
+    (OUT / f"summary-{device}.json").write_text(json.dumps(summary, indent=1))
+    print(table(summary, detail))
+    print(f"wrote {OUT / f'summary-{device}.json'} and {OUT / f'bench-{device}.json'} "
+          f"(load average {detail['load_at_start'][0]:.1f} at start, "
+          f"{detail['load_at_end'][0]:.1f} at end, on {os.cpu_count()} CPUs)")
+    return summary
 
 
 if __name__ == "__main__":

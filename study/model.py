@@ -13,7 +13,7 @@ or, for per-token tasks, `(B, T', n_classes)`, and `AttnStats` when asked for (e
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,6 +119,9 @@ class Attention(nn.Module):
     is folded into `scale`; a learned per-head tau (or the QKNorm gain of Henry et al. 2020) is
     folded into q, so the fused SDPA kernel still runs. `low_rank` is Linformer (Wang et al. 2020):
     keys and values are projected along the sequence to `attn_rank` slots.
+
+    `kernel` is the fused attention call, `F.scaled_dot_product_attention` (same signature);
+    `study.replicas` swaps in one that folds a vmapped replicate axis into the batch axis.
     """
 
     def __init__(self, cfg: TrialConfig, max_tokens: int) -> None:
@@ -128,6 +131,7 @@ class Attention(nn.Module):
         self.qkv = with_role(nn.Linear(d, 3 * d), "qkv")
         self.proj = with_role(nn.Linear(d, d), "resid_out")
         self.dropout = cfg.attn_dropout
+        self.kernel: Callable[..., torch.Tensor] = F.scaled_dot_product_attention
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "layernorm":
             self.q_ln, self.k_ln = nn.LayerNorm(self.hs), nn.LayerNorm(self.hs)
@@ -185,8 +189,7 @@ class Attention(nn.Module):
         if stats:
             y, info = explicit_attention(q, k, v, mask, scale, drop, ctx.valid)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop,
-                                               scale=scale)
+            y = self.kernel(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.proj(y), info
 
@@ -230,8 +233,10 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth (Huang et al. 2016): drop a residual branch per sample."""
     if p == 0.0 or not training:
         return x
-    keep = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device).bernoulli_(1 - p)
-    return x * keep.to(x.dtype) / (1 - p)
+    # `empty_like` of a slice of x (not `torch.empty`), so under `torch.vmap` each replicate
+    # draws its own mask; the same float32 draws as `torch.empty(B, 1, ...)` otherwise
+    keep = torch.empty_like(x.flatten(1)[:, :1], dtype=torch.float32).bernoulli_(1 - p)
+    return x * keep.view(-1, *([1] * (x.dim() - 1))).to(x.dtype) / (1 - p)
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

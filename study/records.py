@@ -188,6 +188,9 @@ DEFAULT_MIN_EFFECT: dict[str, float] = {
     "ece": 0.01, "len_gen_ratio": 0.02, "corrupt_rel": 0.02,
 }
 DEFAULT_MIN_TRIALS = 3
+# how a trial trains its seed replicates (README "Sweeps"): as one batched computation
+# (`study.replicas`, falling back to lockstep where it cannot apply), or k models in lockstep
+SEED_BATCHING = ("vmap", "lockstep")
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,7 @@ class SweepSpec:
     min_effect: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIN_EFFECT))
     min_trials: int = DEFAULT_MIN_TRIALS  # the fewest trials per level for a call
     vary_data_seed: bool = True  # replicate k also uses data_seed + k (its own test set)
+    seed_batching: str = "vmap"  # one of SEED_BATCHING
 
     @property
     def early_stopping(self) -> bool:
@@ -344,6 +348,8 @@ class SweepSpec:
                            **{str(k): float(v) for k, v in d.get("min_effect", {}).items()}}
         # sweeps stored before the field existed shared one data split across replicates
         d["vary_data_seed"] = bool(d.get("vary_data_seed", False))
+        # ... and trained their replicates in lockstep
+        d["seed_batching"] = str(d.get("seed_batching", "lockstep"))
         return cls(**d)
 
     def summary(self) -> str:

@@ -25,6 +25,7 @@ from study.records import (
     MULTI_OBJECTIVE_SEARCHERS,
     PARAM_TYPES,
     SEARCHERS,
+    SEED_BATCHING,
     ParamSpec,
     SweepSpec,
 )
@@ -32,7 +33,7 @@ from study.records import (
 NOT_SEARCHABLE = ("epochs", "seed", "device")
 TOP_KEYS = ("name", "description", "task", "fixed", "params", "constraints", "budget", "seeds",
             "objective", "design", "searcher", "searcher_seed", "num_trials", "max_concurrent",
-            "resources", "analysis", "vary_data_seed")
+            "resources", "analysis", "vary_data_seed", "seed_batching")
 MAX_GRID = 100_000  # the largest factorial grid enumerated
 
 
@@ -292,6 +293,10 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
     min_effect, min_trials = _analysis(src, data.get("analysis"))
     vary = data.get("vary_data_seed", True)
     _expect(isinstance(vary, bool), f"{src}: vary_data_seed: expected true or false, got {vary!r}")
+    # batched seeds pay off on a GPU; on CPU-only trials they measured no faster than lockstep
+    batching = data.get("seed_batching", "vmap" if gpu > 0 else "lockstep")
+    _expect(batching in SEED_BATCHING, f"{src}: seed_batching: {batching!r}; valid: "
+                                       f"{', '.join(SEED_BATCHING)}")
     if design in FIXED_DESIGNS:
         for p in params:
             _expect(not p.when, f"{src}: params.{p.name}: design {design} does not take "
@@ -310,7 +315,7 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
         max_concurrent=_int(src, "max_concurrent", data.get("max_concurrent", 2), 1),
         cpu=cpu, gpu=gpu, description=str(data.get("description", "")), design=design,
         design_fraction=fraction, design_bases=bases, min_effect=min_effect,
-        min_trials=min_trials, vary_data_seed=vary)
+        min_trials=min_trials, vary_data_seed=vary, seed_batching=batching)
     _check_feasible(space)
     if design in FIXED_DESIGNS:
         points, note = (_factorial(space) if design == "factorial"

@@ -8,8 +8,9 @@ held in `TrainState` and read once per epoch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +40,18 @@ def make_optimizer(
     warmup + cosine schedule over `total_steps`. Build it after the model is on its device."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    fused = next(model.parameters()).device.type == "cuda"
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+    return adamw(decay, no_decay, cfg, total_steps)
+
+
+def adamw(
+    decay: Sequence[torch.Tensor], no_decay: Sequence[torch.Tensor], cfg: TrialConfig,
+    total_steps: int,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """`make_optimizer` over given tensors: weight decay on `decay` only (`study.replicas`
+    passes parameters stacked over replicates, whose matrices it picks itself)."""
+    fused = [*decay, *no_decay][0].device.type == "cuda"
+    opt = torch.optim.AdamW([{"params": list(decay), "weight_decay": cfg.weight_decay},
+                             {"params": list(no_decay), "weight_decay": 0.0}], lr=cfg.lr,
                             betas=(0.9, 0.98), fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_frac))
     return opt, sched
@@ -116,6 +126,14 @@ def train_step(
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), state.clip)
+    return apply_step(state, loss, gn)
+
+
+def apply_step(state: Any, loss: torch.Tensor, gn: torch.Tensor) -> torch.Tensor:
+    """The end of a step once gradients are clipped (`gn`: the norm(s) before clipping, one
+    per replicate when batched): the divergence flag (first bad step, kept on the device, no
+    host sync), the grad-norm sum, the optimizer and the schedule. `state` holds opt, sched,
+    step, first_bad and gn_sum (a `TrainState`, or the batched replicas)."""
     bad = ~(torch.isfinite(loss) & torch.isfinite(gn))
     state.first_bad = torch.where(bad & (state.first_bad < 0), state.step + 1, state.first_bad)
     state.gn_sum += torch.nan_to_num(gn, nan=0.0, posinf=0.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,30 +172,49 @@ def run_trial(cfg: TrialConfig, data: TaskData | None = None) -> Iterator[EpochR
         train_time = time.perf_counter() - t0
         bad_step = int(state.first_bad.item())
         if bad_step >= 0:
-            yield EpochResult(epoch, {M.EPOCH: float(epoch), M.N_PARAMS: float(n_params)},
-                              final=True, diverged=f"diverged at step {bad_step}")
+            yield diverged_result(epoch, n_params, f"diverged at step {bad_step}")
             return
-        final = epoch == cfg.epochs
         values = epoch_metrics(model, data, device)
         values[M.GRAD_NORM] = state.gn_sum / len(batches)
-        metrics = {k: float(v) for k, v in zip(values, torch.stack(
-            [torch.as_tensor(v, device=device).float() for v in values.values()]).tolist())}
-        metrics[M.GEN_GAP_ACC] = metrics[M.TRAIN_ACC] - metrics[M.TEST_ACC]
-        metrics[M.GEN_GAP_LOSS] = metrics[M.TEST_LOSS] - metrics[M.TRAIN_LOSS]
-        metrics[M.N_PARAMS] = float(n_params)
-        metrics[M.FLOPS_PER_SAMPLE] = flops
-        metrics[M.SAMPLES_PER_S] = len(train) / max(train_time, 1e-9)
-        metrics[M.EPOCH] = float(epoch)
-        artifacts: dict[str, list[dict[str, Any]]] = {}
-        if final:
-            extra, artifacts = robustness_metrics(cfg, data, model, device, metrics)
-            metrics.update(extra)
-        if not all(math.isfinite(v) for v in metrics.values()):
-            yield EpochResult(
-                epoch, {M.EPOCH: float(epoch), M.N_PARAMS: float(n_params)}, final=True,
-                diverged=f"diverged at step {state.step} (non-finite eval)")
+        result = epoch_result(cfg, data, device, epoch, values, n_params=n_params, flops=flops,
+                              samples_per_s=len(train) / max(train_time, 1e-9),
+                              steps=state.step, final_model=lambda: model)
+        yield result
+        if result.diverged:
             return
-        yield EpochResult(epoch, metrics, final=final, artifacts=artifacts)
+
+
+def diverged_result(epoch: int, n_params: int, why: str) -> EpochResult:
+    """The last result of a trial that diverged (`why`: "diverged at step N ...")."""
+    return EpochResult(epoch, {M.EPOCH: float(epoch), M.N_PARAMS: float(n_params)}, final=True,
+                       diverged=why)
+
+
+def epoch_result(
+    cfg: TrialConfig, data: TaskData, device: torch.device, epoch: int,
+    values: dict[str, Any], *, n_params: int, flops: float, samples_per_s: float, steps: int,
+    final_model: Callable[[], AttentionModel],
+) -> EpochResult:
+    """The result of an epoch whose training steps were all finite: `values` (device tensors,
+    `epoch_metrics` and the grad norm, read in one transfer), the derived metrics and, after
+    the final epoch, the robustness metrics of `final_model()` (called then only). A
+    non-finite metric makes it a divergence at step `steps` (non-finite eval)."""
+    final = epoch == cfg.epochs
+    metrics = {k: float(v) for k, v in zip(values, torch.stack(
+        [torch.as_tensor(v, device=device).float() for v in values.values()]).tolist())}
+    metrics[M.GEN_GAP_ACC] = metrics[M.TRAIN_ACC] - metrics[M.TEST_ACC]
+    metrics[M.GEN_GAP_LOSS] = metrics[M.TEST_LOSS] - metrics[M.TRAIN_LOSS]
+    metrics[M.N_PARAMS] = float(n_params)
+    metrics[M.FLOPS_PER_SAMPLE] = flops
+    metrics[M.SAMPLES_PER_S] = samples_per_s
+    metrics[M.EPOCH] = float(epoch)
+    artifacts: dict[str, list[dict[str, Any]]] = {}
+    if final:
+        extra, artifacts = robustness_metrics(cfg, data, final_model(), device, metrics)
+        metrics.update(extra)
+    if not all(math.isfinite(v) for v in metrics.values()):
+        return diverged_result(epoch, n_params, f"diverged at step {steps} (non-finite eval)")
+    return EpochResult(epoch, metrics, final=final, artifacts=artifacts)
 
 
 def final_metrics(cfg: TrialConfig, data: TaskData | None = None) -> EpochResult:

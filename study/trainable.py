@@ -1,4 +1,4 @@
-"""The Ray Tune function: a sampled configuration trained with k seeds in lockstep.
+"""The Ray Tune function: a sampled configuration trained with k seed replicates in one trial.
 
 Ray's `Repeater` cannot be combined with early stopping, so replicates live inside one trial:
 each epoch every seed advances once, then one `TrialReport` goes to the driver with the
@@ -7,20 +7,30 @@ values `seed_<k>/<name>`. Replicate k uses `seed + k`, and with `vary_data_seed`
 `data_seed + k` (its own generated data, split and test set, so the spread across seeds includes
 test-set sampling noise). The last report of a trial that ends by itself carries its outcome
 (completed, diverged or error); a trial stopped by ASHA never sends one.
+
+How the replicates train (`batching`, the space's `seed_batching`): `vmap` trains them as one
+batched computation (`study.replicas`: stacked parameters, `torch.vmap`), falling back to
+`lockstep` where that cannot apply (`replicas.fallback_reason`); `lockstep` runs k separate
+`run_trial`s, advanced one epoch each in turn.
 """
 
 from __future__ import annotations
 
+import logging
 import traceback
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from study.records import Outcome, TrialReport, completed_message, seed_metric
+from study.records import SEED_BATCHING, Outcome, TrialReport, completed_message, seed_metric
 
 if TYPE_CHECKING:
     from study.config import TrialConfig
+    from study.tasks.base import TaskData
+    from study.train import EpochResult
+
+log = logging.getLogger(__name__)
 
 
 def seed_summary(per_seed: list[dict[str, float]]) -> dict[str, float]:
@@ -45,26 +55,49 @@ def replicate(cfg: TrialConfig, k: int, vary_data_seed: bool) -> TrialConfig:
     return cfg.replace(seed=cfg.seed + k)
 
 
-def lockstep(config: dict[str, Any], seeds: int,
-             vary_data_seed: bool = False) -> Iterator[TrialReport]:
+def replicate_epochs(cfgs: list[TrialConfig], datas: list[TaskData],
+                     batching: str) -> tuple[Iterator[list[EpochResult]], str | None]:
+    """Each epoch's `EpochResult`s of the replicates `cfgs` (with their data), trained as
+    `batching` says, and why they fell back to lockstep (None when they did not, or when
+    `batching` is `lockstep`)."""
+    from study.replicas import fallback_reason, train_replicas
+    from study.train import run_trial
+
+    if batching not in SEED_BATCHING:
+        raise ValueError(f"batching: {batching!r}; valid: {', '.join(SEED_BATCHING)}")
+    why = fallback_reason(cfgs, datas) if batching == "vmap" else None
+    if batching == "vmap" and why is None:
+        return train_replicas(cfgs, datas), None
+    runs = [run_trial(c, d) for c, d in zip(cfgs, datas)]
+
+    def epochs() -> Iterator[list[EpochResult]]:
+        for _ in range(cfgs[0].epochs):
+            yield [next(r) for r in runs]
+    return epochs(), why
+
+
+def lockstep(config: dict[str, Any], seeds: int, vary_data_seed: bool = False,
+             batching: str = "lockstep") -> Iterator[TrialReport]:
     """One `TrialReport` per epoch for `seeds` replicates of `config` (seed, seed + 1, ...;
-    with `vary_data_seed` also data_seed, data_seed + 1, ...)."""
+    with `vary_data_seed` also data_seed, data_seed + 1, ...), trained as `batching` says
+    (`vmap` or `lockstep`, see the module docstring)."""
     from study.config import make_config
     from study.tasks import get_task
-    from study.train import run_trial
 
     try:
         cfg = make_config(config)
+        cfgs = [replicate(cfg, k, vary_data_seed) for k in range(seeds)]
         # the data is cached by its fields (never `seed`): replicates share it unless each has
         # its own data_seed
-        runs = [run_trial(r, get_task(r))
-                for r in (replicate(cfg, k, vary_data_seed) for k in range(seeds))]
-        for epoch in range(1, cfg.epochs + 1):
-            results = [next(r) for r in runs]
+        datas = [get_task(r) for r in cfgs]
+        epochs, why = replicate_epochs(cfgs, datas, batching)
+        if why is not None:
+            log.info("seed_batching vmap falls back to lockstep: %s", why)
+        for epoch, results in enumerate(epochs, start=1):
             bad = [(k, r.diverged) for k, r in enumerate(results) if r.diverged]
             if bad:
-                k, why = bad[0]
-                yield TrialReport(epoch, outcome=Outcome.DIVERGED, message=f"seed {k}: {why}")
+                k, reason = bad[0]
+                yield TrialReport(epoch, outcome=Outcome.DIVERGED, message=f"seed {k}: {reason}")
                 return
             report = TrialReport(epoch, seed_summary([r.metrics for r in results]))
             if epoch == cfg.epochs:
@@ -77,9 +110,33 @@ def lockstep(config: dict[str, Any], seeds: int,
                           traceback="\n".join(tb[-6:]))
 
 
-def trainable(config: dict[str, Any], seeds: int = 1, vary_data_seed: bool = False) -> None:
-    """Entry point run by Ray Tune workers."""
+def trial_threads(cpus: float | None = None) -> int | None:
+    """Limit torch's intra-op threads to the trial's CPUs (`cpus`, else what Ray gave this
+    trial), so trials packed on a node do not oversubscribe its cores. Returns the thread
+    count set, or None when the trial's CPUs are unknown (nothing is changed)."""
+    import torch
+
+    if cpus is None:
+        try:
+            from ray import tune
+
+            pgf = tune.get_context().get_trial_resources()
+            cpus = None if pgf is None else pgf.required_resources.get("CPU")
+        except Exception:  # not inside a Tune trial
+            cpus = None
+    if cpus is None:
+        return None
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
+
+
+def trainable(config: dict[str, Any], seeds: int = 1, vary_data_seed: bool = False,
+              seed_batching: str = "vmap", cpus: float | None = None) -> None:
+    """Entry point run by Ray Tune workers (`tune.with_parameters` passes the space's `seeds`,
+    `vary_data_seed`, `seed_batching` and the trial's `cpus`)."""
     from ray import tune
 
-    for report in lockstep(config, seeds, vary_data_seed):
+    trial_threads(cpus)
+    for report in lockstep(config, seeds, vary_data_seed, seed_batching):
         tune.report(report.to_ray())

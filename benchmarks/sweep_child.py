@@ -1,0 +1,51 @@
+"""One sweep in its own process, timed from inside: `python -m benchmarks.sweep_child SPACE
+NAME STORAGE URI OUT.json`. The process tree is what `benchmarks.diskio` measures; OUT.json
+gets the Tuner's fit window, every result's `time_this_iter_s` (the trial's own time for that
+epoch: training, evaluation, and for the first one the model and data set-up) and the command's
+own wall time."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main(argv: list[str]) -> None:
+    space, name, storage, uri, out = argv
+    t0 = time.time()
+    from study.sweep.lifecycle import RAY_ENV
+    # Ray's environment before Ray is imported (ray.train reads some of it on import)
+    os.environ.update({k: v for k, v in RAY_ENV.items() if k not in os.environ})
+    from ray.tune import Callback
+
+    from study.sweep.lifecycle import run_sweep
+
+    class Timer(Callback):
+        def __init__(self) -> None:
+            self.fit_start = self.fit_end = 0.0
+            self.iter_s: list[float] = []
+
+        def setup(self, **info: Any) -> None:
+            self.fit_start = time.time()
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                            **info: Any) -> None:
+            self.iter_s.append(float(result.get("time_this_iter_s", 0.0)))
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.fit_end = time.time()
+
+    timer = Timer()
+    summary = run_sweep(space, name=name, storage=storage, tracking_uri=uri,
+                        callbacks=[timer])
+    Path(out).write_text(json.dumps({
+        "fit_start": timer.fit_start, "fit_end": timer.fit_end, "iter_s": timer.iter_s,
+        "command_start": t0, "command_end": time.time(), "done": summary["done"]}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,243 @@
+"""Whole sweeps (real Ray, Optuna and MLflow on this machine).
+
+- `harness`: a sweep of 32 tiny trials in its own process (`benchmarks.sweep_child`), under
+  `benchmarks.diskio`: the harness overhead (1 - the trials' own time / (the Tuner's wall time
+  x concurrency)) and the bytes its process tree wrote per trial.
+- `study_speedup`: a reduced default study run both ways, each a `study sweep` command: today's
+  path (`seed_batching: lockstep`) and the default, wall time of the whole command.
+- `search_epochs`: TPE + ASHA against random search without early stopping on a small space,
+  3 searcher seeds each: epochs trained until random search's best val_acc is reached.
+
+The pure parts (`overhead_frac`, `epochs_to_reach`, `search_ratio`, ...) are tested in
+tests/test_bench.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import diskio
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPACE = ROOT / "search_spaces" / "default.yaml"
+
+# 32 tiny trials: digits, a one-layer d_model-16 model, two epochs, one seed
+TINY_SPACE = """
+name: bench_tiny
+task: digits
+fixed: {d_model: 16, d_ff: 32, n_layers: 1, n_heads: 2, batch_size: 128, lr: 0.01}
+params:
+  attn_temperature: {type: float, low: 0.5, high: 2.0, log: true}
+  attn_dropout: {type: float, low: 0.0, high: 0.2}
+design: random
+budget: {epochs: %(epochs)d}
+seeds: 1
+objective: {metric: val_acc, mode: max}
+searcher_seed: 0
+num_trials: %(trials)d
+max_concurrent: 2
+resources: {cpu: 1, gpu: 0}
+"""
+
+# the search comparison: digits, tiny models, the learning rate matters most
+SEARCH_SPACE = """
+name: bench_search
+task: digits
+fixed: {d_ff: 32, n_layers: 1, n_heads: 2, batch_size: 128}
+params:
+  d_model: [16, 32]
+  lr: {type: float, low: 0.0003, high: 0.03, log: true}
+  attn_temperature: {type: float, low: 0.25, high: 4.0, log: true}
+  attn_dropout: {type: float, low: 0.0, high: 0.3}
+  weight_decay: {type: float, low: 0.0001, high: 0.3, log: true}
+budget: {epochs: %(epochs)d%(asha)s}
+seeds: 1
+objective: {metric: val_acc, mode: max}
+%(design)s
+searcher_seed: %(seed)d
+num_trials: %(trials)d
+max_concurrent: 2
+resources: {cpu: 1, gpu: 0}
+"""
+
+
+# --- pure helpers --------------------------------------------------------------------------
+
+def overhead_frac(own_s: float, wall_s: float, concurrency: int) -> float:
+    """1 - (the trials' own time) / (wall time x trials that could run at once)."""
+    return 1.0 - own_s / (wall_s * concurrency)
+
+
+def mb_per_trial(write_bytes: int, trials: int) -> float:
+    return write_bytes / 1e6 / trials
+
+
+def epochs_to_reach(points: Sequence[tuple[float, float]], target: float) -> tuple[int, bool]:
+    """Epochs trained (reports, in time order) until a val_acc >= `target` was reported, and
+    whether it was: `points` are (time, val_acc) of every epoch of every trial; when the target
+    is never reached, all the epochs trained and False."""
+    ordered = sorted(points)
+    for i, (_, acc) in enumerate(ordered, 1):
+        if acc >= target:
+            return i, True
+    return len(ordered), False
+
+
+def search_ratio(pairs: Sequence[tuple[Sequence[tuple[float, float]],
+                                      Sequence[tuple[float, float]]]]) -> dict[str, Any]:
+    """For each searcher seed a pair (random points, TPE+ASHA points), as `epochs_to_reach`
+    takes them: the target is the best val_acc random search reached; the ratio is TPE+ASHA's
+    epochs to reach it over random search's, summed over seeds (a TPE+ASHA run that never
+    reached it counts all its epochs, and is listed in `not_reached`)."""
+    rows, rand_total, tpe_total, missed = [], 0, 0, []
+    for s, (rand, tpe) in enumerate(pairs):
+        target = max(acc for _, acc in rand)
+        e_rand, _ = epochs_to_reach(rand, target)
+        e_tpe, reached = epochs_to_reach(tpe, target)
+        rand_total, tpe_total = rand_total + e_rand, tpe_total + e_tpe
+        if not reached:
+            missed.append(s)
+        rows.append({"seed": s, "target_val_acc": target, "random_epochs": e_rand,
+                     "random_epochs_total": len(rand), "tpe_asha_epochs": e_tpe,
+                     "tpe_asha_epochs_total": len(tpe), "tpe_asha_reached": reached,
+                     "tpe_asha_best": max(acc for _, acc in tpe)})
+    return {"ratio": tpe_total / rand_total, "per_seed": rows, "not_reached": missed}
+
+
+def seed_batching_supported() -> bool:
+    """Whether search spaces take `seed_batching` (the batched-seeds machinery is wired)."""
+    from study.records import SweepSpec
+    return "seed_batching" in {f.name for f in dataclasses.fields(SweepSpec)}
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+def _create_store(uri: str) -> None:
+    """Create the MLflow store beforehand (its schema migrations write ~8 MB once), so the
+    measured sweep writes what a sweep into an existing store writes."""
+    from study.tracking import Tracker
+    Tracker(uri)
+
+
+def _points(uri: str, parent: str, metric: str = "val_acc") -> list[tuple[float, float]]:
+    """(timestamp, value) of every epoch's `metric` of every child run of `parent`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'", max_results=5000)
+    return [(m.timestamp / 1e3, m.value) for r in runs
+            for m in client.get_metric_history(r.info.run_id, metric)]
+
+
+def harness(tmp: Path, trials: int = 32, epochs: int = 2) -> dict[str, Any]:
+    """The tiny sweep in its own process: harness overhead and disk writes per trial."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    space = tmp / "tiny.yaml"
+    space.write_text(TINY_SPACE % {"trials": trials, "epochs": epochs})
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    _create_store(uri)
+    out = tmp / "timing.json"
+    res = diskio.measure([sys.executable, "-m", "benchmarks.sweep_child", str(space), "tiny",
+                          str(tmp / "ray"), uri, str(out)], cwd=tmp, log=tmp / "log.txt",
+                         env=_env())
+    if res.returncode != 0 or not out.exists():
+        raise RuntimeError(f"tiny sweep failed ({res.returncode}): see {tmp / 'log.txt'}")
+    t = json.loads(out.read_text())
+    own, fit = sum(t["iter_s"]), t["fit_end"] - t["fit_start"]
+    cmd = t["command_end"] - t["command_start"]
+    state = diskio.dir_bytes(tmp / "ray" / "tiny")
+    return {
+        "trials": trials, "epochs": epochs, "seeds": 1, "max_concurrent": 2,
+        "trials_done": t["done"], "results": len(t["iter_s"]), "trials_own_s": own,
+        "fit_wall_s": fit, "command_wall_s": cmd,
+        "overhead_frac": overhead_frac(own, fit, 2),
+        "overhead_frac_whole_command": overhead_frac(own, cmd, 2),
+        "disk": _disk(res, trials, epochs, state)}
+
+
+def _disk(res: diskio.DiskWrites, trials: int, epochs: int,
+          state: dict[str, int]) -> dict[str, Any]:
+    return {"write_bytes": res.write_bytes, "cancelled_write_bytes": res.cancelled_write_bytes,
+            "mb_per_trial": mb_per_trial(res.write_bytes, trials),
+            "mb_per_trial_epoch": mb_per_trial(res.write_bytes, trials) / epochs,
+            "by_process": {k: round(v / 1e6, 3) for k, v in res.by_command().items()},
+            "experiment_dir_bytes": {k: v for k, v in state.items() if v > 0}}
+
+
+def _env() -> dict[str, str]:
+    import os
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def study_speedup(tmp: Path, trials: int = 6, epochs: int = 3) -> dict[str, Any]:
+    """default.yaml with --trials/--epochs, both ways, each a `study sweep` command."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    text = DEFAULT_SPACE.read_text()
+    supported = seed_batching_supported()
+    variants = {"lockstep": text + "\nseed_batching: lockstep\n" if supported else text,
+                "default": text}
+    out: dict[str, Any] = {"space": "search_spaces/default.yaml", "trials": trials,
+                           "epochs": epochs, "seed_batching_key": supported}
+    if not supported:
+        out["note"] = ("search spaces have no seed_batching key yet: both runs are today's "
+                       "path (seeds in lockstep); the ratio shows the run-to-run noise")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    _create_store(uri)
+    for name, body in variants.items():
+        space = tmp / f"{name}.yaml"
+        space.write_text(body)
+        t0 = time.perf_counter()
+        res = diskio.measure([sys.executable, "-m", "study.cli", "sweep", str(space),
+                              "--name", name, "--trials", str(trials), "--epochs", str(epochs),
+                              "--storage", str(tmp / "ray"), "--tracking-uri", uri],
+                             cwd=tmp, log=tmp / f"{name}.log", env=_env(), interval=0.5)
+        wall = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise RuntimeError(f"sweep {name} failed: see {tmp / f'{name}.log'}")
+        out[name] = {"wall_s": wall, "disk": _disk(res, trials, epochs,
+                                                   diskio.dir_bytes(tmp / "ray" / name))}
+    out["speedup"] = out["lockstep"]["wall_s"] / out["default"]["wall_s"]
+    return out
+
+
+def search_epochs(tmp: Path, seeds: Sequence[int] = (0, 1, 2), trials: int = 16,
+                  epochs: int = 6) -> dict[str, Any]:
+    """Random search (no early stopping) and TPE + ASHA (grace 1, reduction 2), `trials`
+    trials of at most `epochs` epochs each, per searcher seed, in one Ray session."""
+    from study.sweep.lifecycle import init_ray, run_sweep, sweep_environment
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    pairs = []
+    # MLflow puts a new store's artifacts under ./mlruns: keep them in `tmp`
+    with contextlib.chdir(tmp), sweep_environment():
+        init_ray(None)
+        for seed in seeds:
+            pts = []
+            for kind, design, asha in (
+                    ("random", "design: random", ""),
+                    ("tpe_asha", "searcher: tpe", ", grace_period: 1, reduction_factor: 2")):
+                space = tmp / f"{kind}_{seed}.yaml"
+                space.write_text(SEARCH_SPACE % {"epochs": epochs, "asha": asha,
+                                                 "design": design, "seed": seed,
+                                                 "trials": trials})
+                res = run_sweep(space, name=f"{kind}_{seed}", tracking_uri=uri,
+                                storage=tmp / "ray")
+                pts.append(_points(uri, res["parent_run_id"]))
+            pairs.append((pts[0], pts[1]))
+    out = search_ratio(pairs)
+    out.update({"task": "digits", "trials_per_sweep": trials, "max_epochs": epochs,
+                "searcher_seeds": list(seeds),
+                "sizing": f"{trials} trials x {epochs} epochs of a 1-layer d_model 16/32 model "
+                          "on digits per sweep (a few seconds per trial on 2 CPU cores), "
+                          "TPE's 10 random start-up trials included; ASHA grace 1, "
+                          "reduction factor 2"})
+    return out

@@ -1,0 +1,131 @@
+"""Whole trials without Ray: the fast path against today's eager trial, and the cost of seeds.
+
+- `small_trial_speedup`: whole-trial samples/s (training samples of every epoch over the
+  trial's wall time, evaluation included) of the fast path against today's eager `run_trial`,
+  same config. No separate fast path exists on the CPU: both sides are then the same eager
+  trial, measured one after the other (the ratio shows the run-to-run noise).
+- `seeds_cost`: wall time of a trial with k seed replicates over one with a single seed: with
+  `study.replicas.train_replicas` (the replicates as one batched computation) where it exists
+  and accepts the config, else k `run_trial`s in lockstep (today's trainable).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any
+
+import torch
+
+from study.config import TrialConfig
+from study.tasks import get_task
+from study.train import run_trial
+
+# the default study's model and task (search_spaces/default.yaml, fixed part)
+DEFAULT_TRIAL = dict(task="mnist1d", d_model=64, d_ff=128, n_layers=2, n_heads=4, patch_size=4,
+                     batch_size=64, lr=0.003)
+
+
+def default_trial(epochs: int) -> TrialConfig:
+    return TrialConfig(epochs=epochs, **DEFAULT_TRIAL)
+
+
+def fast_path(device: torch.device) -> str | None:
+    """The name of a faster whole-trial path than eager on this device, None where none
+    exists (on the CPU, and on a GPU until one is added to `study.train`)."""
+    return None
+
+
+def trial_samples_per_s(cfg: TrialConfig) -> tuple[float, float]:
+    """(whole-trial samples/s, wall seconds) of `run_trial(cfg)`, data built beforehand."""
+    data = get_task(cfg)
+    t0 = time.perf_counter()
+    for _ in run_trial(cfg, data):
+        pass
+    wall = time.perf_counter() - t0
+    return len(data.train) * cfg.epochs / wall, wall
+
+
+def warm_up() -> None:
+    """One short trial first: the process's first trial pays one-time costs (lazy
+    initialization, allocator growth) that would otherwise land on whichever side runs first."""
+    for _ in run_trial(default_trial(1)):
+        pass
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def small_trial_speedup(device: torch.device, epochs: int = 2, rounds: int = 3
+                        ) -> dict[str, Any]:
+    """Median over `rounds` of alternating eager / fast-path trials of the default config."""
+    cfg = default_trial(epochs)
+    path = fast_path(device)
+    warm_up()
+    eager, fast = [], []
+    for _ in range(rounds):  # alternated, so a change in machine load hits both alike
+        eager.append(trial_samples_per_s(cfg)[0])
+        fast.append(trial_samples_per_s(cfg)[0])  # the fast path, once one exists, goes here
+    return {"config": {**DEFAULT_TRIAL, "epochs": epochs}, "fast_path": path or "eager",
+            "note": None if path else "no faster path than the eager step on this device: "
+            "both sides are the same eager trial, alternated (the ratio is run-to-run noise)",
+            "eager_samples_per_s": _median(eager), "fast_samples_per_s": _median(fast),
+            "eager_runs": eager, "fast_runs": fast,
+            "speedup": _median(fast) / _median(eager)}
+
+
+def replicas_module() -> Any | None:
+    """`study.replicas` where it exists and imports, else None."""
+    try:
+        return importlib.import_module("study.replicas")
+    except ImportError:
+        return None
+
+
+def seeds_time(cfg: TrialConfig, k: int, lockstep: bool = False) -> tuple[float, str]:
+    """(wall seconds, mode) of a trial of `cfg` with k replicates (seed + r, shared data),
+    data built beforehand: `vmap` (study.replicas), `lockstep` (k run_trials advanced one
+    epoch at a time, as the trainable does today; also when `lockstep` is asked for) or
+    `single` (k = 1, plain run_trial)."""
+    from study.trainable import replicate
+
+    cfgs = [replicate(cfg, r, vary_data_seed=False) for r in range(k)]
+    datas = [get_task(c) for c in cfgs]
+    reps = replicas_module()
+    batched = (k > 1 and not lockstep and reps is not None and hasattr(reps, "train_replicas")
+               and reps.fallback_reason(cfgs, datas) is None)
+    t0 = time.perf_counter()
+    if k == 1:
+        mode = "single"
+        for _ in run_trial(cfgs[0], datas[0]):
+            pass
+    elif batched:
+        mode = "vmap"
+        for _ in reps.train_replicas(cfgs, datas):
+            pass
+    else:
+        mode = "lockstep"
+        runs = [run_trial(c, d) for c, d in zip(cfgs, datas)]
+        for _ in range(cfg.epochs):
+            for r in runs:
+                next(r)
+    return time.perf_counter() - t0, mode
+
+
+def seeds_cost(ks: tuple[int, ...] = (4, 16), epochs: int = 2) -> dict[str, Any]:
+    """Time of k seeds over 1 seed, same config, for each k in `ks`; where the seeds ran
+    batched, the first k's lockstep time too, for reference."""
+    cfg = default_trial(epochs)
+    warm_up()
+    one, _ = seeds_time(cfg, 1)
+    out: dict[str, Any] = {"config": {**DEFAULT_TRIAL, "epochs": epochs},
+                           "data": "shared by the replicates (vary_data_seed: false), built "
+                                   "before timing", "one_seed_s": one}
+    for k in ks:
+        t, mode = seeds_time(cfg, k)
+        out[f"seeds{k}"] = {"mode": mode, "wall_s": t, "cost_ratio": t / one}
+        if mode != "lockstep" and k == ks[0]:
+            t_lock, _ = seeds_time(cfg, k, lockstep=True)
+            out[f"seeds{k}"]["lockstep_cost_ratio"] = t_lock / one
+    return out

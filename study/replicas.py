@@ -1,0 +1,485 @@
+"""A configuration's seed replicates trained as ONE batched computation (`torch.func`).
+
+`train_replicas(cfgs, datas)` is `run_trial` for k replicates at once: it yields, after every
+epoch, the list of the k replicates' `EpochResult`s that `run_trial` would have yielded one by
+one (`study.trainable.lockstep` turns them into one `TrialReport`).
+
+How. Each replicate's model is built exactly as `run_trial` builds it (its own seed, so its
+initial weights are those of the unbatched run) and the k models' parameters are stacked
+(`torch.func.stack_module_state`): one leaf tensor `(k, ...)` per parameter. A training step is
+the forward of one stateless copy of the model (`functional_call`) under
+`torch.vmap(..., randomness="different")` over the stacked parameters and the k replicates'
+batches, giving the k losses; ordinary autograd on their sum gives each replicate's own
+gradient (the replicates share no parameter); then per-replicate gradient clipping (each
+replicate's own global norm over its slice, as `clip_grad_norm_`), one AdamW over the stacked
+tensors (elementwise, so exactly k AdamWs) and the same warmup + cosine schedule. Every
+replicate draws its batches from its own data order (`make_batches` with a generator seeded by
+its seed, as in `run_trial`) and, with `vary_data_seed`, from its own data. Non-finite losses
+or gradient norms are flagged per replicate; a diverged replicate's NaNs stay in its own slice.
+
+Evaluation: `Replicas.epoch_values` either runs the same vmap over the stacked parameters
+(`vmap_eval`, the default on CUDA) or copies each replicate's parameters back into its own
+module and runs `evaluation.epoch_metrics` on it (the default on the CPU, where it measured
+about 1.3x faster: the batched forward does the same matmul work as k separate ones, plus the
+separate bias adds and layer-norm affines of vmap's decompositions, and evaluation has no
+backward or optimizer step whose overhead batching would save). After the final epoch each
+replicate's own module evaluates the
+robustness sets (`evaluation.robustness_metrics`, once per trial: those sets may differ in
+shape between replicates).
+
+Dropout, attention dropout and stochastic depth draw from one generator for all replicates
+(vmap's `randomness="different"`: independent masks per replicate), seeded from the replicate
+seeds (`dropout_seed`). A trial is therefore reproducible from its seeds, and replicates differ
+from each other, but with dropout a replicate's masks are not those of `run_trial` with the
+same seed (its initial weights and data order are): the batched and unbatched paths agree in
+distribution, not draw for draw. Without dropout they agree up to float rounding (which Adam
+amplifies only in parameters whose gradient is rounding noise, e.g. the key bias of full
+attention, to which the softmax is invariant: only `attn_max_logit` sees it).
+
+Attention. On the CPU, `F.scaled_dot_product_attention` without dropout dispatches to
+`aten::_scaled_dot_product_flash_attention_for_cpu`, which has no vmap batching rule in torch
+2.13 (vmap falls back to a per-replicate loop and warns "There is a performance drop because
+we have not yet implemented the batching rule for ..."); with dropout SDPA takes its math path,
+which vmap batches by decomposition. `folded_sdpa` (swapped into each `Attention.kernel` of the
+stateless copy) is an `autograd.Function` with its own vmap rule: it folds the replicate axis
+into the batch axis, `(k, B, nh, T, hs) -> (k*B, nh, T, hs)` (the mask likewise), runs the
+kernel SDPA itself picks once (on the CPU the flash kernel, whose logsumexp it keeps for the
+kernel's own backward: the same kernels as the unbatched path) and unfolds the output; autograd
+differentiates that one physical call. Other backends (CUDA) run SDPA itself and recompute its
+forward in the backward. With dropout it passes through to SDPA's math path (a recomputed
+dropout would draw another mask). Measured on two CPU cores (one thread, the default MNIST-1D
+model, 4 replicates), a training epoch takes the same time with the fold and with vmap's
+fallback loop, within noise: the flash kernel's cost is linear in its batch, so one call over
+k*B rows costs what k calls over B rows do. The fold keeps one kernel call per layer (no
+warning, no loop over replicates) for larger k and devices where calls cost more.
+
+Fallbacks (`fallback_reason`; the trial then trains the replicates in lockstep, one model after
+the other, exactly as `batching: lockstep`): one replicate; `length_mode: bucket` (each
+replicate's batches are trimmed to their own lengths, so batch shapes differ); `arch:
+lstm_attention` (`nn.LSTM` dispatches to `aten::mkldnn_rnn_layer` on the CPU, which has no
+batching rule); replicates whose train/val/test splits differ in shape.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.attention import SDPBackend
+
+from study import metrics as M
+from study.config import TrialConfig
+from study.device import autocast, resolve_device
+from study.evaluation import EVAL_BATCH, STATS_BATCH, EvalOut, epoch_metrics
+from study.model import Attention, AttentionModel, AttnStats, build_model
+from study.step import adamw, apply_step, trial_loss
+from study.tasks.base import IGNORE, Split, TaskData
+from study.train import (
+    _RNG,
+    EpochResult,
+    class_prior,
+    diverged_result,
+    epoch_result,
+    flops_per_sample,
+    make_batches,
+)
+
+# --- attention with the replicate axis folded into the batch axis ----------------------------
+
+
+def _fold(info: Any, in_dims: tuple[int | None, ...],
+          tensors: tuple[torch.Tensor | None, ...]) -> tuple[int, int, list[Any]]:
+    """Physical tensors of a vmap rule as `(k*B, ...)`: the vmapped dim moved first (unbatched
+    tensors expanded to the k replicates), then merged with the logical batch dim. The mask's
+    logical batch dim may be 1 (broadcast): it is expanded to B first."""
+    k = int(info.batch_size)
+    moved = [None if t is None else (t.movedim(d, 0) if d is not None else t.expand(k, *t.shape))
+             for t, d in zip(tensors, in_dims)]
+    B = int(moved[0].shape[1])  # type: ignore[union-attr]
+    return k, B, [None if t is None else t.expand(k, B, *t.shape[2:]).reshape(k * B, *t.shape[2:])
+                  for t in moved]
+
+
+_FLASH_CPU = int(SDPBackend.FLASH_ATTENTION.value)
+
+
+def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask as the additive float mask SDPA converts it to (0 / -inf)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf"))
+
+
+def _sdpa_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+                   scale: float | None) -> tuple[torch.Tensor, ...]:
+    """Gradients of `F.scaled_dot_product_attention` (no dropout) w.r.t. q, k and v: the CPU
+    flash kernel's own backward from the saved output and logsumexp, else (`lse` empty) by
+    recomputing the forward under autograd."""
+    if lse.shape[-1] > 0:
+        return tuple(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k, v, out, lse, 0.0, False, attn_mask=_float_mask(mask, q.dtype),
+            scale=scale))
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+        y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
+        return tuple(torch.autograd.grad(y, (qd, kd, vd), g))
+
+
+class _SDPA(torch.autograd.Function):
+    """`F.scaled_dot_product_attention` (no dropout) whose vmap rule folds the replicate axis
+    into the batch axis and calls the fused kernel once, so autograd records (and
+    differentiates) one physical call over replicates x batch. Returns the output and the
+    kernel's logsumexp (the CPU flash kernel, which SDPA itself picks there: its backward needs
+    it) or an empty `(N, 0)` tensor (another backend: the backward recomputes the forward).
+    Differentiate it with ordinary autograd (`Tensor.backward`), not inside `torch.func.grad`."""
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.device.type == "cpu" and torch._fused_sdp_choice(
+                q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                scale=scale) == _FLASH_CPU:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, False, attn_mask=_float_mask(mask, q.dtype), scale=scale)
+            return out, lse
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out, q.new_zeros(q.shape[0], 0)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        q, k, v, mask, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, _: Any) -> Any:
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = _sdpa_backward(g, q, k, v, mask, out, lse, ctx.scale)
+        return dq, dk, dv, None, None  # the mask (positions, ALiBi) is never trained
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, mask: torch.Tensor | None,
+             scale: float | None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]:
+        n, B, (q, k, v, mask) = _fold(info, in_dims[:4], (q, k, v, mask))
+        y, lse = _SDPA.apply(q, k, v, mask, scale)
+        return (y.view(n, B, *y.shape[1:]), lse.view(n, B, *lse.shape[1:])), (0, 0)
+
+
+def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                scale: float | None = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` for `Attention.kernel` under `torch.vmap`: without
+    dropout one fused call over replicates x batch; with dropout SDPA itself (its math path,
+    which vmap batches, drawing each replicate's own dropout mask)."""
+    if dropout_p > 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              scale=scale)
+    out: torch.Tensor = _SDPA.apply(q, k, v, attn_mask, scale)[0]
+    return out
+
+
+# --- when the replicates cannot be batched ----------------------------------------------------
+
+
+def fallback_reason(cfgs: Sequence[TrialConfig], datas: Sequence[TaskData]) -> str | None:
+    """Why these replicates (configs that differ in `seed`/`data_seed` only, and their data)
+    cannot train as one batched computation; None when they can."""
+    cfg = cfgs[0]
+    if len(cfgs) < 2:
+        return "one replicate: nothing to batch"
+    if cfg.length_mode == "bucket":
+        return ("length_mode=bucket: each replicate's batches are trimmed to their own lengths, "
+                "so batch shapes differ between replicates")
+    if cfg.arch == "lstm_attention":
+        return "arch=lstm_attention: nn.LSTM (aten::mkldnn_rnn_layer) has no vmap batching rule"
+    for name in ("train", "val", "test"):
+        shapes = {(tuple(getattr(d, name).x.shape), tuple(getattr(d, name).y.shape))
+                  for d in datas}
+        if len(shapes) > 1:
+            return f"the replicates' {name} splits differ in shape ({sorted(shapes)})"
+    return None
+
+
+def dropout_seed(cfgs: Sequence[TrialConfig]) -> int:
+    """The seed of the one dropout stream of a batched trial, from its replicates' seeds."""
+    return int(np.random.SeedSequence([c.seed for c in cfgs]).generate_state(1)[0])
+
+
+# --- the batched trial ------------------------------------------------------------------------
+
+
+def replica_loss(logits: torch.Tensor, y: torch.Tensor, stats: AttnStats | None,
+                 cfg: TrialConfig, adjust: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """`step.trial_loss` for one replicate under vmap: per-token targets are masked (an
+    ignore index and a weighted mean) instead of selected, whose shape would depend on data."""
+    if y.dim() == 1:
+        return trial_loss(logits, y, stats, cfg, adjust)
+    logits = logits.float()
+    keep = (y != IGNORE).to(logits.dtype)  # (B, T)
+    n = keep.sum().clamp_min(1.0)
+    ce = F.cross_entropy((logits + adjust).transpose(1, 2), y, ignore_index=IGNORE,
+                         label_smoothing=cfg.label_smoothing, reduction="none")  # (B, T)
+    loss = ce.sum() / n
+    if cfg.z_loss > 0:
+        loss = loss + cfg.z_loss * (torch.logsumexp(logits, -1).pow(2) * keep).sum() / n
+    if stats is not None and cfg.attn_entropy_reg > 0:
+        loss = loss + cfg.attn_entropy_reg * stats.entropy.float().mean()
+    return loss
+
+
+@dataclass
+class _Stacked:
+    """One split of every replicate on the device: `(k, N, ...)`, or `(N, ...)` when all
+    replicates share the same data (`shared`)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    shared: bool
+
+    @classmethod
+    def of(cls, splits: Sequence[Split], device: torch.device) -> _Stacked:
+        if all(s is splits[0] for s in splits):
+            s = splits[0].to(device)
+            return cls(s.x, s.y, s.mask, True)
+        x, y, mask = (torch.stack([getattr(s, f) for s in splits]).to(device)
+                      for f in ("x", "y", "mask"))
+        return cls(x, y, mask, False)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0 if self.shared else 1])
+
+    def rows(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.shared:
+            return self.x[i:j], self.y[i:j], self.mask[i:j]
+        return self.x[:, i:j], self.y[:, i:j], self.mask[:, i:j]
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The rows `idx` `(k, B)` of each replicate: `(k, B, ...)`."""
+        if self.shared:
+            return self.x[idx], self.y[idx], self.mask[idx]
+        r = torch.arange(idx.shape[0], device=idx.device)[:, None]
+        return self.x[r, idx], self.y[r, idx], self.mask[r, idx]
+
+
+class Replicas:
+    """k replicates of one configuration as stacked parameters, one optimizer and one
+    stateless model (`functional_call`)."""
+
+    def __init__(self, cfgs: Sequence[TrialConfig], datas: Sequence[TaskData],
+                 vmap_eval: bool | None = None) -> None:
+        self.cfgs, self.datas = list(cfgs), list(datas)
+        self.cfg = cfg = cfgs[0]
+        self.k = len(cfgs)
+        self.device = device = resolve_device(cfg)
+        self.models: list[AttentionModel] = []
+        self.gens: list[torch.Generator] = []
+        for c, d in zip(cfgs, datas):
+            with _RNG(c.seed, device).scope():  # exactly as `run_trial` builds its model
+                self.models.append(build_model(c, d.spec).to(device))
+                self.gens.append(torch.Generator().manual_seed(c.seed))
+        params, _ = stack_module_state(self.models)
+        self.params = {n: p.detach().requires_grad_() for n, p in params.items()}  # (k, ...)
+        # buffers (positional tables) depend on the config only: one copy, not vmapped
+        self.buffers = dict(self.models[0].named_buffers())
+        self.base = copy.deepcopy(self.models[0]).to("meta")
+        for mod in self.base.modules():
+            if isinstance(mod, Attention):
+                mod.kernel = folded_sdpa
+        self.train = _Stacked.of([d.train for d in datas], device)
+        self.val = _Stacked.of([d.val for d in datas], device)
+        self.test = _Stacked.of([d.test for d in datas], device)
+        self.lengths = [d.train.lengths().numpy() for d in datas]
+        self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
+        # rows per replicate and batched evaluation batch: the k replicates together hold
+        # about as many as `evaluate` does (its activation memory)
+        self.eval_batch = max(1, EVAL_BATCH // self.k)
+        self.vmap_eval = vmap_eval if vmap_eval is not None else device.type == "cuda"
+        decay = [p for p in self.params.values() if p.dim() - 1 >= 2]  # matrices per replicate
+        no_decay = [p for p in self.params.values() if p.dim() - 1 < 2]
+        self.opt, self.sched = adamw(decay, no_decay, cfg, cfg.epochs * self.steps_per_epoch)
+        # Menon et al. 2020: train on logits + tau log pi, with each replicate's own prior
+        self.adjust = torch.stack([c.logit_adjust_tau * class_prior(d).clamp_min(1e-12).log()
+                                   for c, d in zip(cfgs, datas)]).to(device)
+        self.stats = cfg.attn_entropy_reg > 0
+        self.clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        self.rng = _RNG(dropout_seed(cfgs), device)
+        self.step = 0
+        self._losses = vmap(self._loss, randomness="different")
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        self.gn_sum = torch.zeros(self.k, device=self.device)
+        self.first_bad = torch.full((self.k,), -1, device=self.device, dtype=torch.long)
+
+    def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+              m: torch.Tensor, adjust: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device):
+            logits, st = functional_call(self.base, (params, self.buffers), (x, m),
+                                         {"stats": self.stats})
+        return replica_loss(logits, y, st, self.cfg, adjust)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """`step.train_step` for every replicate at once, on batches `(k, B, ...)`; returns the
+        `(k,)` losses. Flags and grad norms are per replicate, on the device."""
+        self.opt.zero_grad(set_to_none=True)
+        loss = self._losses(self.params, x, y, m, self.adjust)  # (k,)
+        # replicates are independent: d(sum)/d(replicate r's params) = d(loss_r)/d(...)
+        loss.sum().backward()
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        # clip_grad_norm_ per replicate: the global norm over each replicate's own slice
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(self.k, -1), dim=1)
+                             for g in grads])  # (n_params, k)
+        gn = torch.linalg.vector_norm(norms, dim=0)  # (k,)
+        coef = (self.clip / (gn + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+        return apply_step(self, loss, gn)
+
+    def train_epoch(self) -> None:
+        """One epoch: each replicate's own batch order, one batched step per batch."""
+        self.base.train()
+        self.start_epoch()
+        orders = [make_batches(lengths, self.cfg.batch_size, False, gen)
+                  for lengths, gen in zip(self.lengths, self.gens)]
+        with self.rng.scope():
+            for idx_np in zip(*orders):
+                idx = torch.from_numpy(np.stack(idx_np)).to(self.device, non_blocking=True)
+                self.train_step(*self.gather(idx))
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.train.gather(idx)
+
+    # --- evaluation, batched over replicates ---
+
+    @torch.no_grad()
+    def _forward(self, x: torch.Tensor, m: torch.Tensor, shared: bool,
+                 stats: bool = False) -> tuple[torch.Tensor, ...]:
+        def fwd(params: dict[str, torch.Tensor], x: torch.Tensor,
+                m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            with autocast(self.device):
+                logits, st = functional_call(self.base, (params, self.buffers), (x, m),
+                                             {"stats": stats})
+            return (logits, st.entropy, st.max_logit) if st is not None else (logits,)
+        dim = None if shared else 0
+        out: tuple[torch.Tensor, ...] = vmap(fwd, in_dims=(0, dim, dim))(self.params, x, m)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, split: _Stacked) -> list[EvalOut]:
+        """`evaluation.evaluate` of every replicate on its own split."""
+        self.base.eval()
+        parts: list[dict[str, list[torch.Tensor]]] = [
+            {"loss": [], "conf": [], "pred": [], "target": [], "ex": []} for _ in range(self.k)]
+        for i in range(0, len(split), self.eval_batch):
+            x, y_all, m = split.rows(i, i + self.eval_batch)
+            (logits_all,) = self._forward(x, m, split.shared)
+            for r, acc in enumerate(parts):
+                logits, y = logits_all[r].float(), (y_all if split.shared else y_all[r])
+                if y.dim() == 2:  # per-token: keep labelled positions
+                    keep = y != IGNORE
+                    c = (logits.argmax(-1) == y) & keep
+                    acc["ex"].append(c.sum(1) / keep.sum(1).clamp_min(1))
+                    logits, y = logits[keep], y[keep]
+                else:
+                    acc["ex"].append((logits.argmax(-1) == y).float())
+                acc["loss"].append(F.cross_entropy(logits, y, reduction="none"))
+                conf, pred = logits.softmax(-1).max(-1)
+                acc["conf"].append(conf)
+                acc["pred"].append(pred)
+                acc["target"].append(y)
+        out = []
+        for acc in parts:
+            pred, target = torch.cat(acc["pred"]), torch.cat(acc["target"])
+            out.append(EvalOut(torch.cat(acc["loss"]).mean(), (pred == target).float().mean(),
+                               torch.cat(acc["conf"]), pred, target,
+                               torch.cat(acc["ex"]).float()))
+        return out
+
+    @torch.no_grad()
+    def epoch_values(self) -> list[dict[str, torch.Tensor]]:
+        """`evaluation.epoch_metrics` and the grad norm of every replicate (device tensors, in
+        the order `run_trial` reports them): batched (`vmap_eval`), or each replicate's own
+        module through `epoch_metrics` itself."""
+        gn = self.gn_sum / self.steps_per_epoch
+        if not self.vmap_eval:
+            out = []
+            for r, d in enumerate(self.datas):
+                values = epoch_metrics(self.model(r), d, self.device)
+                values[M.GRAD_NORM] = gn[r]
+                out.append(values)
+            return out
+        tr, va, te = (self.evaluate(s) for s in (self.train, self.val, self.test))
+        x, _, m = self.val.rows(0, STATS_BATCH)
+        self.base.eval()
+        _, entropy, max_logit = self._forward(x, m, self.val.shared, stats=True)
+        per_head = entropy.float().mean(1)  # (k, L, nh)
+        sq = sum(p.float().pow(2).reshape(self.k, -1).sum(1) for p in self.params.values())
+        param_norm = torch.sqrt(torch.as_tensor(sq, device=self.device))
+        return [{M.TRAIN_LOSS: tr[r].loss, M.TRAIN_ACC: tr[r].acc, M.VAL_LOSS: va[r].loss,
+                 M.VAL_ACC: va[r].acc, M.TEST_LOSS: te[r].loss, M.TEST_ACC: te[r].acc,
+                 M.ECE: M.expected_calibration_error(te[r].conf, te[r].pred == te[r].target),
+                 M.ATTN_ENTROPY: per_head[r].mean(), M.ATTN_ENTROPY_MIN: per_head[r].min(),
+                 M.ATTN_MAX_LOGIT: max_logit[r].float(), M.PARAM_NORM: param_norm[r],
+                 M.GRAD_NORM: gn[r]} for r in range(self.k)]
+
+    def model(self, r: int) -> AttentionModel:
+        """Replicate r's own module, holding its current parameters (copied back)."""
+        model = self.models[r]
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(self.params[name][r])
+        model.eval()
+        return model
+
+
+def train_replicas(cfgs: Sequence[TrialConfig], datas: Sequence[TaskData],
+                   vmap_eval: bool | None = None) -> Iterator[list[EpochResult]]:
+    """Train the replicates `cfgs` (one config with seeds seed, seed + 1, ...; each with its
+    data in `datas`) as one batched computation and yield, after every epoch, each replicate's
+    `EpochResult` (what `run_trial(cfgs[r], datas[r])` yields, see the module docstring for how
+    far they agree). Stops after the first epoch in which some replicate diverged.
+    `fallback_reason` must be None; `vmap_eval`: see `Replicas.epoch_values` (None: on CUDA)."""
+    why = fallback_reason(cfgs, datas)
+    if why is not None:
+        raise ValueError(f"replicates cannot be batched: {why}")
+    reps = Replicas(cfgs, datas, vmap_eval)
+    cfg, device = reps.cfg, reps.device
+    n_params = [m.n_params() for m in reps.models]
+    flops = [flops_per_sample(m, c, d) for m, c, d in zip(reps.models, cfgs, datas)]
+    n_train = len(reps.train)
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        reps.train_epoch()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        # each replicate trained on all its samples in this wall time (concurrently)
+        samples_per_s = n_train / max(time.perf_counter() - t0, 1e-9)
+        bad_steps = reps.first_bad.tolist()
+        values = reps.epoch_values()
+        results = []
+        for r, (c, d) in enumerate(zip(cfgs, datas)):
+            if bad_steps[r] >= 0:
+                results.append(diverged_result(epoch, n_params[r],
+                                               f"diverged at step {bad_steps[r]}"))
+                continue
+            results.append(epoch_result(
+                c, d, device, epoch, dict(values[r]), n_params=n_params[r], flops=flops[r],
+                samples_per_s=samples_per_s, steps=reps.step,
+                final_model=lambda r=r: reps.model(r)))  # type: ignore[misc]
+        yield results
+        if any(res.diverged for res in results):
+            return

@@ -1,0 +1,106 @@
+"""The benchmark's pure helpers (no timing, no sweeps: `make bench` runs those)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import diskio, run, sweeps
+from benchmarks.attention import textbook_attention
+
+STAT = ("1234 (ray::IDLE (x)) S 77 1234 1234 0 -1 4194560 100 0 0 0 3 1 0 0 20 0 4 0 "
+        "98765 1000 200 18446744073709551615")
+
+
+def test_parse_io_and_stat() -> None:
+    io = diskio.parse_io("rchar: 10\nwchar: 20\nwrite_bytes: 4096\ncancelled_write_bytes: 0\n")
+    assert io == {"rchar": 10, "wchar": 20, "write_bytes": 4096, "cancelled_write_bytes": 0}
+    # the command name holds spaces and parentheses: fields count from its last ')'
+    assert diskio.parse_stat(STAT) == (77, 98765)
+
+
+def test_tree_follows_descendants_only() -> None:
+    parents = {1: 0, 10: 1, 11: 10, 12: 11, 20: 1, 30: 99}
+    assert diskio.tree(10, parents) == {10, 11, 12}
+    assert diskio.tree(30, parents) == {30}
+
+
+def test_disk_writes_sums_processes() -> None:
+    d = diskio.DiskWrites(procs={
+        (1, 5): {"comm": "python", "cmdline": "", "write_bytes": 100, "cancelled_write_bytes": 1},
+        (2, 6): {"comm": "raylet", "cmdline": "", "write_bytes": 50, "cancelled_write_bytes": 0},
+        (3, 7): {"comm": "python", "cmdline": "", "write_bytes": 25, "cancelled_write_bytes": 0}})
+    assert d.write_bytes == 175 and d.cancelled_write_bytes == 1
+    assert d.by_command() == {"python": 125, "raylet": 50}
+
+
+def test_overhead_and_disk_per_trial() -> None:
+    assert sweeps.overhead_frac(own_s=90.0, wall_s=50.0, concurrency=2) == pytest.approx(0.1)
+    assert sweeps.overhead_frac(own_s=100.0, wall_s=50.0, concurrency=2) == pytest.approx(0.0)
+    assert sweeps.mb_per_trial(3_000_000, 6) == pytest.approx(0.5)
+
+
+def test_epochs_to_reach_counts_reports_in_time_order() -> None:
+    pts = [(3.0, 0.5), (1.0, 0.2), (2.0, 0.6), (4.0, 0.9)]
+    assert sweeps.epochs_to_reach(pts, 0.6) == (2, True)  # t=1 then t=2 reaches it
+    assert sweeps.epochs_to_reach(pts, 0.9) == (4, True)
+    assert sweeps.epochs_to_reach(pts, 0.95) == (4, False)
+
+
+def test_search_ratio_against_random_search_best() -> None:
+    rand = [(1.0, 0.3), (2.0, 0.8), (3.0, 0.5), (4.0, 0.6)]  # best 0.8, after 2 epochs
+    fast = [(1.0, 0.85)]  # reaches it at once
+    never = [(1.0, 0.1), (2.0, 0.2), (3.0, 0.3)]  # never: all 3 epochs count
+    out = sweeps.search_ratio([(rand, fast), (rand, never)])
+    assert out["ratio"] == pytest.approx((1 + 3) / (2 + 2))
+    assert out["not_reached"] == [1]
+    assert out["per_seed"][0]["target_val_acc"] == 0.8
+    assert out["per_seed"][1]["tpe_asha_reached"] is False
+
+
+def test_summary_has_exactly_the_goal_keys_and_nulls_when_missing() -> None:
+    detail = {"small_trial": {"speedup": 1.01}, "seeds": {"seeds4": {"cost_ratio": 3.9}},
+              "harness": {"overhead_frac": 0.2, "epochs": 2, "disk": {"mb_per_trial": 0.7}},
+              "attention_textbook": {"speedup": 2.4, "peak_mem_ratio": 0.5},
+              "packing": {"value": None}, "mfu": {"value": None}}
+    s = run.summarize(detail, "cpu")
+    assert tuple(s) == run.SUMMARY_KEYS
+    assert s["device"] == "cpu" and s["seeds4_cost_ratio"] == 3.9
+    assert s["seeds16_cost_ratio"] is None and s["packing_throughput_x8"] is None
+    assert s["disk_mb_per_trial"] == 0.7
+    text = run.table(s, detail)
+    lines = text.splitlines()
+    assert len(lines) == len(run.SUMMARY_KEYS)  # a header, one row per goal (device excluded)
+    row = next(r for r in lines if r.startswith("attn_step_speedup_T1024"))
+    assert ">= 1.5" in row and row.rstrip().endswith("yes")  # the CPU goal
+    row = next(r for r in lines if r.startswith("disk_mb_per_trial"))
+    assert "= 2" in row and row.rstrip().endswith("yes")  # 1 MB per epoch x 2 epochs
+    row = next(r for r in lines if r.startswith("small_trial_speedup"))
+    assert "(on a GPU)" in row and row.rstrip().endswith("no")
+
+
+def test_goals_differ_by_device() -> None:
+    cpu, gpu = run.goals("cpu", 2), run.goals("NVIDIA-H100", 2)
+    assert set(cpu) == set(gpu) == set(run.SUMMARY_KEYS) - {"device"}
+    assert cpu["study_speedup"][1](2.5) and not gpu["study_speedup"][1](2.5)
+    assert gpu["attn_step_speedup_T1024"][0] == ">= 2.5"
+    assert not cpu["seeds4_cost_ratio"][1](1.0)  # a GPU goal is never met on the CPU
+    assert run.device_name(False) == "cpu"
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
+def test_textbook_attention_matches_sdpa(mask_kind: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 4, generator=g) for _ in range(3))
+    mask: torch.Tensor | None = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 7, 7, generator=g) > 0.4
+        mask[..., 0] = True  # no empty row
+    elif mask_kind == "float":
+        mask = -torch.rand(1, 3, 7, 7, generator=g)
+    ours = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.7)
+    book = textbook_attention(q, k, v, attn_mask=mask, scale=0.7)
+    assert torch.allclose(ours, book, atol=1e-5)
+    assert math.isclose(float(textbook_attention(q, k, v).sum()),
+                        float(F.scaled_dot_product_attention(q, k, v).sum()), rel_tol=1e-4)

@@ -1,0 +1,299 @@
+"""Seed replicates as one batched computation (`study.replicas`): the same results as the
+unbatched `run_trial` (exactly as far as float rounding goes without dropout, in distribution
+with dropout), separate dropout streams, reproducibility, the fallbacks to lockstep, the
+`seed_batching` key and the trial's thread count."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from study import metrics as M
+from study.config import TrialConfig, make_config
+from study.records import Outcome, SweepSpec, seed_metric
+from study.replicas import (
+    Replicas,
+    fallback_reason,
+    folded_sdpa,
+    replica_loss,
+    train_replicas,
+)
+from study.spaces import SpaceError, parse_space
+from study.step import trial_loss
+from study.tasks import get_task
+from study.tasks.base import IGNORE
+from study.train import EpochResult, run_trial
+from study.trainable import lockstep, replicate, trial_threads
+
+# a per-replicate loop in vmap's fallback would show up as this warning: make it an error
+pytestmark = pytest.mark.filterwarnings("error:There is a performance drop:UserWarning")
+
+SMALL = {"task": "digits", "d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2,
+         "epochs": 2, "batch_size": 128, "device": "cpu", "seed": 3}
+DROPOUT = {"attn_dropout": 0.2, "resid_dropout": 0.2, "emb_dropout": 0.2, "drop_path": 0.2}
+# compared within float rounding (rtol); differences of two such values: absolute
+CLOSE = (M.TRAIN_LOSS, M.TRAIN_ACC, M.VAL_LOSS, M.VAL_ACC, M.TEST_LOSS, M.TEST_ACC, M.ECE,
+         M.ATTN_ENTROPY, M.ATTN_ENTROPY_MIN, M.PARAM_NORM, M.GRAD_NORM, M.N_PARAMS,
+         M.FLOPS_PER_SAMPLE, M.EPOCH)
+GAPS = (M.GEN_GAP_ACC, M.GEN_GAP_LOSS)
+
+
+def replicas_of(changes: dict, seeds: int = 2, vary_data_seed: bool = True):
+    cfg = make_config({**SMALL, **changes})
+    cfgs = [replicate(cfg, k, vary_data_seed) for k in range(seeds)]
+    return cfgs, [get_task(c) for c in cfgs]
+
+
+def assert_matches(batched: list[list[EpochResult]], alone: list[list[EpochResult]]) -> None:
+    """Per replicate and epoch, the batched results equal the unbatched ones within float
+    rounding. `attn_max_logit` gets a looser tolerance: it reads raw logits, which include
+    q . b_k, and the key bias of full attention has a gradient of pure rounding noise (the
+    softmax is invariant to it) that Adam scales up to lr-sized steps in either path."""
+    assert len(batched) == len(alone[0])
+    for epoch, results in enumerate(batched):
+        for k, got in enumerate(results):
+            want = alone[k][epoch]
+            assert got.diverged is None and want.diverged is None
+            assert got.metrics.keys() == want.metrics.keys()
+            for name in CLOSE:
+                assert got.metrics[name] == pytest.approx(want.metrics[name], rel=1e-4,
+                                                          abs=1e-6), (epoch, k, name)
+            for name in GAPS:
+                assert got.metrics[name] == pytest.approx(want.metrics[name], abs=1e-5)
+            assert got.metrics[M.ATTN_MAX_LOGIT] == pytest.approx(
+                want.metrics[M.ATTN_MAX_LOGIT], rel=1e-2)
+            extra = set(got.metrics) - set(CLOSE) - set(GAPS) - {M.ATTN_MAX_LOGIT,
+                                                                 M.SAMPLES_PER_S}
+            for name in extra:  # robustness metrics of the final epoch
+                assert got.metrics[name] == pytest.approx(want.metrics[name], rel=1e-4)
+            assert got.artifacts.keys() == want.artifacts.keys()
+
+
+def unbatched(cfgs, datas) -> list[list[EpochResult]]:
+    return [list(run_trial(c, d)) for c, d in zip(cfgs, datas)]
+
+
+def without_speed(results: list[list[EpochResult]]) -> list[list[dict[str, float]]]:
+    return [[{k: v for k, v in r.metrics.items() if k != M.SAMPLES_PER_S} for r in epoch]
+            for epoch in results]
+
+
+# --- attention: the replicate axis folded into the batch axis ---------------------------------
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "shared_bool"])
+def test_folded_sdpa_is_sdpa_per_replicate_with_its_gradients(mask_kind: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    R, B, H, T, D = 3, 4, 2, 6, 8
+    q, k, v = (torch.randn(R, B, H, T, D, generator=g, requires_grad=True) for _ in range(3))
+    masks = {"none": None,
+             "bool": (torch.rand(R, B, 1, T, T, generator=g) > 0.3) | torch.eye(T).bool(),
+             "float": torch.randn(R, B, H, T, T, generator=g),
+             "shared_bool": (torch.rand(B, 1, T, T, generator=g) > 0.3) | torch.eye(T).bool()}
+    mask = masks[mask_kind]
+    dim = None if mask is None or mask_kind == "shared_bool" else 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback (nor any other) warning
+        out = torch.vmap(lambda q, k, v, m: folded_sdpa(q, k, v, attn_mask=m, scale=0.3),
+                         in_dims=(0, 0, 0, dim))(q, k, v, mask)
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    for r in range(R):
+        m = None if mask is None else (mask if dim is None else mask[r])
+        want = F.scaled_dot_product_attention(q[r], k[r], v[r], attn_mask=m, scale=0.3)
+        torch.testing.assert_close(out[r], want)
+        want_grads = torch.autograd.grad((want * w[r]).sum(), (q, k, v))
+        for got_g, want_g in zip(grads, want_grads):
+            torch.testing.assert_close(got_g[r], want_g[r])
+
+
+def test_per_token_loss_under_vmap_is_the_trial_loss() -> None:
+    g = torch.Generator().manual_seed(1)
+    cfg = TrialConfig(label_smoothing=0.1, z_loss=1e-2)
+    logits = torch.randn(2, 5, 7, 4, generator=g)  # (replicates, B, T, C)
+    y = torch.randint(0, 4, (2, 5, 7), generator=g)
+    y[torch.rand(2, 5, 7, generator=g) < 0.4] = IGNORE
+    adjust = torch.randn(2, 4, generator=g)
+    got = torch.vmap(lambda lo, y, a: replica_loss(lo, y, None, cfg, a))(logits, y, adjust)
+    for r in range(2):
+        assert got[r].item() == pytest.approx(
+            trial_loss(logits[r], y[r], None, cfg, adjust[r]).item(), rel=1e-6)
+
+
+# --- equivalence with run_trial ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("changes", "vary_data_seed"), [
+    pytest.param({}, True, id="default"),
+    pytest.param({"pos_encoding": "rope"}, False, id="rope"),
+    pytest.param({"pos_encoding": "alibi"}, True, id="alibi"),
+    pytest.param({"qk_norm": "l2"}, False, id="qk_norm_l2"),
+    pytest.param({"learned_temperature": True}, True, id="learned_temperature"),
+    pytest.param({"norm": "post_ln"}, False, id="post_ln"),
+    pytest.param({"attn_kind": "local"}, True, id="local"),
+    pytest.param({"attn_kind": "low_rank"}, False, id="low_rank"),
+    pytest.param({"attn_entropy_reg": 0.01, "z_loss": 1e-3, "label_smoothing": 0.1,
+                  "logit_adjust_tau": 1.0, "imbalance": 5.0}, True, id="loss_terms"),
+    pytest.param({"embed": "conv", "channel_attention": "se", "norm": "rmsnorm",
+                  "qk_norm": "layernorm", "grad_clip": 0.0}, True, id="conv_se_rms"),
+])
+def test_batched_replicates_match_unbatched_trials(changes: dict, vary_data_seed: bool,
+                                                   one_thread) -> None:
+    cfgs, datas = replicas_of(changes, vary_data_seed=vary_data_seed)
+    assert fallback_reason(cfgs, datas) is None
+    batched = list(train_replicas(cfgs, datas, vmap_eval=True))
+    assert_matches(batched, unbatched(cfgs, datas))
+
+
+def test_module_evaluation_matches_too(one_thread) -> None:
+    """The CPU default evaluates each replicate's own module (`epoch_metrics` itself)."""
+    cfgs, datas = replicas_of({})
+    assert_matches(list(train_replicas(cfgs, datas, vmap_eval=False)), unbatched(cfgs, datas))
+
+
+def test_per_token_task_matches(one_thread) -> None:
+    cfgs, datas = replicas_of({"task": "sort", "epochs": 1, "n_train": 512})
+    assert datas[0].spec.per_token
+    assert_matches(list(train_replicas(cfgs, datas, vmap_eval=True)), unbatched(cfgs, datas))
+
+
+# --- dropout: separate streams, same distribution, reproducible -------------------------------
+
+def test_dropout_streams_are_separate_per_replicate(one_thread) -> None:
+    """Replicates with the same seed (same initial weights and data order) differ only where
+    dropout draws differ: with dropout they do, without they stay identical."""
+    for changes, differ in (({}, False), (DROPOUT, True)):
+        cfg = make_config({**SMALL, **changes})
+        reps = Replicas([cfg] * 3, [get_task(cfg)] * 3)
+        reps.train_epoch()
+        p = torch.cat([t.detach().reshape(3, -1) for t in reps.params.values()], 1)
+        same = [torch.equal(p[0], p[1]), torch.equal(p[1], p[2]), torch.equal(p[0], p[2])]
+        assert same == ([False] * 3 if differ else [True] * 3), changes
+
+
+def test_dropout_results_have_the_unbatched_distribution(one_thread) -> None:
+    """Same seeds with dropout: batched and unbatched replicates share initial weights and data
+    order but not dropout masks; over 8 seeds the final metrics have the same distribution."""
+    cfgs, datas = replicas_of({**DROPOUT, "epochs": 3, "batch_size": 64, "lr": 0.01}, seeds=8,
+                              vary_data_seed=False)
+    batched = list(train_replicas(cfgs, datas))[-1]
+    alone = [list(run_trial(c, d))[-1] for c, d in zip(cfgs, datas)]
+    for name in (M.VAL_ACC, M.TEST_LOSS):
+        b = np.array([r.metrics[name] for r in batched])
+        u = np.array([r.metrics[name] for r in alone])
+        assert stats.ttest_ind(b, u, equal_var=False).pvalue > 0.05, name
+        assert abs(b.mean() - u.mean()) < 0.03 * abs(u.mean()), name
+        assert not np.array_equal(b, u)  # the masks really differ from run_trial's
+        assert len(set(b.round(6))) > 1  # and between replicates
+
+
+def test_batched_trials_are_reproducible(one_thread) -> None:
+    cfgs, datas = replicas_of(DROPOUT)
+    first, second = (without_speed(list(train_replicas(cfgs, datas))) for _ in range(2))
+    assert first == second
+
+
+# --- divergence -------------------------------------------------------------------------------
+
+def test_a_diverged_replicate_stays_in_its_own_slice(one_thread) -> None:
+    cfgs, datas = replicas_of({})
+    reps = Replicas(cfgs, datas)
+    with torch.no_grad():
+        reps.params["head.weight"][1].fill_(float("nan"))
+    idx = torch.arange(2 * 16).view(2, 16)
+    reps.train_step(*reps.gather(idx))
+    assert reps.first_bad.tolist() == [-1, 1]
+    assert all(torch.isfinite(p[0]).all() for p in reps.params.values())
+    assert reps.gn_sum[0] > 0 and reps.gn_sum[1] == 0  # non-finite norms are not summed
+
+
+def test_lockstep_reports_divergence_in_both_modes(one_thread) -> None:
+    base = {**SMALL, "lr": 1e30, "grad_clip": 0.0}
+    reports = {b: list(lockstep(base, seeds=2, batching=b)) for b in ("vmap", "lockstep")}
+    for r in reports.values():
+        assert r[-1].outcome is Outcome.DIVERGED and r[-1].message.startswith("seed 0: diverged")
+    assert reports["vmap"][-1].message == reports["lockstep"][-1].message
+
+
+# --- the trainable: batching, fallbacks, threads ----------------------------------------------
+
+def test_lockstep_reports_the_batched_replicates(one_thread) -> None:
+    reports = list(lockstep(SMALL, seeds=2, vary_data_seed=True, batching="vmap"))
+    assert [r.epoch for r in reports] == [1, 2] and reports[-1].outcome is Outcome.COMPLETED
+    cfgs, datas = replicas_of({})
+    alone = [list(run_trial(c, d))[-1].metrics for c, d in zip(cfgs, datas)]
+    last = reports[-1].metrics
+    for k in range(2):
+        assert last[seed_metric(k, M.VAL_LOSS)] == pytest.approx(alone[k][M.VAL_LOSS], rel=1e-4)
+    assert last[M.VAL_LOSS] == pytest.approx(
+        (last[seed_metric(0, M.VAL_LOSS)] + last[seed_metric(1, M.VAL_LOSS)]) / 2)
+    assert f"{M.VAL_LOSS}_seed_std" in last
+    (bad,) = lockstep(SMALL, seeds=2, batching="pmap")
+    assert bad.outcome is Outcome.ERROR and "batching" in bad.message
+
+
+@pytest.mark.parametrize(("changes", "why"), [
+    pytest.param({"length_mode": "bucket"}, "length_mode=bucket", id="bucket"),
+    pytest.param({"arch": "lstm_attention"}, "lstm_attention", id="lstm"),
+])
+def test_fallbacks_train_in_lockstep(changes: dict, why: str, one_thread) -> None:
+    cfgs, datas = replicas_of({**changes, "epochs": 1})
+    assert why in (fallback_reason(cfgs, datas) or "")
+    with pytest.raises(ValueError, match="cannot be batched"):
+        next(train_replicas(cfgs, datas))
+    config = {**SMALL, **changes, "epochs": 1}
+    vm, ls = (list(lockstep(config, seeds=2, vary_data_seed=True, batching=b))
+              for b in ("vmap", "lockstep"))
+    assert vm[-1].outcome is ls[-1].outcome is Outcome.COMPLETED
+    strip = {k: v for k, v in ls[-1].metrics.items() if M.SAMPLES_PER_S not in k}
+    assert {k: v for k, v in vm[-1].metrics.items() if M.SAMPLES_PER_S not in k} == strip
+
+
+def test_other_fallbacks() -> None:
+    cfgs, datas = replicas_of({})
+    assert "one replicate" in (fallback_reason(cfgs[:1], datas[:1]) or "")
+    smaller = replace(datas[1], val=datas[1].val.subset(np.arange(10)))
+    assert "val splits differ in shape" in (fallback_reason(cfgs, [datas[0], smaller]) or "")
+
+
+def test_trial_threads_follow_the_trials_cpus() -> None:
+    n = torch.get_num_threads()
+    try:
+        assert trial_threads(2.0) == 2 and torch.get_num_threads() == 2
+        assert trial_threads(0.5) == 1 and torch.get_num_threads() == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Ray: "meant to only be called inside ... Tuner"
+            assert trial_threads(None) is None  # outside a Tune trial: unknown, left alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+
+
+# --- the space key ----------------------------------------------------------------------------
+
+SPACE = """
+name: s
+task: digits
+params:
+  lr: {type: float, low: 0.001, high: 0.01, log: true}
+"""
+
+
+def test_seed_batching_is_a_space_key_stored_with_the_sweep() -> None:
+    default = parse_space(SPACE + "resources: {gpu: 0.5}\n", "s.yaml")
+    assert default.seed_batching == "vmap"  # the default where trials have a GPU
+    assert parse_space(SPACE, "s.yaml").seed_batching == "lockstep"  # CPU-only trials
+    chosen = parse_space(SPACE + "seed_batching: lockstep\n", "s.yaml")
+    assert chosen.seed_batching == "lockstep"
+    assert SweepSpec.from_json(chosen.to_json()) == chosen
+    assert SweepSpec.from_json(default.to_json()).seed_batching == "vmap"
+    with pytest.raises(SpaceError, match="seed_batching: 'pmap'; valid: vmap, lockstep"):
+        parse_space(SPACE + "seed_batching: pmap\n", "s.yaml")
+    old = json.loads(default.to_json())
+    del old["seed_batching"]  # a sweep recorded before the key existed trained in lockstep
+    assert SweepSpec.from_json(json.dumps(old)).seed_batching == "lockstep"
