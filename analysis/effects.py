@@ -31,6 +31,7 @@ from typing import Any, SupportsFloat
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from analysis.calls import apply_calls
 from analysis.estimators import (
@@ -181,8 +182,6 @@ def _small_sample(n: int, rank: int, level: float = 0.95) -> tuple[float, float]
     trials: the percentile level of Hesterberg's expanded percentile interval (2015, "What
     Teachers Should Know About the Bootstrap", section 5.2), sqrt(n / (n - rank)) * t(n - rank)
     in normal units, and the matching standard-error inflation sqrt(n / (n - rank))."""
-    from scipy import stats
-
     df = max(n - rank, 1)
     inflate = float(np.sqrt(n / df))
     z = inflate * float(stats.t.ppf(0.5 + level / 2, df))
@@ -192,8 +191,6 @@ def _small_sample(n: int, rank: int, level: float = 0.95) -> tuple[float, float]
 def _omnibus(boot_pd: np.ndarray, point_pd: np.ndarray) -> float:
     """Wald test that all levels of a param have the same adjusted mean: the differences
     PD(l) - PD(first level), with their bootstrap covariance, against chi2(L - 1)."""
-    from scipy import stats
-
     d = point_pd[1:] - point_pd[0]
     bd = boot_pd[:, 1:] - boot_pd[:, :1]
     bd = bd[np.isfinite(bd).all(axis=1)]
@@ -287,7 +284,6 @@ def _budget_rows(bd: BudgetData, levels: dict[str, pd.Series], n_boot: int,
             rows_at = int(seed_rows.reindex(ids).fillna(0).sum()) if seed_rows is not None \
                 else int(at.sum())
             z = abs(float(con[li])) / float(se[li]) if se[li] > 0 else float("nan")
-            from scipy import stats
             rows.append({
                 "target": bd.target, "param": p, "level": level,
                 "mean": float(pdv[li]), "ci_low": float(pd_lo[li]), "ci_high": float(pd_hi[li]),
