@@ -7,7 +7,7 @@ SPACE ?= search_spaces/default.yaml
 NAME ?= $(basename $(notdir $(SPACE)))_$(shell date +%Y%m%d_%H%M%S)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test sweep report ui bench lint clean
+.PHONY: install test sweep report ui tracking-server bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,8 +35,16 @@ report: install
 ui: install
 	$(VENV)/bin/study ui
 
+# MLflow server on a local PostgreSQL (scripts/pg-local) in ./.tracking, until Ctrl-C
+TRACKING_HOST ?= 127.0.0.1
+TRACKING_PORT ?= 5000
+tracking-server: install
+	$(VENV)/bin/study server --host $(TRACKING_HOST) --port $(TRACKING_PORT)
+
 bench: install
 	$(PY) -m benchmarks.run
 
+# the default store (mlflow.db), its artifacts (mlartifacts/; mlruns/ before they moved there)
+# and the sweeps' Ray state; the tracking server's .tracking/ (a database) is kept
 clean:
-	rm -rf $(VENV) reports mlflow.db ray_results .pytest_cache
+	rm -rf $(VENV) reports mlflow.db mlartifacts mlruns ray_results .pytest_cache

@@ -5,8 +5,11 @@ budget (fewer epochs): their metrics are not comparable with full-budget trials,
 stops the trials that look worse, keeping them would bias every comparison. Diverged and
 errored trials have no final metrics, and running trials have not finished yet. Every skipped
 trial is counted by reason (a key of `study.records.SKIP_WHY`) in `Sweep.skipped`, so a report
-can say what was left out. Runs are decoded as `TrialRecord`s and the sweep's parsed space as a
-`SweepSpec`, the records the sweep wrote (`study/records.py`).
+can say what was left out. A trial counts once: a trial Ray restarted (a retry after its worker
+died, a resume) has a run per attempt, and its finished one is used (`current_runs`); the
+unfinished runs of a sweep whose driver is gone (parent run closed, or heartbeat stale: a
+killed driver) count as `interrupted`, not running. Runs are decoded as `TrialRecord`s and
+the sweep's parsed space as a `SweepSpec`, the records the sweep wrote (`study/records.py`).
 
 Reads are batched: one `search_runs` (paged) for all child runs of the sweep, whose
 `run.data.metrics` hold each metric's latest value (the final `seed_<k>/<name>` values are
@@ -17,9 +20,11 @@ tables. This module never imports Ray or PyTorch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +35,14 @@ import pandas as pd
 from study.config import FIELD_NAMES
 from study.metrics import ALL_METRICS, HIGHER_IS_BETTER, ROBUSTNESS_METRICS
 from study.records import (
+    HEARTBEAT_STALE,
     KIND_SWEEP,
     RUN_COLUMNS,
     SKIP_WHY,
     SPACE_ARTIFACT,
     SPEC_ARTIFACT,
+    TAG_HEARTBEAT,
+    TAG_HEARTBEAT_S,
     TAG_KIND,
     TAG_OBJECTIVE,
     TAG_PARENT,
@@ -42,6 +50,7 @@ from study.records import (
     Outcome,
     SweepSpec,
     TrialRecord,
+    current_runs,
     split_seed_tables,
 )
 from study.tracking import resolve_uri
@@ -233,9 +242,11 @@ def _no_progress_bars() -> Iterator[None]:
             os.environ[key] = old
 
 
-def _load_tables(used: list[TrialRecord], params: list[str]) -> dict[str, pd.DataFrame]:
+def _load_tables(used: list[TrialRecord], params: list[str],
+                 tracking_uri: str | None = None) -> dict[str, pd.DataFrame]:
     """The `seed_<k>.json` tables of the used runs, read through each run's artifact repository
-    (one listing per run; no per-file run lookups)."""
+    (one listing per run; no per-file run lookups; `tracking_uri` resolves the artifacts a
+    tracking server proxies)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -244,7 +255,7 @@ def _load_tables(used: list[TrialRecord], params: list[str]) -> dict[str, pd.Dat
             if not u.artifact_uri:
                 continue
             # Any: MLflow leaves `download_artifacts` unannotated
-            repo: Any = get_artifact_repository(u.artifact_uri)
+            repo: Any = get_artifact_repository(u.artifact_uri, tracking_uri=tracking_uri)
             try:
                 names = [a.path for a in repo.list_artifacts()
                          if split_seed_tables(a.path) is not None]
@@ -271,16 +282,19 @@ def _load_tables(used: list[TrialRecord], params: list[str]) -> dict[str, pd.Dat
     return {name: pd.DataFrame(r) for name, r in sorted(rows.items())}
 
 
-def _load_spec(artifact_uri: str | None) -> SweepSpec | None:
+def _load_spec(artifact_uri: str | None,
+               tracking_uri: str | None = None) -> SweepSpec | None:
     """The parent run's `sweep_spec.json`, typed; for a store written before it existed, its
-    `space.yaml` parsed again. None when neither can be read."""
+    `space.yaml` parsed again. None when neither can be read. `tracking_uri` resolves the
+    artifacts a tracking server proxies (`mlflow-artifacts:/...`)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     from study.spaces import parse_space
 
     if not artifact_uri:
         return None
-    repo: Any = get_artifact_repository(artifact_uri)  # `download_artifacts` is untyped
+    # `download_artifacts` is untyped
+    repo: Any = get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory(prefix="study_report_") as tmp, _no_progress_bars():
         try:
             return SweepSpec.from_json(Path(repo.download_artifacts(SPEC_ARTIFACT, tmp))
@@ -320,6 +334,9 @@ def load_sweep(tracking_uri: str | None = None, experiment: str | None = None,
     children = _search_all(client, [exp.experiment_id], f"tags.`{TAG_PARENT}` = '{pid}'")
     records = sorted((TrialRecord.from_mlflow(r) for r in children),
                      key=lambda r: (r.start_time or 0, r.run_id))
+    if driver_gone(parent):  # its unfinished runs will not finish: they were interrupted
+        records = [dataclasses.replace(r, outcome=Outcome.INTERRUPTED)
+                   if r.outcome is None else r for r in records]
     runs = pd.DataFrame([{
         "run_id": r.run_id, "trial_id": r.trial_id, "status": r.status,
         "stop_reason": r.outcome.value if r.outcome else None,
@@ -329,7 +346,10 @@ def load_sweep(tracking_uri: str | None = None, experiment: str | None = None,
     skipped = {k: 0 for k in (Outcome.EARLY_STOPPED, Outcome.DIVERGED, Outcome.ERROR,
                               "running")}
     used: list[TrialRecord] = []
-    for r in records:
+    # one run per trial: a trial Ray restarted has a run per attempt (`current_runs`)
+    chosen = {id(r) for r in current_runs(records).values()}
+    current = [r for r in records if id(r) in chosen]
+    for r in current:
         why = r.skip_reason
         if why is None:
             used.append(r)
@@ -341,11 +361,12 @@ def load_sweep(tracking_uri: str | None = None, experiment: str | None = None,
         n_skip = sum(skipped.values())
         why = skipped_text(skipped) if n_skip else "no child runs yet"
         raise ReportError(f"{where}: no completed trials to analyse; {n_skip} skipped: {why}")
-    finished = [r for r in records if r.outcome is not None or r.skip_reason != "running"]
+    finished = [r for r in current if not r.orphan
+                and (r.outcome is not None or r.skip_reason != "running")]
     analysable = [r for r in finished
                   if r.outcome in (Outcome.COMPLETED, Outcome.EARLY_STOPPED)]
     configs = pd.DataFrame([u.config for u in analysable])
-    spec = _load_spec(parent.info.artifact_uri)
+    spec = _load_spec(parent.info.artifact_uri, uri)
     # a conditional param (`when:` in the space) holds its default where inactive, which would
     # make one of its levels stand for "the condition is off": it is left out of the analysis
     conditional = set(spec.conditional) if spec else set()
@@ -371,9 +392,23 @@ def load_sweep(tracking_uri: str | None = None, experiment: str | None = None,
         objectives = []
     return Sweep(experiment=exp.name, parent_run_id=pid, trials=trials, runs=runs,
                  params=params, metrics=metrics, objectives=objectives,
-                 tables=_load_tables(used, params), used=len(used), skipped=skipped,
+                 tables=_load_tables(used, params, uri), used=len(used), skipped=skipped,
                  tracking_uri=uri, spec=spec, conditional=sorted(conditional & set(varied)),
                  trial_table=_trial_table(finished), curves=_curves(client, analysable))
+
+
+def driver_gone(parent: Run, now: float | None = None) -> bool:
+    """Whether a sweep's driver is gone: the sweep has a heartbeat (tag `study.heartbeat`,
+    written every `study.heartbeat_s` seconds while its driver runs) and its parent run is
+    closed, or the heartbeat is more than HEARTBEAT_STALE periods old (a killed driver). A
+    sweep recorded before the heartbeat existed is taken as its runs say."""
+    try:
+        beat = float(parent.data.tags[TAG_HEARTBEAT])
+        period = float(parent.data.tags[TAG_HEARTBEAT_S])
+    except (KeyError, TypeError, ValueError):
+        return False
+    stale = (time.time() if now is None else now) - beat > HEARTBEAT_STALE * period
+    return parent.info.status != "RUNNING" or stale
 
 
 def _trial_table(records: list[TrialRecord]) -> pd.DataFrame:

@@ -11,8 +11,9 @@ dashes. On the CPU every measurement runs with one PyTorch thread (on a shared 2
 two threads are several times slower, and less repeatable). About 10 minutes on 2 CPU cores.
 
 `python -m benchmarks.run [--only NAME ...] [--keep]` runs some sections only (attention,
-trials, study, harness, search; the others' keys are null in the summary) and keeps the
-sweeps' temp dir.
+trials, study, harness, search, gpu; the others' keys are null in the summary) and keeps the
+sweeps' temp dir. `gpu` (MFU and packed trials, `benchmarks.gpu`) runs on CUDA only; on a GPU
+the study comparison packs 8 trials per GPU (`--gpu 0.125 --max-concurrent 8`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 OUT = Path(__file__).parent / "results"
-SECTIONS = ("attention", "trials", "study", "harness", "search")
+SECTIONS = ("attention", "trials", "study", "harness", "search", "gpu")
 SUMMARY_KEYS = ("device", "small_trial_speedup", "seeds4_cost_ratio", "seeds16_cost_ratio",
                 "packing_throughput_x8", "study_speedup", "harness_overhead_frac",
                 "disk_mb_per_trial", "search_epochs_ratio", "mfu_gpt2_small",
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--keep", action="store_true",
                         help="keep the sweeps' stores and logs (the temp dir is printed)")
     args = parser.parse_args(argv)
-    from benchmarks import attention, sweeps, trials
+    from benchmarks import attention, gpu, sweeps, trials
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -167,14 +168,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _section(detail, "small_trial", lambda: trials.small_trial_speedup(dev))
         _section(detail, "seeds", trials.seeds_cost)
     if "study" in args.only:
-        _section(detail, "study", lambda: sweeps.study_speedup(tmp / "study"))
+        _section(detail, "study", lambda: sweeps.study_speedup(
+            tmp / "study", **({"trials": 16, "packed": (0.125, 8)} if cuda else {})))
     if "harness" in args.only:
         _section(detail, "harness", lambda: sweeps.harness(tmp / "harness"))
     if "search" in args.only:
         _section(detail, "search", lambda: sweeps.search_epochs(tmp / "search"))
-    reason = NO_GPU if not cuda else "not measured by this benchmark yet"
-    detail["packing"] = {"value": None, "reason": reason}
-    detail["mfu"] = {"value": None, "reason": reason}
+    if cuda and "gpu" in args.only:
+        _section(detail, "mfu", gpu.mfu_gpt2_small)
+        _section(detail, "packing", gpu.packing)
+    else:
+        reason = NO_GPU if not cuda else "section gpu not run (--only)"
+        detail["packing"] = {"value": None, "reason": reason}
+        detail["mfu"] = {"value": None, "reason": reason}
     detail["finished"] = time.time()
     detail["load_at_end"] = list(os.getloadavg())
     if args.keep:

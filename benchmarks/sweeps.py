@@ -177,15 +177,30 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def study_speedup(tmp: Path, trials: int = 6, epochs: int = 3) -> dict[str, Any]:
-    """default.yaml with --trials/--epochs, both ways, each a `study sweep` command."""
+def todays_path(text: str) -> str:
+    """A space file run the way trials ran before the fast paths: the eager step
+    (`step_mode: eager`) and seeds in lockstep (`seed_batching: lockstep`)."""
+    import yaml
+
+    raw = yaml.safe_load(text)
+    raw["fixed"] = {**(raw.get("fixed") or {}), "step_mode": "eager"}
+    raw["seed_batching"] = "lockstep"
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def study_speedup(tmp: Path, trials: int = 6, epochs: int = 3,
+                  packed: tuple[float, int] | None = None) -> dict[str, Any]:
+    """default.yaml with --trials/--epochs, both ways (today's path: `todays_path`; the new
+    path: the file as it is), each a `study sweep` command; `packed` = (gpu fraction,
+    max_concurrent) packs trials on a GPU."""
     tmp.mkdir(parents=True, exist_ok=True)
     text = DEFAULT_SPACE.read_text()
     supported = seed_batching_supported()
-    variants = {"lockstep": text + "\nseed_batching: lockstep\n" if supported else text,
-                "default": text}
+    variants = {"lockstep": todays_path(text) if supported else text, "default": text}
     out: dict[str, Any] = {"space": "search_spaces/default.yaml", "trials": trials,
-                           "epochs": epochs, "seed_batching_key": supported}
+                           "epochs": epochs, "seed_batching_key": supported,
+                           "todays_path": "step_mode: eager, seed_batching: lockstep",
+                           "packed": packed}
     if not supported:
         out["note"] = ("search spaces have no seed_batching key yet: both runs are today's "
                        "path (seeds in lockstep); the ratio shows the run-to-run noise")
@@ -195,9 +210,10 @@ def study_speedup(tmp: Path, trials: int = 6, epochs: int = 3) -> dict[str, Any]
         space = tmp / f"{name}.yaml"
         space.write_text(body)
         t0 = time.perf_counter()
+        pack = ["--gpu", str(packed[0]), "--max-concurrent", str(packed[1])] if packed else []
         res = diskio.measure([sys.executable, "-m", "study.cli", "sweep", str(space),
                               "--name", name, "--trials", str(trials), "--epochs", str(epochs),
-                              "--storage", str(tmp / "ray"), "--tracking-uri", uri],
+                              "--storage", str(tmp / "ray"), "--tracking-uri", uri, *pack],
                              cwd=tmp, log=tmp / f"{name}.log", env=_env(), interval=0.5)
         wall = time.perf_counter() - t0
         if res.returncode != 0:
@@ -213,6 +229,7 @@ def search_epochs(tmp: Path, seeds: Sequence[int] = (0, 1, 2), trials: int = 16,
     """Random search (no early stopping) and TPE + ASHA (grace 1, reduction 2), `trials`
     trials of at most `epochs` epochs each, per searcher seed, in one Ray session."""
     from study.sweep.lifecycle import init_ray, run_sweep, sweep_environment
+    from study.sweep.searcher import tpe_startup
 
     tmp.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -238,6 +255,6 @@ def search_epochs(tmp: Path, seeds: Sequence[int] = (0, 1, 2), trials: int = 16,
                 "searcher_seeds": list(seeds),
                 "sizing": f"{trials} trials x {epochs} epochs of a 1-layer d_model 16/32 model "
                           "on digits per sweep (a few seconds per trial on 2 CPU cores), "
-                          "TPE's 10 random start-up trials included; ASHA grace 1, "
-                          "reduction factor 2"})
+                          f"TPE's {tpe_startup(trials)} random start-up trials included; "
+                          "ASHA grace 1, reduction factor 2"})
     return out

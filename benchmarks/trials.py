@@ -1,9 +1,10 @@
 """Whole trials without Ray: the fast path against today's eager trial, and the cost of seeds.
 
 - `small_trial_speedup`: whole-trial samples/s (training samples of every epoch over the
-  trial's wall time, evaluation included) of the fast path against today's eager `run_trial`,
-  same config. No separate fast path exists on the CPU: both sides are then the same eager
-  trial, measured one after the other (the ratio shows the run-to-run noise).
+  trial's wall time, evaluation included) of the fast path (`step_mode: auto`, a CUDA graph on
+  a GPU) against today's eager `run_trial` (`step_mode: eager`), same config. On the CPU
+  `auto` is the eager step: both sides are then the same eager trial, measured one after the
+  other (the ratio shows the run-to-run noise).
 - `seeds_cost`: wall time of a trial with k seed replicates over one with a single seed: with
   `study.replicas.train_replicas` (the replicates as one batched computation) where it exists
   and accepts the config, else k `run_trial`s in lockstep (today's trainable).
@@ -26,14 +27,16 @@ DEFAULT_TRIAL = dict(task="mnist1d", d_model=64, d_ff=128, n_layers=2, n_heads=4
                      batch_size=64, lr=0.003)
 
 
-def default_trial(epochs: int) -> TrialConfig:
-    return TrialConfig(epochs=epochs, **DEFAULT_TRIAL)
+def default_trial(epochs: int, step_mode: str = "auto") -> TrialConfig:
+    return TrialConfig(epochs=epochs, step_mode=step_mode, **DEFAULT_TRIAL)
 
 
 def fast_path(device: torch.device) -> str | None:
-    """The name of a faster whole-trial path than eager on this device, None where none
-    exists (on the CPU, and on a GPU until one is added to `study.train`)."""
-    return None
+    """The step mode `auto` takes on this device when it is not the eager step (None)."""
+    from study.step import resolve_step_mode
+
+    mode, _ = resolve_step_mode(default_trial(1), device)
+    return None if mode == "eager" else mode
 
 
 def trial_samples_per_s(cfg: TrialConfig) -> tuple[float, float]:
@@ -60,13 +63,12 @@ def _median(xs: list[float]) -> float:
 def small_trial_speedup(device: torch.device, epochs: int = 2, rounds: int = 3
                         ) -> dict[str, Any]:
     """Median over `rounds` of alternating eager / fast-path trials of the default config."""
-    cfg = default_trial(epochs)
     path = fast_path(device)
     warm_up()
     eager, fast = [], []
     for _ in range(rounds):  # alternated, so a change in machine load hits both alike
-        eager.append(trial_samples_per_s(cfg)[0])
-        fast.append(trial_samples_per_s(cfg)[0])  # the fast path, once one exists, goes here
+        eager.append(trial_samples_per_s(default_trial(epochs, "eager"))[0])
+        fast.append(trial_samples_per_s(default_trial(epochs, "auto"))[0])
     return {"config": {**DEFAULT_TRIAL, "epochs": epochs}, "fast_path": path or "eager",
             "note": None if path else "no faster path than the eager step on this device: "
             "both sides are the same eager trial, alternated (the ratio is run-to-run noise)",

@@ -1,4 +1,4 @@
-"""The `study` command line: trial, sweep, resume, report, ui, spaces validate."""
+"""The `study` command line: trial, sweep, resume, report, ui, server, spaces validate."""
 
 from __future__ import annotations
 
@@ -72,6 +72,25 @@ def trial(
         raise typer.Exit(1)
 
 
+def _check_sweep_flags(name: str | None, trials: int | None, epochs: int | None,
+                       gpu: float | None, max_concurrent: int | None) -> None:
+    """The sweep's flags on their own, before the space file is read: one-line SpaceError."""
+    from study.config import field_limit_error
+    from study.spaces import LIMITS, SpaceError, check_name, check_resource
+    if name is not None:
+        check_name(name, "--name")
+    for flag, value, top in (("--trials", trials, LIMITS["num_trials"]),
+                             ("--max-concurrent", max_concurrent, LIMITS["max_concurrent"])):
+        if value is not None and not 1 <= value <= top:
+            raise SpaceError(f"{flag}: {value} is outside 1..{top}")
+    err = None if epochs is None else (f"epochs: must be >= 1, got {epochs}" if epochs < 1
+                                       else field_limit_error("epochs", epochs))
+    if err:
+        raise SpaceError(f"--epochs / {err}")
+    if gpu is not None:
+        check_resource("--gpu", "gpu", gpu)
+
+
 @app.command()
 def sweep(
     space: Annotated[Path, typer.Argument(help="Search-space YAML file.")],
@@ -89,18 +108,26 @@ def sweep(
         help="Override resources.gpu per trial (fractions share a GPU).")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Override max_concurrent.")
                               ] = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Show Ray's own output (its logs, the trials' output).")] = False,
 ) -> None:
     """Run a sweep over a search space with Ray Tune + Optuna + ASHA, tracked in MLflow."""
     from study.spaces import SpaceError, load_space
     try:
-        load_space(space)  # bad files stop here, before Ray or MLflow start
+        _check_sweep_flags(name, trials, epochs, gpu, max_concurrent)
+        parsed = load_space(space)  # bad files stop here, before Ray or MLflow start
+        name = name or parsed.name
         from study.sweep import run_sweep
         summary = run_sweep(space, name, trials, address, tracking_uri, storage,
                             overrides={"epochs": epochs, "gpu": gpu,
-                                       "max_concurrent": max_concurrent})
+                                       "max_concurrent": max_concurrent}, verbose=verbose)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before Ray Tune took over Ctrl-C
+        raise _interrupted(name, storage) from None
     except SpaceError as e:
         raise fail(str(e)) from None
-    _after_sweep(summary)
+    except RuntimeError as e:  # a SweepFault: the state could not be saved, the store failed
+        raise _sweep_fault(e) from None
+    _after_sweep(summary, storage)
 
 
 @app.command()
@@ -109,29 +136,67 @@ def resume(
     storage: Annotated[Path | None, typer.Option(help="Ray experiment directory.")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Show Ray's own output (its logs, the trials' output).")] = False,
 ) -> None:
     """Continue an interrupted sweep with its searcher state restored."""
-    from study.spaces import SpaceError
+    from study.spaces import SpaceError, check_name
     from study.sweep import resume_sweep
     try:
-        summary = resume_sweep(name, storage, tracking_uri, address)
+        check_name(name, "NAME")  # a safe file name: NAME is a folder under --storage
+        summary = resume_sweep(name, storage, tracking_uri, address, verbose=verbose)
+    except KeyboardInterrupt:
+        raise _interrupted(name, storage, new=False) from None
     except SpaceError as e:
         raise fail(str(e)) from None
-    _after_sweep(summary)
+    except RuntimeError as e:  # a SweepFault: a damaged state (exit 2) or a fault (exit 1)
+        raise _sweep_fault(e) from None
+    _after_sweep(summary, storage)
 
 
-def _after_sweep(summary: dict) -> None:
+def _sweep_fault(e: RuntimeError) -> typer.Exit:
+    """A `SweepFault` (study/sweep/lifecycle.py) as one line and its exit code; any other
+    error goes on as it is."""
+    from study.sweep.lifecycle import SweepFault
+    if not isinstance(e, SweepFault):
+        raise e
+    return fail(str(e), e.exit_code)
+
+
+def _resume_hint(name: str, storage: Path | None) -> str:
+    return f"interrupted: continue with `study resume {name}" + (
+        f" --storage {storage}`" if storage else "`")
+
+
+def _interrupted(name: str | None, storage: Path | None, new: bool = True) -> typer.Exit:
+    """Ctrl-C that reached the command (Ray Tune catches the first one while trials run, and
+    the sweep ends through `_after_sweep`): one line, exit 130, no traceback. A `new` sweep
+    stopped before Ray Tune's first save is discarded (`discard_unstarted`)."""
+    from study.sweep.lifecycle import DEFAULT_STORAGE, META, discard_unstarted
+    exp_dir = Path(storage or DEFAULT_STORAGE).expanduser().resolve() / (name or "")
+    if name and (exp_dir / META).exists() and not (new and discard_unstarted(exp_dir)):
+        console.print(_resume_hint(name, storage), highlight=False, soft_wrap=True)
+    else:
+        console.print("interrupted before any trial started: nothing to resume; the same "
+                      "command starts the sweep again", highlight=False, soft_wrap=True)
+    return typer.Exit(130)
+
+
+def _after_sweep(summary: dict, storage: Path | None = None) -> None:
     uri = summary["tracking_uri"]
+    # a tracking server serves its own UI; a store file is browsed with `study ui`
+    served = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if served else "http://127.0.0.1:5000"
     # MLflow 3's UI opens experiments on its GenAI view unless told the workflow type
-    page = (f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}"
-            "?workflowType=machine_learning" if summary.get("experiment_id")
-            else "http://127.0.0.1:5000")
-    console.print(f"browse the trials: study ui --tracking-uri {uri}  (or make ui), then open "
-                  f"{page}", highlight=False, soft_wrap=True)
+    page = (f"{base}/#/experiments/{summary['experiment_id']}"
+            "?workflowType=machine_learning" if summary.get("experiment_id") else base)
+    how = "" if served else f"study ui --tracking-uri {uri}  (or make ui), then "
+    console.print(f"browse the trials: {how}open {page}", highlight=False, soft_wrap=True)
     console.print("report with calls and intervals: make report  (or study report "
                   f"--experiment {summary['name']} --tracking-uri {uri})", highlight=False,
                   soft_wrap=True)
     if not summary["complete"]:
+        console.print(_resume_hint(summary["name"], storage), highlight=False, soft_wrap=True)
         raise typer.Exit(130)
 
 
@@ -184,6 +249,29 @@ def ui(
     os.execv(sys.executable, args)
 
 
+@app.command()
+def server(
+    dir_: Annotated[Path, typer.Option(
+        "--dir", help="Holds PostgreSQL's pgdata/, its pgpass and the artifacts/.")
+                    ] = Path(".tracking"),
+    host: Annotated[str, typer.Option(help="Bind address of the MLflow server.")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the MLflow server.")] = 5000,
+    pg_port: Annotated[int, typer.Option(help="Port of PostgreSQL (on 127.0.0.1).")] = 5433,
+    workers: Annotated[int, typer.Option(help="MLflow server worker processes.")] = 2,
+) -> None:
+    """Run an MLflow tracking server on a local PostgreSQL (scripts/pg-local) until Ctrl-C;
+    sweeps log to it with --tracking-uri http://HOST:PORT."""
+    from study.server import ServerError, serve
+    try:
+        rc = serve(dir_, host, port, pg_port, workers,
+                   say=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except ServerError as e:
+        raise fail(str(e), code=1) from None
+    if rc:
+        raise typer.Exit(rc)
+
+
 @spaces_app.command("validate")
 def spaces_validate(
     files: Annotated[list[Path], typer.Argument(help="Search-space YAML file(s).")],
@@ -219,7 +307,7 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {escape(where + e.format_message())}; see "
                       f"--help", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except cx.Abort:
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a sweep: no traceback
         sys.exit(130)
     except ConfigError as e:  # bad input that surfaced late still gets one line and exit 2
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)

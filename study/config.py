@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "length_mode": ("pad", "bucket", "truncate"),
     "tokenizer": ("char", "word"),
     "device": ("auto", "cpu", "cuda"),
+    "step_mode": ("auto", "eager", "graph", "compile"),
 }
 
 
@@ -120,6 +121,9 @@ class TrialConfig:
     warmup_frac: float = 0.1
     grad_clip: float = 1.0
     device: str = "auto"
+    # how the training step runs (study/step.py): auto = a CUDA graph where it can be captured,
+    # else eager; the same computation either way
+    step_mode: str = "auto"
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -209,6 +213,38 @@ def _check_ranges(c: TrialConfig) -> None:
                 )
     if c.task == "text_file" and not c.data_path:
         raise ConfigError("data_path: task=text_file needs data_path=PATH to a CSV/JSONL/Parquet")
+    if c.data_path.startswith("~"):
+        try:
+            Path(c.data_path).expanduser()
+        except RuntimeError:  # ~user of no user
+            raise ConfigError(f"data_path: {c.data_path}: no home folder for '~'; give the "
+                              "full path") from None
+
+
+def field_limit_error(name: str, value: Any) -> str | None:
+    """Why `value` is out of range for field `name` on its own (None if it is not): the
+    single-field checks of `TrialConfig`, for values checked before a config exists (the
+    ranges and levels of a search space)."""
+    if isinstance(value, tuple):
+        return (None if all(isinstance(x, (int, float)) and math.isfinite(x) for x in value)
+                else f"{name}: every value must be finite, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value):
+        return f"{name}: must be a finite number, got {value!r}"
+    if name in _MAX and value > _MAX[name]:
+        return f"{name}: {value!r} exceeds the limit {_MAX[name]:g}; choose a smaller value"
+    if name in _POSITIVE and value <= 0:
+        return f"{name}: must be > 0, got {value!r}"
+    if name in _FRACTIONS and not 0.0 <= value < 1.0:
+        return f"{name}: must be in [0, 1), got {value!r}"
+    if name in _NON_NEGATIVE and value < 0:
+        return f"{name}: must be >= 0, got {value!r}"
+    if name == "train_fraction" and not 0.0 < value <= 1.0:
+        return f"train_fraction: must be in (0, 1], got {value!r}"
+    if name == "imbalance" and value < 1.0:
+        return f"imbalance: must be >= 1 (n_max / n_min), got {value!r}"
+    return None
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(TrialConfig))
@@ -247,7 +283,7 @@ def coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = [v for v in value.strip("()[] ").split(",") if v.strip()]
             return tuple(float(v) for v in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         raise AssertionError(f"unhandled type {typ} for {name}")
@@ -268,21 +304,162 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; errors name the file."""
+    return parse_yaml_mapping(read_yaml_text(path), str(path))
+
+
+# --- YAML input, bounded in time and memory (README "Search spaces": limits) ---
+MAX_YAML_BYTES = 128 * 1024  # a config or space file is a few kB; the pure-Python parser
+# reads about 150 kB/s of dense YAML on a slow core, so this bounds parsing to about a second
+MAX_YAML_DEPTH = 32  # nesting levels, aliases expanded
+MAX_YAML_NODES = 20_000  # values, aliases expanded at every use (an alias bomb is refused)
+
+
+def read_yaml_text(path: str | Path) -> str:
+    """The text of a YAML file: a regular file, at most MAX_YAML_BYTES, UTF-8, not binary."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"{p}: file not found; pass an existing YAML file")
-    return parse_yaml_mapping(p.read_text(), str(p))
+    if not p.is_file():
+        raise ConfigError(f"{p}: not a regular file; pass a YAML file")
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e}); check its permissions"
+                          ) from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_YAML_BYTES // 1024} KiB, the limit of a YAML "
+                          "config file; pass the right file or shorten it")
+    if b"\0" in data:
+        raise ConfigError(f"{p}: a binary file (it holds NUL bytes), not YAML text; pass a "
+                          "YAML file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
+
+
+class _YamlLimit(Exception):
+    """A YAML document beyond the limits above (or with a duplicate key)."""
+
+    def __init__(self, msg: str, mark: Any = None) -> None:
+        super().__init__(msg)
+        self.mark = mark
+
+
+def _yaml_children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_expansion(root: Any) -> None:
+    """Refuse a node graph whose expansion (every alias replaced by its value) is too large or
+    too deep, or is recursive; iterative, so a deep graph cannot exhaust the stack."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            kids = _yaml_children(node)
+            size[key] = min(1 + sum(size[id(k)] for k in kids), MAX_YAML_NODES + 1)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if size[key] > MAX_YAML_NODES:
+                raise _YamlLimit(f"its aliases expand to more than {MAX_YAML_NODES} values (an "
+                                 "alias bomb?); write the values out", node.start_mark)
+            if depth[key] > MAX_YAML_DEPTH:
+                raise _YamlLimit(f"nested deeper than {MAX_YAML_DEPTH} levels; flatten it",
+                                 node.start_mark)
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise _YamlLimit("an alias refers to a value that holds it (a recursive "
+                             "structure); write the values out", node.start_mark)
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in _yaml_children(node) if id(k) not in size)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader with bounded nesting and alias expansion, refusing duplicate keys."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self._depth >= MAX_YAML_DEPTH:  # before the recursion, not after it
+            raise _YamlLimit(f"nested deeper than {MAX_YAML_DEPTH} levels; flatten it",
+                             self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: Any) -> Any:
+        _check_expansion(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                except TypeError:  # unhashable: the constructor refuses it below
+                    continue
+                if dup:
+                    raise _YamlLimit(f"duplicate key {key!r} (a mapping holds each key once); "
+                                     "keep one", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
 
 
 def parse_yaml_mapping(text: str, source: str) -> dict[str, Any]:
-    """Parse YAML text that must hold a mapping; errors name `source`."""
+    """Parse YAML text that must hold a mapping; errors name `source`. Bounded: at most
+    MAX_YAML_BYTES characters, MAX_YAML_DEPTH levels and MAX_YAML_NODES values (aliases
+    expanded); duplicate keys are refused."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_YAML_BYTES // 1024} KiB, the limit of a "
+                          "YAML config; shorten it")
+    loader = None
     try:
-        data = yaml.safe_load(text)
+        loader = _BoundedLoader(text)  # its reader refuses unprintable characters here
+        data = loader.get_single_data()
+    except _YamlLimit as e:
+        where = f" line {e.mark.line + 1}:" if e.mark is not None else ""
+        raise ConfigError(f"{source}:{where} {e}") from None
+    except yaml.reader.ReaderError as e:
+        char = e.character if isinstance(e.character, int) else ord(e.character[:1] or "\0")
+        raise ConfigError(f"{source}: not YAML text (unprintable character #x{char:04x} at "
+                          f"position {e.position}); pass a YAML text file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}:{where} malformed YAML ({getattr(e, 'problem', e)})"
-                          ) from None
+        problem = getattr(e, "problem", None) or e
+        raise ConfigError(f"{source}:{where} malformed YAML ({_one_line(problem)})") from None
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as e:
+        # e.g. an integer of more than 4300 digits, or an impossible timestamp
+        what = ("an integer of more than 4300 digits" if "integer string conversion" in str(e)
+                else f"{type(e).__name__}: {_one_line(e)[:200]}")
+        raise ConfigError(f"{source}: malformed YAML ({what}); fix the value") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):

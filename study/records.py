@@ -17,6 +17,7 @@ import json
 import math
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
@@ -61,9 +62,12 @@ _WHY = {Outcome.COMPLETED: "trained the whole budget",
 # why a child run is left out of an analysis (besides its outcome)
 SKIP_RUNNING = "running"
 SKIP_NO_METRICS = "no_final_metrics"
+SKIP_ORPHANED = "orphaned"
 SKIP_WHY: dict[str, str] = {**{o.value: o.why for o in Outcome},
                             SKIP_RUNNING: "not finished yet",
-                            SKIP_NO_METRICS: "completed without final metrics"}
+                            SKIP_NO_METRICS: "completed without final metrics",
+                            SKIP_ORPHANED: "finished after the sweep's last saved state; the "
+                                           "resumed sweep may have run its configuration again"}
 
 
 def parse_outcome(value: Any) -> Outcome | None:
@@ -99,6 +103,28 @@ REPORT_OUTCOME = TAG_OUTCOME
 REPORT_MESSAGE = TAG_MESSAGE
 REPORT_TABLES = "artifacts_json"
 REPORT_TRACEBACK = "traceback"
+REPORT_NODE = "node_json"  # an attempt's first report: where it runs (the NODE_TAGS, as JSON)
+
+# a child run: where its attempt ran, set once from the attempt's first report
+TAG_NODE_ID = "node_id"  # Ray's node id
+TAG_HOSTNAME = "hostname"
+TAG_DEVICE = "device"  # "CPU" or the GPU's name
+TAG_WORKER_PID = "worker_pid"  # the Ray worker process that trained it
+NODE_TAGS = (TAG_NODE_ID, TAG_HOSTNAME, TAG_DEVICE, TAG_WORKER_PID)
+# a child run is one attempt of its trial: a trial Ray restarts (retried after its worker died,
+# or resumed after its driver stopped) gets a new run, and the earlier attempt's run is kept,
+# marked `interrupted` with the reason; nothing deletes a run
+TAG_RETRY_OF = "retry_of"  # the run of the trial's previous attempt
+TAG_RETRIES = "retries"  # how many earlier attempts (runs) the trial had: 0 for most
+TAG_ATTEMPT = "study.attempt"  # the driver's id of the attempt (re-sent writes stay idempotent)
+# a finished run whose trial the resumed sweep's saved state does not know (it finished after
+# the last save that reached the disk): kept, left out of the analysis and of the trial count
+TAG_ORPHAN = "study.orphan"
+# the parent run: the driver's heartbeat (unix seconds), written every `heartbeat_s` seconds
+# while it runs; a RUNNING sweep whose heartbeat is HEARTBEAT_STALE periods old lost its driver
+TAG_HEARTBEAT = "study.heartbeat"
+TAG_HEARTBEAT_S = "study.heartbeat_s"
+HEARTBEAT_STALE = 3
 
 SEED_STD_SUFFIX = "_seed_std"
 _SEED_METRIC = re.compile(r"^seed_(\d+)/(.+)$")
@@ -419,6 +445,7 @@ class TrialReport:
     message: str = ""
     tables: dict[int, dict[str, Table]] = field(default_factory=dict)
     traceback: str = ""
+    node: dict[str, str] = field(default_factory=dict)  # NODE_TAGS: an attempt's first report
 
     def __post_init__(self) -> None:
         self.metrics = {k: v for k, v in self.metrics.items() if not is_constant_series(k)}
@@ -435,6 +462,8 @@ class TrialReport:
             out[REPORT_TABLES] = json.dumps({f"seed_{k}": t for k, t in self.tables.items()})
         if self.traceback:
             out[REPORT_TRACEBACK] = self.traceback
+        if self.node:
+            out[REPORT_NODE] = json.dumps(self.node)
         return out
 
     @classmethod
@@ -449,10 +478,13 @@ class TrialReport:
         metrics = {k: float(v) for k, v in result.items()
                    if is_logged_metric(k) and isinstance(v, int | float)}
         epoch = result.get(EPOCH)
+        raw_node = json.loads(result.get(REPORT_NODE) or "{}")
+        node = {str(k): str(v) for k, v in raw_node.items() if k in NODE_TAGS} \
+            if isinstance(raw_node, dict) else {}
         return cls(epoch=int(epoch) if isinstance(epoch, int | float) else 0, metrics=metrics,
                    outcome=parse_outcome(result.get(REPORT_OUTCOME)),
                    message=str(result.get(REPORT_MESSAGE) or ""), tables=tables,
-                   traceback=str(result.get(REPORT_TRACEBACK) or ""))
+                   traceback=str(result.get(REPORT_TRACEBACK) or ""), node=node)
 
     def mean_metrics(self) -> dict[str, float]:
         """Seed means and their std."""
@@ -516,10 +548,14 @@ class TrialRecord:
     seeds: dict[int, dict[str, float]]
     artifact_uri: str = ""
     start_time: int | None = None
+    orphan: bool = False  # TAG_ORPHAN: the resumed sweep does not know its trial
+    retry_of: str | None = None  # TAG_RETRY_OF: the run of the previous attempt
 
     @property
     def skip_reason(self) -> str | None:
         """None when the trial has final metrics to analyse, else a key of `SKIP_WHY`."""
+        if self.orphan:
+            return SKIP_ORPHANED
         if self.outcome is Outcome.COMPLETED:
             return None if self.seeds else SKIP_NO_METRICS
         if self.outcome is not None:
@@ -555,4 +591,26 @@ class TrialRecord:
                    status=run.info.status, outcome=parse_outcome(tags.get(TAG_OUTCOME)),
                    message=tags.get(TAG_MESSAGE) or "", config=config, metrics=means,
                    seeds=seeds, artifact_uri=run.info.artifact_uri or "",
-                   start_time=run.info.start_time)
+                   start_time=run.info.start_time, orphan=TAG_ORPHAN in tags,
+                   retry_of=tags.get(TAG_RETRY_OF))
+
+
+def current_runs(records: Iterable[TrialRecord]) -> dict[str, TrialRecord]:
+    """One run per trial, by trial id. A trial Ray restarted (a retry after its worker died, a
+    resume after its driver stopped) has one run per attempt: its run is the newest finished
+    one (an outcome other than `interrupted`), else the newest one still running, else its
+    newest run. A trial the resumed sweep ran again under a new trial id (its saved state did
+    not know it) has the new trial's run as its retry (`retry_of`): it counts as that trial."""
+    records = list(records)
+    out: dict[str, TrialRecord] = {}
+    for r in records:
+        cur = out.get(r.trial_id)
+        if cur is None or _run_rank(r) > _run_rank(cur):
+            out[r.trial_id] = r
+    retried = {r.retry_of: r.trial_id for r in records if r.retry_of}
+    return {tid: r for tid, r in out.items() if retried.get(r.run_id, tid) == tid}
+
+
+def _run_rank(r: TrialRecord) -> tuple[bool, bool, int, str]:
+    finished = r.outcome is not None and r.outcome is not Outcome.INTERRUPTED
+    return finished, r.outcome is not Outcome.INTERRUPTED, r.start_time or 0, r.run_id

@@ -12,10 +12,20 @@ import itertools
 import math
 import operator
 import random
+import re
 from pathlib import Path
 from typing import Any
 
-from study.config import CHOICES, FIELD_NAMES, ConfigError, coerce, make_config, parse_yaml_mapping
+from study.config import (
+    CHOICES,
+    FIELD_NAMES,
+    ConfigError,
+    coerce,
+    field_limit_error,
+    make_config,
+    parse_yaml_mapping,
+    read_yaml_text,
+)
 from study.metrics import ALL_METRICS, CORE_METRICS
 from study.records import (
     DEFAULT_MIN_EFFECT,
@@ -30,26 +40,88 @@ from study.records import (
     SweepSpec,
 )
 
-NOT_SEARCHABLE = ("epochs", "seed", "device")
+NOT_SEARCHABLE = ("epochs", "seed", "device", "step_mode")
 TOP_KEYS = ("name", "description", "task", "fixed", "params", "constraints", "budget", "seeds",
             "objective", "design", "searcher", "searcher_seed", "num_trials", "max_concurrent",
             "resources", "analysis", "vary_data_seed", "seed_batching")
-MAX_GRID = 100_000  # the largest factorial grid enumerated
+MAX_GRID = 10_000  # the most design points enumerated (a factorial grid, one_at_a_time's)
+# upper limits of a space's own keys (README "Search spaces": limits)
+LIMITS = {"num_trials": 1_000_000, "max_concurrent": 10_000, "seeds": 1_000,
+          "searcher_seed": 2**32 - 1,  # numpy's RandomState, which Optuna's samplers seed
+          "budget.reduction_factor": 1_000, "design.bases": 100,
+          "analysis.min_trials": 1_000_000}
+MAX_RESOURCE = {"cpu": 1024.0, "gpu": 1024.0}  # per trial
+MAX_DESCRIPTION = 10_000  # characters
+# constraint expressions: a small arithmetic/comparison grammar, bounded
+MAX_CONSTRAINTS, MAX_EXPR_CHARS, MAX_EXPR_NODES = 100, 500, 200
+MAX_CONSTANT = 10**12  # |a numeric literal|
+MAX_POW = 64  # |the exponent of **|: a literal number
+MAX_INT_BITS = 256  # intermediate integers
+MAX_STR_CONSTANT = 200  # characters of a string literal
+NAME_MAX = 100
+_NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}")
+NAME_RULE = (f"1 to {NAME_MAX} letters, digits, '.', '_' or '-', not starting with '.' (it "
+             "names a folder under --storage)")
 
 
 class SpaceError(ConfigError):
     """A bad search-space file."""
 
 
-def infeasible(space: SweepSpec, sampled: dict[str, Any]) -> str | None:
-    """Why a sampled configuration cannot run (a broken constraint or an invalid config)."""
+def check_name(name: Any, where: str) -> str:
+    """A sweep name that is a safe file name (it names the folder `--storage/NAME/`)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise SpaceError(f"{where}: {_short(name)} is not a valid sweep name; use {NAME_RULE}")
+    return name
+
+
+def check_resource(where: str, kind: str, value: Any) -> float:
+    """A per-trial amount of `cpu` or `gpu` as Ray accepts it: finite, within MAX_RESOURCE,
+    cpu > 0, gpu >= 0, and a GPU amount above 1 whole."""
+    _expect(isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{where}: expected a number, got {_short(value)}")
+    v = float(value)
+    top = MAX_RESOURCE[kind]
+    _expect(math.isfinite(v) and (v > 0 if kind == "cpu" else v >= 0),
+            f"{where}: expected a finite number {'> 0' if kind == 'cpu' else '>= 0'}, got {v!r}")
+    _expect(v <= top, f"{where}: {v:g} exceeds the limit {top:g} per trial")
+    _expect(v == 0 or v >= 1e-4, f"{where}: {v:g} is below Ray's precision of 0.0001")
+    _expect(kind != "gpu" or v <= 1 or v.is_integer(),
+            f"{where}: {v:g} GPUs: Ray takes a fraction of one GPU (<= 1) or a whole number; "
+            f"use {math.floor(v)} or {math.ceil(v)}")
+    return v
+
+
+def _short(v: Any, n: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def infeasible(space: SweepSpec, sampled: dict[str, Any], strict: bool = False) -> str | None:
+    """Why a sampled configuration cannot run (a broken constraint or an invalid config).
+
+    A constraint that cannot be evaluated (division by zero, comparing a string with a
+    number, a value out of bounds) makes the configuration infeasible, with the reason; with
+    `strict` (while a space is parsed) it raises `SpaceError` naming the constraint."""
     try:
         cfg = make_config(space.resolve(sampled))
     except ConfigError as e:
         return str(e)
-    env = cfg.to_dict()
-    for text in space.constraints:
-        if not _eval(_compiled(text).body, env, text):
+    if not space.constraints:
+        return None
+    env = {name: getattr(cfg, name) for name in FIELD_NAMES}  # not asdict: no deep copies
+    for i, text in enumerate(space.constraints):
+        try:
+            holds = _eval(_compiled(text).body, env)
+        except _EvalError as e:
+            if strict:
+                names = sorted({n.id for n in ast.walk(_compiled(text))
+                                if isinstance(n, ast.Name)})
+                at = " at " + ", ".join(f"{n}={_short(env[n], 40)}" for n in names)
+                raise SpaceError(f"{space.path}: constraints[{i}]: {text!r} cannot be evaluated"
+                                 f"{at if names else ''}: {e}; fix the expression") from None
+            return f"constraint {text!r} cannot be evaluated ({e})"
+        if not holds:
             return f"constraint {text!r} does not hold"
     return None
 
@@ -60,55 +132,133 @@ def _compiled(text: str) -> ast.Expression:
 
 
 # --- a tiny, safe evaluator for constraint expressions (no eval) ---
+# The grammar: config field names, literals (numbers up to MAX_CONSTANT, strings, True/False/
+# None), tuples/lists of them, + - * / // % and ** (a literal exponent up to MAX_POW), unary
+# - + not, and/or, comparisons (== != < <= > >= in, not in). Arithmetic takes numbers only, and
+# integers stay below 2**MAX_INT_BITS: every evaluation is a few microseconds.
 _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
         ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
         ast.Pow: operator.pow}
 _CMP = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
         ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
         ast.NotIn: lambda a, b: a not in b}
+_SYMBOL: dict[type, str] = {
+    ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//",
+    ast.Mod: "%", ast.Pow: "**", ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=",
+    ast.Gt: ">", ast.GtE: ">=", ast.In: "in", ast.NotIn: "not in", ast.USub: "unary -",
+    ast.UAdd: "unary +"}
 
 
-def _eval(node: ast.AST, env: dict[str, Any], text: str) -> Any:
+class _EvalError(Exception):
+    """A constraint that cannot be evaluated for some configuration."""
+
+
+def _operands(op: type, *vals: Any) -> None:
+    for v in vals:
+        if not isinstance(v, (int, float)):
+            raise _EvalError(f"{_SYMBOL[op]} needs numbers, got {type(v).__name__} {_short(v)}")
+
+
+def _bounded(v: Any) -> Any:
+    if isinstance(v, int) and v.bit_length() > MAX_INT_BITS:
+        raise _EvalError(f"an intermediate value exceeds 2**{MAX_INT_BITS}")
+    if isinstance(v, complex):
+        raise _EvalError("a complex result (a negative number to a fractional power)")
+    return v
+
+
+def _eval(node: ast.AST, env: dict[str, Any]) -> Any:
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.Name):
         return env[node.id]
     if isinstance(node, (ast.Tuple, ast.List)):
-        return tuple(_eval(e, env, text) for e in node.elts)
+        return tuple(_eval(e, env) for e in node.elts)
     if isinstance(node, ast.BinOp) and type(node.op) in _BIN:
-        return _BIN[type(node.op)](_eval(node.left, env, text), _eval(node.right, env, text))
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
-        v = _eval(node.operand, env, text)
-        return (not v) if isinstance(node.op, ast.Not) else -v
+        op = type(node.op)
+        left, right = _eval(node.left, env), _eval(node.right, env)
+        _operands(op, left, right)
+        try:
+            return _bounded(_BIN[op](left, right))
+        except ZeroDivisionError:
+            raise _EvalError(f"division by zero in {_SYMBOL[op]}") from None
+        except OverflowError:
+            raise _EvalError(f"overflow in {_SYMBOL[op]}") from None
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return not _eval(node.operand, env)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _eval(node.operand, env)
+        _operands(type(node.op), v)
+        return -v if isinstance(node.op, ast.USub) else +v
     if isinstance(node, ast.BoolOp):
-        vals = (_eval(v, env, text) for v in node.values)
+        vals = (_eval(v, env) for v in node.values)
         return all(vals) if isinstance(node.op, ast.And) else any(vals)
     if isinstance(node, ast.Compare):
-        left = _eval(node.left, env, text)
-        for op, comp in zip(node.ops, node.comparators):
-            right = _eval(comp, env, text)
-            if not _CMP[type(op)](left, right):
+        left = _eval(node.left, env)
+        for cmp, comp in zip(node.ops, node.comparators):
+            right = _eval(comp, env)
+            try:
+                holds = bool(_CMP[type(cmp)](left, right))
+            except TypeError:
+                raise _EvalError(f"{_SYMBOL[type(cmp)]} between {type(left).__name__} "
+                                 f"{_short(left)} and {type(right).__name__} {_short(right)} "
+                                 "(compare a field with values of its type)") from None
+            if not holds:
                 return False
             left = right
         return True
-    raise ValueError(f"unsupported syntax {ast.dump(node)[:40]}")
+    raise _EvalError(f"unsupported syntax {type(node).__name__}")
+
+
+def _literal_number(node: ast.AST) -> float | None:
+    """The value of a numeric literal, signed or not (None for anything else)."""
+    sign = 1
+    while isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        sign, node = (-sign if isinstance(node.op, ast.USub) else sign), node.operand
+    if (isinstance(node, ast.Constant) and isinstance(node.value, (int, float))
+            and not isinstance(node.value, bool)):
+        return sign * node.value
+    return None
 
 
 def _check_expr(text: str, where: str) -> ast.Expression:
+    """Parse a constraint and check it against the grammar above; one-line errors."""
+    _expect(len(text) <= MAX_EXPR_CHARS, f"{where}: {len(text)} characters, over the limit of "
+                                         f"{MAX_EXPR_CHARS}; split it into several constraints")
     try:
         expr = ast.parse(text, mode="eval")
-    except SyntaxError:
-        raise SpaceError(f"{where}: cannot parse {text!r}; write e.g. 'd_model % n_heads == 0'"
-                         ) from None
-    for node in ast.walk(expr):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise SpaceError(f"{where}: cannot parse {_short(text)}; write e.g. "
+                         "'d_model % n_heads == 0'") from None
+    nodes = list(ast.walk(expr))
+    _expect(len(nodes) <= MAX_EXPR_NODES, f"{where}: {_short(text)} has {len(nodes)} syntax "
+                                          f"nodes, over the limit of {MAX_EXPR_NODES}; split it")
+    ok = (ast.Expression, ast.Constant, ast.Name, ast.Load, ast.Tuple, ast.List, ast.BinOp,
+          ast.UnaryOp, ast.Not, ast.USub, ast.UAdd, ast.BoolOp, ast.And, ast.Or, ast.Compare,
+          *_BIN, *_CMP)
+    for node in nodes:
         if isinstance(node, ast.Name) and node.id not in FIELD_NAMES:
-            raise SpaceError(f"{where}: {text!r} uses unknown field {node.id!r}")
-        ok = (ast.Expression, ast.Constant, ast.Name, ast.Load, ast.Tuple, ast.List, ast.BinOp,
-              ast.UnaryOp, ast.Not, ast.USub, ast.BoolOp, ast.And, ast.Or, ast.Compare,
-              *_BIN, *_CMP)
+            raise SpaceError(f"{where}: {_short(text)} uses unknown field {node.id!r}")
         if not isinstance(node, ok):
-            raise SpaceError(f"{where}: {text!r} uses unsupported syntax "
+            raise SpaceError(f"{where}: {_short(text)} uses unsupported syntax "
                              f"({type(node).__name__}); use arithmetic, comparisons, and/or/not")
+        if isinstance(node, ast.Constant):
+            v = node.value
+            _expect(v is None or isinstance(v, (bool, int, float, str)),
+                    f"{where}: {_short(text)}: literal {_short(v)} is not a number, string, "
+                    "True, False or None")
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                _expect(math.isfinite(v) and abs(v) <= MAX_CONSTANT,
+                        f"{where}: {_short(text)}: the number {_short(v, 30)} is beyond "
+                        f"+-{MAX_CONSTANT:.0e}; use a smaller literal")
+            if isinstance(v, str):
+                _expect(len(v) <= MAX_STR_CONSTANT, f"{where}: a string literal over "
+                                                    f"{MAX_STR_CONSTANT} characters")
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            e = _literal_number(node.right)
+            _expect(e is not None and abs(e) <= MAX_POW,
+                    f"{where}: {_short(text)}: ** takes a literal exponent between "
+                    f"-{MAX_POW} and {MAX_POW} (e.g. n_heads ** 2)")
     return expr
 
 
@@ -132,7 +282,7 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
     kind = spec.get("type")
     _expect(kind in PARAM_TYPES, f"{where}.type: {kind!r}; valid: {', '.join(PARAM_TYPES)}")
 
-    def co(v: Any, key: str) -> Any:
+    def co(v: Any, key: str, limits: bool = True) -> Any:
         try:
             v = coerce(name, v)
         except ConfigError as e:
@@ -140,6 +290,8 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
         if name in CHOICES and v not in CHOICES[name]:
             raise SpaceError(f"{where}.{key}: invalid value {v!r}; valid choices: "
                              f"{', '.join(CHOICES[name])}")
+        err = field_limit_error(name, v) if limits else None
+        _expect(err is None, f"{where}.{key}: {err}")
         return v
 
     when: list[tuple[str, tuple[Any, ...]]] = []
@@ -188,7 +340,8 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
     _expect(all(math.isfinite(float(v)) for v in (low, high)),
             f"{where}: low and high must be finite numbers, got {low!r}, {high!r}")
     _expect(low < high, f"{where}: low ({low}) must be < high ({high})")
-    log = bool(spec.get("log", False))
+    log = spec.get("log", False)
+    _expect(isinstance(log, bool), f"{where}.log: expected true or false, got {_short(log)}")
     _expect(not log or low > 0, f"{where}: log scale needs low > 0")
     _expect((kind == "int") == isinstance(low, int),
             f"{where}: {name} is {'an int' if isinstance(low, int) else 'a float'} field; "
@@ -196,17 +349,20 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
     step = spec.get("step")
     _expect(step is None or not log, f"{where}: step cannot be combined with log")
     if step is not None:
-        step = co(step, "step")
-        _expect(step > 0, f"{where}.step: must be > 0, got {step}")
+        step = co(step, "step", limits=False)
+        _expect(math.isfinite(step) and step > 0, f"{where}.step: must be a finite number > 0, "
+                                                  f"got {step}")
     return ParamSpec(name, kind, low=low, high=high, log=log, step=step, when=tuple(when))
 
 
 def load_space(path: str | Path) -> SweepSpec:
     """Parse and validate a search-space YAML file; raises `SpaceError` with one line."""
     p = Path(path)
-    if not p.is_file():
-        raise SpaceError(f"{p}: file not found; pass an existing YAML file")
-    return parse_space(p.read_text(), str(p), p.stem)
+    try:
+        text = read_yaml_text(p)  # a bounded, UTF-8, non-binary regular file
+    except ConfigError as e:
+        raise SpaceError(str(e)) from None
+    return parse_space(text, str(p), p.stem)
 
 
 def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
@@ -217,7 +373,20 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
         raise SpaceError(str(e)) from None
     extra = [k for k in data if k not in TOP_KEYS]
     if extra:
-        raise SpaceError(f"{src}: unknown key {extra[0]!r}; valid keys: {', '.join(TOP_KEYS)}")
+        raise SpaceError(f"{src}: unknown key {_short(extra[0])}; valid keys: "
+                         f"{', '.join(TOP_KEYS)}")
+    raw_name = data.get("name")
+    if isinstance(raw_name, int) and not isinstance(raw_name, bool):
+        raw_name = str(raw_name)
+    sweep_name = None if raw_name is None else check_name(raw_name, f"{src}: name")
+    description = data.get("description")
+    _expect(description is None or (isinstance(description, (str, int, float))
+                                    and not isinstance(description, bool)),
+            f"{src}: description: expected text, got {type(description).__name__}")
+    description = "" if description is None else str(description)
+    _expect(len(description) <= MAX_DESCRIPTION,
+            f"{src}: description: {len(description)} characters, over the limit of "
+            f"{MAX_DESCRIPTION}; shorten it")
     fixed_raw = data.get("fixed") or {}
     _expect(isinstance(fixed_raw, dict), f"{src}: fixed: expected a mapping of field: value")
     fixed: dict[str, Any] = {}
@@ -240,6 +409,8 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
     _expect(not ("epochs" in fixed and "epochs" in budget),
             f"{src}: epochs is given twice (fixed and budget); keep budget.epochs")
     epochs = _int(src, "budget.epochs", budget.get("epochs", fixed.pop("epochs", 10)), 1)
+    err = field_limit_error("epochs", epochs)
+    _expect(err is None, f"{src}: budget.{err}")
     fixed["epochs"] = epochs
     grace = _int(src, "budget.grace_period", budget.get("grace_period", 1), 1)
     _expect(grace <= epochs, f"{src}: budget.grace_period ({grace}) exceeds epochs ({epochs})")
@@ -249,6 +420,12 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
     except ConfigError as e:
         raise SpaceError(f"{src}: fixed: {e}") from None
     data_path = fixed.get("data_path")
+    if data_path:
+        try:
+            Path(data_path).expanduser()
+        except RuntimeError:  # ~user of no user
+            raise SpaceError(f"{src}: fixed.data_path: {data_path}: no home folder for '~'; "
+                             "give the full path") from None
     if data_path and not Path(data_path).expanduser().is_file():
         raise SpaceError(f"{src}: fixed.data_path: {data_path} not found; give the path of a "
                          "local CSV/JSONL/Parquet file")
@@ -266,6 +443,8 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
     cons_raw = data.get("constraints") or []
     _expect(isinstance(cons_raw, list) and all(isinstance(c, str) for c in cons_raw),
             f"{src}: constraints: expected a list of expressions (strings)")
+    _expect(len(cons_raw) <= MAX_CONSTRAINTS,
+            f"{src}: constraints: {len(cons_raw)}, over the limit of {MAX_CONSTRAINTS}")
     for i, c in enumerate(cons_raw):
         _check_expr(c, f"{src}: constraints[{i}]")
     objectives = _objectives(src, data.get("objective", {"metric": "val_acc", "mode": "max"}))
@@ -286,13 +465,17 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
     res = data.get("resources") or {}
     _expect(isinstance(res, dict) and not set(res) - {"cpu", "gpu"},
             f"{src}: resources: expected a mapping with cpu and/or gpu")
-    cpu, gpu = _num(src, "resources.cpu", res.get("cpu", 1)), _num(src, "resources.gpu",
-                                                                   res.get("gpu", 0))
-    _expect(cpu > 0, f"{src}: resources.cpu must be > 0")
-    _expect(gpu >= 0, f"{src}: resources.gpu must be >= 0 (fractions share a GPU)")
+    cpu = check_resource(f"{src}: resources.cpu", "cpu", res.get("cpu", 1))
+    gpu = check_resource(f"{src}: resources.gpu", "gpu", res.get("gpu", 0))
     min_effect, min_trials = _analysis(src, data.get("analysis"))
     vary = data.get("vary_data_seed", True)
     _expect(isinstance(vary, bool), f"{src}: vary_data_seed: expected true or false, got {vary!r}")
+    seeds = _int(src, "seeds", data.get("seeds", 1), 1)
+    for key in ("seed", "data_seed") if vary else ("seed",):
+        top = fixed.get(key, 0) + seeds - 1  # replicate k runs with seed + k (data_seed + k)
+        _expect(top <= 2**31 - 1, f"{src}: seeds: {seeds} replicates from {key} "
+                                  f"{fixed.get(key, 0)} reach {key} {top}, over the limit "
+                                  f"{2**31 - 1}; lower fixed.{key} or seeds")
     # batched seeds pay off on a GPU; on CPU-only trials they measured no faster than lockstep
     batching = data.get("seed_batching", "vmap" if gpu > 0 else "lockstep")
     _expect(batching in SEED_BATCHING, f"{src}: seed_batching: {batching!r}; valid: "
@@ -306,14 +489,14 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
                                     f"levels; write {{type: {p.kind}, values: [...]}} instead of "
                                     "a low/high range")
     space = SweepSpec(
-        name=str(data.get("name") or default_name), path=src, text=text, fixed=fixed,
+        name=sweep_name or default_name, path=src, text=text, fixed=fixed,
         params=tuple(params), constraints=tuple(cons_raw), epochs=epochs, grace_period=grace,
-        reduction_factor=rf, seeds=_int(src, "seeds", data.get("seeds", 1), 1),
+        reduction_factor=rf, seeds=seeds,
         objectives=objectives, searcher=searcher,
         searcher_seed=_int(src, "searcher_seed", data.get("searcher_seed", 0), 0),
         num_trials=_int(src, "num_trials", data.get("num_trials", 8), 1),
         max_concurrent=_int(src, "max_concurrent", data.get("max_concurrent", 2), 1),
-        cpu=cpu, gpu=gpu, description=str(data.get("description", "")), design=design,
+        cpu=cpu, gpu=gpu, description=description, design=design,
         design_fraction=fraction, design_bases=bases, min_effect=min_effect,
         min_trials=min_trials, vary_data_seed=vary, seed_batching=batching)
     _check_feasible(space)
@@ -389,7 +572,7 @@ def _feasible_points(space: SweepSpec, points: list[dict[str, Any]]
     """The points that can run, how many were dropped and the first reason."""
     kept, dropped, why = [], 0, None
     for p in points:
-        reason = infeasible(space, p)
+        reason = infeasible(space, p, strict=True)
         if reason is None:
             kept.append(p)
         else:
@@ -414,7 +597,8 @@ def _factorial(space: SweepSpec) -> tuple[list[dict[str, Any]], str]:
     _expect(bool(points), f"{src}: design: no point of the factorial grid can run (e.g. {why}); "
                           "change the levels or relax the constraints")
     for p in space.params:
-        missing = [v for v in p.levels if all(pt[p.name] != v for pt in points)]
+        present = {pt[p.name] for pt in points}
+        missing = [v for v in p.levels if v not in present]
         _expect(not missing, f"{src}: params.{p.name}: level {missing[0] if missing else ''!r} "
                              f"is in no feasible grid point (e.g. {why}); remove it")
     rng = random.Random(space.searcher_seed)
@@ -437,13 +621,28 @@ def _factorial(space: SweepSpec) -> tuple[list[dict[str, Any]], str]:
 
 
 def _cover(space: SweepSpec, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Greedily, points (in their order) that together hold every level of every param."""
+    """Greedily, points (in their order) that together hold every level of every param: at
+    each step the first point holding the most levels not yet held. Each point's count is
+    kept up to date as levels get held (linear in the grid, not quadratic)."""
+    import numpy as np
+
     todo = {(p.name, v) for p in space.params for v in p.levels}
+    holders: dict[tuple[str, Any], list[int]] = {}
+    for i, pt in enumerate(points):
+        for kv in pt.items():
+            if kv in todo:
+                holders.setdefault(kv, []).append(i)
+    gain = np.array([sum(kv in todo for kv in pt.items()) for pt in points], dtype=np.int64)
     cover: list[dict[str, Any]] = []
     while todo:
-        best = max(points, key=lambda pt: sum((k, v) in todo for k, v in pt.items()))
-        cover.append(best)
-        todo -= set(best.items())
+        i = int(np.argmax(gain))  # the first of the largest, as max() over the points
+        if gain[i] == 0:  # a level no point holds (refused before this is called)
+            break
+        cover.append(points[i])
+        for kv in points[i].items():
+            if kv in todo:
+                todo.discard(kv)
+                gain[holders[kv]] -= 1
     return cover
 
 
@@ -451,13 +650,17 @@ def _one_at_a_time(space: SweepSpec) -> tuple[list[dict[str, Any]], str]:
     """`bases` distinct feasible base configurations drawn at random from the levels, each
     followed by its variations: one param set to each of its other levels, the rest held."""
     src, bases = space.path, space.design_bases or 1
+    per = sum(len(p.levels) - 1 for p in space.params)
+    _expect(bases * (1 + per) <= MAX_GRID,
+            f"{src}: design: {bases} bases x (1 + {per} variations) = {bases * (1 + per)} "
+            f"points, over {MAX_GRID}; use fewer bases or levels")
     rng = random.Random(space.searcher_seed)
     drawn: list[dict[str, Any]] = []
     for _ in range(1000 + 100 * bases):
         if len(drawn) == bases:
             break
         base = {p.name: rng.choice(p.levels) for p in space.params}
-        if base not in drawn and infeasible(space, base) is None:
+        if base not in drawn and infeasible(space, base, strict=True) is None:
             drawn.append(base)
     _expect(len(drawn) == bases, f"{src}: design.bases: only {len(drawn)} distinct feasible "
                                  f"base configurations found; use bases <= {len(drawn)}")
@@ -467,22 +670,19 @@ def _one_at_a_time(space: SweepSpec) -> tuple[list[dict[str, Any]], str]:
         grid.extend({**base, p.name: v} for p in space.params for v in p.levels
                     if v != base[p.name])
     points, dropped, why = _feasible_points(space, grid)
-    per = sum(len(p.levels) - 1 for p in space.params)
     return points, (f"{bases} bases x (1 + {per} one-param variations) = {len(grid)} points"
                     + _dropped(dropped, why))
 
 
 def _int(src: str, key: str, v: Any, minimum: int) -> int:
+    """An integer >= minimum and, for the keys of LIMITS, <= its limit."""
     _expect(isinstance(v, int) and not isinstance(v, bool),
-            f"{src}: {key}: expected an integer, got {v!r}")
+            f"{src}: {key}: expected an integer, got {_short(v)}")
     _expect(v >= minimum, f"{src}: {key}: must be >= {minimum}, got {v}")
+    top = LIMITS.get(key)
+    _expect(top is None or v <= top, f"{src}: {key}: {_short(v, 30)} exceeds the limit {top}; "
+                                     "choose a smaller value")
     return v
-
-
-def _num(src: str, key: str, v: Any) -> float:
-    _expect(isinstance(v, (int, float)) and not isinstance(v, bool),
-            f"{src}: {key}: expected a number, got {v!r}")
-    return float(v)
 
 
 def _objectives(src: str, raw: Any) -> tuple[tuple[str, str], ...]:
@@ -511,7 +711,7 @@ def _check_feasible(space: SweepSpec, tries: int = 2000) -> None:
     rng = random.Random(0)
     first = None
     for _ in range(tries):
-        reason = infeasible(space, space.sample(rng))
+        reason = infeasible(space, space.sample(rng), strict=True)
         if reason is None:
             return
         first = first or reason

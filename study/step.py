@@ -2,11 +2,16 @@
 benchmarks and the model contract tests all run.
 
 The step never waits for the host: the divergence flag and the grad-norm sum are device tensors
-held in `TrainState` and read once per epoch.
+held in `TrainState` and read once per epoch. How it runs is chosen once per trial
+(`resolve_step_mode`, the config's `step_mode`): `eager`; `graph`, the whole step (forward, loss,
+backward, clipping, AdamW, divergence flag) captured in one CUDA graph per batch shape and
+replayed; `compile`, the model's forward and backward through `torch.compile`. All three
+compute the same step (tests/test_step_modes.py).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +24,8 @@ from study.config import TrialConfig
 from study.device import autocast
 from study.model import AttentionModel, AttnStats
 from study.tasks.base import IGNORE
+
+log = logging.getLogger(__name__)
 
 
 def lr_lambda(total: int, warmup_frac: float) -> Callable[[int], float]:
@@ -34,26 +41,35 @@ def lr_lambda(total: int, warmup_frac: float) -> Callable[[int], float]:
 
 
 def make_optimizer(
-    model: AttentionModel, cfg: TrialConfig, total_steps: int
+    model: AttentionModel, cfg: TrialConfig, total_steps: int, capturable: bool = False
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with weight decay on matrices only (not on biases, norm weights or gains) and its
-    warmup + cosine schedule over `total_steps`. Build it after the model is on its device."""
+    warmup + cosine schedule over `total_steps`. Build it after the model is on its device.
+    `capturable`: the step may be captured in a CUDA graph (the learning rate is then a device
+    tensor that the schedule fills in place)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return adamw(decay, no_decay, cfg, total_steps)
+    return adamw(decay, no_decay, cfg, total_steps, capturable)
 
 
 def adamw(
     decay: Sequence[torch.Tensor], no_decay: Sequence[torch.Tensor], cfg: TrialConfig,
-    total_steps: int,
+    total_steps: int, capturable: bool = False,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """`make_optimizer` over given tensors: weight decay on `decay` only (`study.replicas`
     passes parameters stacked over replicates, whose matrices it picks itself)."""
-    fused = [*decay, *no_decay][0].device.type == "cuda"
+    device = [*decay, *no_decay][0].device
+    lr: float | torch.Tensor = torch.tensor(cfg.lr, device=device) if capturable else cfg.lr
     opt = torch.optim.AdamW([{"params": list(decay), "weight_decay": cfg.weight_decay},
-                             {"params": list(no_decay), "weight_decay": 0.0}], lr=cfg.lr,
-                            betas=(0.9, 0.98), fused=fused)
+                             {"params": list(no_decay), "weight_decay": 0.0}], lr=lr,
+                            betas=(0.9, 0.98), fused=device.type == "cuda",
+                            capturable=capturable)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_frac))
+    if capturable and opt.param_groups[0]["lr"] is not lr:
+        # torch < 2.4 replaces a tensor learning rate at each schedule step, so a captured
+        # step would keep the rate it was captured with
+        raise RuntimeError("this torch's LR schedulers do not update a tensor learning rate "
+                           "in place; use step_mode eager (or torch >= 2.5)")
     return opt, sched
 
 
@@ -68,21 +84,65 @@ def trial_loss(
     is given). Per-token `logits` `(B, T, C)` with `y` `(B, T)` count labelled positions only.
     """
     logits = logits.float()
-    if y.dim() == 2:
-        keep = y != IGNORE
-        logits, y = logits[keep], y[keep]  # (N, C), (N,)
-    loss = F.cross_entropy(logits + adjust, y, label_smoothing=cfg.label_smoothing)
-    if cfg.z_loss > 0:  # keeps the softmax normalizer near 1
-        loss = loss + cfg.z_loss * torch.logsumexp(logits, -1).pow(2).mean()
+    if y.dim() == 2:  # (B, T, C), (B, T) -> (B*T, C), (B*T,): no boolean indexing, so the
+        # step keeps static shapes (CUDA graphs); unlabelled positions are ignored
+        logits, y = logits.flatten(0, 1), y.flatten()
+    keep = y != IGNORE  # (N,)
+    loss = F.cross_entropy(logits + adjust, y, ignore_index=IGNORE,
+                           label_smoothing=cfg.label_smoothing)
+    if cfg.z_loss > 0:  # keeps the softmax normalizer near 1 (unlabelled positions: none)
+        z = torch.where(keep, torch.logsumexp(logits, -1).pow(2), 0.0)
+        loss = loss + cfg.z_loss * z.sum() / keep.sum()
     if stats is not None and cfg.attn_entropy_reg > 0:
         loss = loss + cfg.attn_entropy_reg * stats.entropy.float().mean()
     return loss
 
 
+def graph_blocker(cfg: TrialConfig, device: torch.device) -> str | None:
+    """Why a config's step cannot be captured in a CUDA graph on `device` (None: it can)."""
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if cfg.length_mode == "bucket":
+        return "length_mode bucket trims every batch to its own length (no static shapes)"
+    if cfg.arch == "lstm_attention":
+        return "arch lstm_attention: cuDNN's LSTM step is not captured"
+    return None
+
+
+def resolve_step_mode(cfg: TrialConfig, device: torch.device) -> tuple[str, str | None]:
+    """The mode a trial's steps run in (`eager`, `graph` or `compile`) and why it differs from
+    the config's `step_mode` (None when it does not, or when `auto` chose).
+
+    `auto` takes the fastest that works: a CUDA graph where the step can be captured, else
+    eager (on the CPU `compile` measured no faster than eager and costs ~30 s of compilation
+    per configuration, see the README's performance table)."""
+    why = graph_blocker(cfg, device)
+    if cfg.step_mode == "auto":
+        return ("graph" if why is None else "eager"), None
+    if cfg.step_mode == "graph" and why is not None:
+        return "eager", f"step_mode graph falls back to eager: {why}"
+    return cfg.step_mode, None
+
+
+GRAPH_WARMUP = 3  # eager steps (on a side stream) before the first capture: lazy CUDA state
+
+
+@dataclass
+class _Graph:
+    """One captured step for one batch shape: its static inputs and loss."""
+
+    graph: Any
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    loss: torch.Tensor
+
+
 @dataclass
 class TrainState:
     """What a training step reads and updates: the model, its optimizer and schedule, the loss
-    settings (`cfg` and the logit adjustment) and device-side accumulators of the epoch."""
+    settings (`cfg` and the logit adjustment), device-side accumulators of the epoch and how
+    the step runs (`mode`: `eager`, `graph` or `compile`, see `resolve_step_mode`)."""
 
     model: AttentionModel
     opt: torch.optim.Optimizer
@@ -91,24 +151,49 @@ class TrainState:
     adjust: torch.Tensor | float = 0.0  # (C,) added to the training logits, see `trial_loss`
     stats: bool | None = None  # explicit softmax path; None: when the entropy regulariser needs it
     step: int = 0  # optimizer steps taken so far
+    mode: str = "eager"
     device: torch.device = field(init=False)
     gn_sum: torch.Tensor = field(init=False)  # () sum of finite grad norms this epoch
     first_bad: torch.Tensor = field(init=False)  # () first step with a non-finite loss/grad, or -1
+    step_t: torch.Tensor = field(init=False)  # () `step` on the device (captured steps count it)
+    forward: Callable[..., Any] = field(init=False)  # the model, or its compiled forward
+    graphs: dict[tuple, _Graph] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.stats is None:
             self.stats = self.cfg.attn_entropy_reg > 0
         self.device = next(self.model.parameters()).device
-        self.start_epoch()
+        self.gn_sum = torch.zeros((), device=self.device)
+        self.first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        self.step_t = torch.zeros((), device=self.device, dtype=torch.long)
+        self.forward = self.model
+        if self.mode == "compile":  # CUDA: CUDA graphs inside compiled regions as well
+            self.forward = torch.compile(
+                self.model, dynamic=False,
+                mode="reduce-overhead" if self.device.type == "cuda" else None)
+        elif self.mode == "graph" and graph_blocker(self.cfg, self.device) is not None:
+            raise ValueError(f"step mode graph: {graph_blocker(self.cfg, self.device)}")
 
     @property
     def clip(self) -> float:
         return self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
 
     def start_epoch(self) -> None:
-        """Reset the per-epoch accumulators (the step count runs on across epochs)."""
-        self.gn_sum = torch.zeros((), device=self.device)
-        self.first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        """Reset the per-epoch accumulators in place (captured steps hold their addresses;
+        the step count runs on across epochs)."""
+        self.gn_sum.zero_()
+        self.first_bad.fill_(-1)
+
+
+def train_state(model: AttentionModel, cfg: TrialConfig, total_steps: int,
+                adjust: torch.Tensor | float = 0.0, stats: bool | None = None
+                ) -> tuple[TrainState, str | None]:
+    """The optimizer, schedule and `TrainState` of `model` (on its device) for `total_steps`,
+    stepping as `cfg.step_mode` resolves; also the fallback reason (`resolve_step_mode`)."""
+    device = next(model.parameters()).device
+    mode, why = resolve_step_mode(cfg, device)
+    opt, sched = make_optimizer(model, cfg, total_steps, capturable=mode == "graph")
+    return TrainState(model, opt, sched, cfg, adjust=adjust, stats=stats, mode=mode), why
 
 
 def train_step(
@@ -117,26 +202,92 @@ def train_step(
     """Forward, `trial_loss`, backward, clip, optimizer and schedule step; returns the loss.
 
     A non-finite loss or grad norm records its step (1-based) in `state.first_bad` on the device;
-    the step still runs, and the caller stops the trial when it reads the flag.
+    the step still runs, and the caller stops the trial when it reads the flag. In `graph` mode
+    the whole step but the schedule (a device-side fill of the learning rate) replays one CUDA
+    graph per batch shape, captured after `GRAPH_WARMUP` eager steps.
     """
-    model = state.model
+    if state.mode == "graph":
+        if state.step >= GRAPH_WARMUP:
+            return _replay(state, x, y, mask)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            loss = _eager_step(state, x, y, mask)
+        torch.cuda.current_stream().wait_stream(side)
+        return loss
+    return _eager_step(state, x, y, mask)
+
+
+def _eager_step(
+    state: TrainState, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     with autocast(state.device):
-        logits, st = model(x, mask, stats=state.stats)
+        logits, st = state.forward(x, mask, stats=state.stats)
     loss = trial_loss(logits, y, st, state.cfg, state.adjust)
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), state.clip)
+    gn = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.clip)
     return apply_step(state, loss, gn)
 
 
+def _captured_step(
+    state: TrainState, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """What one CUDA graph holds: every operation in place on tensors that outlive it (the
+    gradients already exist, so backward accumulates into them after zeroing)."""
+    state.opt.zero_grad(set_to_none=False)
+    with autocast(state.device):
+        logits, st = state.model(x, mask, stats=state.stats)
+    loss = trial_loss(logits, y, st, state.cfg, state.adjust)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.clip)
+    bad = ~(torch.isfinite(loss) & torch.isfinite(gn))
+    state.step_t.add_(1)
+    state.first_bad.copy_(torch.where(bad & (state.first_bad < 0), state.step_t,
+                                      state.first_bad))
+    state.gn_sum.add_(torch.nan_to_num(gn, nan=0.0, posinf=0.0))
+    state.opt.step()
+    return loss.detach()
+
+
+def _replay(state: TrainState, x: torch.Tensor, y: torch.Tensor,
+            mask: torch.Tensor) -> torch.Tensor:
+    key = (tuple(x.shape), tuple(y.shape), tuple(mask.shape))
+    g = state.graphs.get(key)
+    if g is None:  # the first batch of this shape: capture (nothing runs) then replay
+        sx, sy, sm = x.clone(), y.clone(), mask.clone()
+        state.step_t.fill_(state.step)
+        torch.cuda.synchronize(state.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                loss = _captured_step(state, sx, sy, sm)
+        except Exception as e:  # something in this config cannot be captured: eager from now
+            log.warning("step_mode graph falls back to eager at step %d: %s: %s",
+                        state.step + 1, type(e).__name__, str(e).splitlines()[0][:200])
+            state.mode, state.graphs = "eager", {}
+            torch.cuda.synchronize(state.device)
+            return _eager_step(state, x, y, mask)
+        g = state.graphs[key] = _Graph(graph, sx, sy, sm, loss)
+    else:
+        g.x.copy_(x)
+        g.y.copy_(y)
+        g.mask.copy_(mask)
+    g.graph.replay()
+    state.sched.step()
+    state.step += 1
+    return g.loss.clone()  # the graph's own loss tensor is overwritten by the next replay
+
+
 def apply_step(state: Any, loss: torch.Tensor, gn: torch.Tensor) -> torch.Tensor:
-    """The end of a step once gradients are clipped (`gn`: the norm(s) before clipping, one
-    per replicate when batched): the divergence flag (first bad step, kept on the device, no
-    host sync), the grad-norm sum, the optimizer and the schedule. `state` holds opt, sched,
+    """The end of an eager step once gradients are clipped (`gn`: the norm(s) before clipping,
+    one per replicate when batched): the divergence flag (first bad step, kept on the device,
+    no host sync), the grad-norm sum, the optimizer and the schedule. `state` holds opt, sched,
     step, first_bad and gn_sum (a `TrainState`, or the batched replicas)."""
     bad = ~(torch.isfinite(loss) & torch.isfinite(gn))
-    state.first_bad = torch.where(bad & (state.first_bad < 0), state.step + 1, state.first_bad)
-    state.gn_sum += torch.nan_to_num(gn, nan=0.0, posinf=0.0)
+    state.first_bad.copy_(torch.where(bad & (state.first_bad < 0), state.step + 1,
+                                      state.first_bad))
+    state.gn_sum.add_(torch.nan_to_num(gn, nan=0.0, posinf=0.0))
     state.opt.step()
     state.sched.step()
     state.step += 1

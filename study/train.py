@@ -9,6 +9,7 @@ sweep's seed replicates) and still match a trial run alone.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -24,9 +25,11 @@ from study.config import TrialConfig
 from study.device import resolve_device
 from study.evaluation import epoch_metrics, robustness_metrics
 from study.model import AttentionModel, SqueezeExcite, build_model
-from study.step import TrainState, make_optimizer, train_step
+from study.step import train_state, train_step
 from study.tasks import get_task
 from study.tasks.base import IGNORE, TaskData
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -150,10 +153,12 @@ def run_trial(cfg: TrialConfig, data: TaskData | None = None) -> Iterator[EpochR
     flops = flops_per_sample(model, cfg, data)  # a constant of the config: computed once
     train = data.train.to(device)
     lengths = data.train.lengths().numpy()
-    opt, sched = make_optimizer(model, cfg, cfg.epochs * math.ceil(len(train) / cfg.batch_size))
     log_prior = class_prior(data).clamp_min(1e-12).log().to(device)
     # Menon et al. 2020: train on logits + tau log pi
-    state = TrainState(model, opt, sched, cfg, adjust=cfg.logit_adjust_tau * log_prior)
+    state, why = train_state(model, cfg, cfg.epochs * math.ceil(len(train) / cfg.batch_size),
+                             adjust=cfg.logit_adjust_tau * log_prior)
+    if why is not None:
+        log.info(why)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         state.start_epoch()

@@ -6,7 +6,8 @@ seed-mean of every metric (the searcher and ASHA act on it), `<name>_seed_std` a
 values `seed_<k>/<name>`. Replicate k uses `seed + k`, and with `vary_data_seed` also
 `data_seed + k` (its own generated data, split and test set, so the spread across seeds includes
 test-set sampling noise). The last report of a trial that ends by itself carries its outcome
-(completed, diverged or error); a trial stopped by ASHA never sends one.
+(completed, diverged or error); a trial stopped by ASHA never sends one. The first report of
+each attempt also says where it runs (`node_info`: node, host, device, worker pid).
 
 How the replicates train (`batching`, the space's `seed_batching`): `vmap` trains them as one
 batched computation (`study.replicas`: stacked parameters, `torch.vmap`), falling back to
@@ -23,7 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from study.records import SEED_BATCHING, Outcome, TrialReport, completed_message, seed_metric
+from study.records import (
+    SEED_BATCHING,
+    TAG_DEVICE,
+    TAG_HOSTNAME,
+    TAG_NODE_ID,
+    TAG_WORKER_PID,
+    Outcome,
+    TrialReport,
+    completed_message,
+    seed_metric,
+)
 
 if TYPE_CHECKING:
     from study.config import TrialConfig
@@ -131,12 +142,54 @@ def trial_threads(cpus: float | None = None) -> int | None:
     return n
 
 
+def gpu_memory_cap(gpu: float | None) -> float | None:
+    """Cap this process's share of its GPU's memory at the trial's fraction `gpu` (Ray's
+    fractional GPUs share a device but not its memory: without the cap one packed trial can
+    take what the others need). Returns the fraction set, or None (no CUDA, or a whole GPU)."""
+    import torch
+
+    if gpu is None or not 0 < gpu < 1 or not torch.cuda.is_available():
+        return None
+    torch.cuda.set_per_process_memory_fraction(gpu)
+    return gpu
+
+
+def node_info(config: dict[str, Any]) -> dict[str, str]:
+    """Where this attempt runs (`NODE_TAGS`): Ray's node id, the host, the device the trial
+    trains on ("CPU" or the GPU's name) and this worker's pid."""
+    import os
+    import socket
+
+    import torch
+
+    info = {TAG_HOSTNAME: socket.gethostname(), TAG_WORKER_PID: str(os.getpid()),
+            TAG_NODE_ID: "unknown", TAG_DEVICE: "CPU"}
+    try:
+        import ray
+        info[TAG_NODE_ID] = str(ray.get_runtime_context().get_node_id())
+    except Exception:  # not inside Ray
+        pass
+    try:
+        from study.config import make_config
+        from study.device import resolve_device
+        device = resolve_device(make_config(config))
+    except Exception:  # a bad config: the trial reports its own error
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        info[TAG_DEVICE] = torch.cuda.get_device_name(device)
+    return info
+
+
 def trainable(config: dict[str, Any], seeds: int = 1, vary_data_seed: bool = False,
-              seed_batching: str = "vmap", cpus: float | None = None) -> None:
+              seed_batching: str = "vmap", cpus: float | None = None,
+              gpu: float | None = None) -> None:
     """Entry point run by Ray Tune workers (`tune.with_parameters` passes the space's `seeds`,
-    `vary_data_seed`, `seed_batching` and the trial's `cpus`)."""
+    `vary_data_seed`, `seed_batching`, the trial's `cpus` and its GPU fraction `gpu`)."""
     from ray import tune
 
     trial_threads(cpus)
+    gpu_memory_cap(gpu)
+    node = node_info(config)
     for report in lockstep(config, seeds, vary_data_seed, seed_batching):
+        report.node, node = node, {}  # where it runs: in the attempt's first report only
         tune.report(report.to_ray())

@@ -36,6 +36,16 @@ def on_free_port(start: Callable[[int], T | None], attempts: int = PORT_ATTEMPTS
     raise RuntimeError(f"no server came up on a free port in {attempts} attempts")
 
 
+def answers_health(port: int) -> bool:
+    """Whether an MLflow server on 127.0.0.1:`port` answers its `/health` with 200."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
 def stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     """Stop a process started with `start_new_session=True` and everything in its process
     group (SIGTERM, then SIGKILL): only what the test started, never by name."""

@@ -104,3 +104,30 @@ def test_textbook_attention_matches_sdpa(mask_kind: str) -> None:
     assert torch.allclose(ours, book, atol=1e-5)
     assert math.isclose(float(textbook_attention(q, k, v).sum()),
                         float(F.scaled_dot_product_attention(q, k, v).sum()), rel_tol=1e-4)
+
+
+def test_mfu_formula_and_peaks() -> None:
+    """6N + 12 L d T per token; a device reaching its peak with those FLOPs has MFU 1."""
+    from benchmarks.gpu import GPT2_SMALL, flops_per_token, mfu, peak_flops
+
+    g = GPT2_SMALL
+    per_tok = flops_per_token(85e6, g["n_layers"], g["d_model"], g["seq_len"])
+    assert per_tok == 6 * 85e6 + 12 * 12 * 768 * 1024
+    assert mfu(989e12 / per_tok, 85e6, 12, 768, 1024, 989e12) == pytest.approx(1.0)
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("Some CPU") is None
+
+
+def test_todays_path_is_eager_and_lockstep() -> None:
+    import yaml
+
+    from benchmarks.sweeps import DEFAULT_SPACE, todays_path
+    from study.spaces import parse_space
+
+    spec = parse_space(todays_path(DEFAULT_SPACE.read_text()), "today.yaml")
+    assert spec.seed_batching == "lockstep" and spec.fixed["step_mode"] == "eager"
+    base = yaml.safe_load(DEFAULT_SPACE.read_text())
+    assert spec.params == parse_space(DEFAULT_SPACE.read_text(), "d.yaml").params
+    assert base["fixed"].items() <= spec.fixed.items()

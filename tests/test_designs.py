@@ -337,7 +337,7 @@ def test_the_trainable_gets_the_vary_data_seed_flag(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(tune, "with_resources", lambda fn, res: fn)
     _trainable(space("seeds: 3\n"))
     assert seen == {"seeds": 3, "vary_data_seed": True, "seed_batching": "lockstep",
-                    "cpus": 1.0}
+                    "cpus": 1.0, "gpu": 0.0}
     _trainable(space("vary_data_seed: false\n"))
     assert seen["vary_data_seed"] is False
 

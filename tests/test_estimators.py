@@ -4,8 +4,10 @@ hold their error rates. Stores are seeded simulations written through the projec
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -126,6 +128,28 @@ def _synthetic(rng: np.random.Generator, n_trials: int, effects: dict[str, dict[
     return pd.DataFrame(rows)
 
 
+def _contrast_sweep(job: tuple[int, pd.DataFrame]) -> pd.DataFrame:
+    rep, t = job
+    return effects_table(t, ["a", "b", "c"], ["m"], n_boot=300, seed=rep)
+
+
+def _null_sweep(job: tuple[int, pd.DataFrame]) -> pd.DataFrame:
+    rep, t = job
+    return effects_table(t, ["a", "b", "c", "d"], ["m1", "m2", "m3"], n_boot=200, seed=rep,
+                         min_effect={"m1": 0.005, "m2": 0.005, "m3": 0.005})
+
+
+def _in_parallel(fn: Any, jobs: list) -> list:
+    """`fn` over `jobs` on every core (forked workers; the same results as a loop: each job
+    carries its own data and bootstrap seed)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
+        return list(ex.map(fn, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+
+
 @pytest.mark.slow
 def test_contrast_intervals_cover_the_truth() -> None:
     """Over 200 synthetic sweeps the 95% trial-bootstrap interval of each contrast covers its
@@ -136,9 +160,8 @@ def test_contrast_intervals_cover_the_truth() -> None:
     truth = {("a", lv): v - np.mean([w for k, w in effects["a"].items() if k != lv])
              for lv, v in effects["a"].items()}
     hits, total = 0, 0
-    for rep in range(200):
-        t = _synthetic(rng, 40, effects, ["m"])
-        e = effects_table(t, ["a", "b", "c"], ["m"], n_boot=300, seed=rep)
+    tables = [_synthetic(rng, 40, effects, ["m"]) for _ in range(200)]
+    for e in _in_parallel(_contrast_sweep, list(enumerate(tables))):
         for r in e[e.param == "a"].itertuples():
             total += 1
             hits += r.contrast_low <= truth[("a", r.level)] <= r.contrast_high
@@ -152,12 +175,9 @@ def test_global_null_rarely_calls_an_effect() -> None:
     call stays within 5% (plus Monte Carlo error)."""
     rng = np.random.default_rng(2)
     effects = {p: {"l0": 0.0, "l1": 0.0, "l2": 0.0} for p in ("a", "b", "c", "d")}
-    any_effect = 0
-    for rep in range(100):
-        t = _synthetic(rng, 40, effects, ["m1", "m2", "m3"])
-        e = effects_table(t, list(effects), ["m1", "m2", "m3"], n_boot=200, seed=rep,
-                          min_effect={"m1": 0.005, "m2": 0.005, "m3": 0.005})
-        any_effect += bool((e.call == "effect").any())
+    tables = [_synthetic(rng, 40, effects, ["m1", "m2", "m3"]) for _ in range(100)]
+    any_effect = sum(bool((e.call == "effect").any())
+                     for e in _in_parallel(_null_sweep, list(enumerate(tables))))
     assert any_effect / 100 <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / 100), any_effect
 
 

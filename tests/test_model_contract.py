@@ -112,7 +112,7 @@ def prefix_mask(T: int, lengths=LENGTHS) -> torch.Tensor:
 
 
 # categorical fields read by the tasks or the training loop, not by the model
-NOT_MODEL_FIELDS = ("task", "length_mode", "tokenizer", "device")
+NOT_MODEL_FIELDS = ("task", "length_mode", "tokenizer", "device", "step_mode")
 FREE_TEXT_FIELDS = ("data_path", "text_column", "label_column")
 
 

@@ -214,3 +214,11 @@ def test_every_searcher_runs_a_real_sweep(ray_session, tmp_path: Path, searcher:
     told = [t for t in study.trials if t.state in (State.COMPLETE, State.PRUNED)]
     assert len(told) == 3 and not any(t.state == State.RUNNING for t in study.trials)
     assert len(study.directions) == len(spec.objectives)
+
+
+@pytest.mark.parametrize("n,want", [pytest.param(8, 3, id="small"), pytest.param(16, 3, id="16"),
+                                    pytest.param(30, 6, id="30"),
+                                    pytest.param(400, 10, id="large")])
+def test_tpe_startup_is_a_fifth_of_the_budget_within_bounds(n, want):
+    from study.sweep.searcher import tpe_startup
+    assert tpe_startup(n) == want

@@ -1,6 +1,7 @@
 """End to end on CPU with real Ray, real Optuna and real MLflow (SQLite in a temp dir)."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,13 @@ def test_smoke_sweep_end_to_end(cli, tmp_path: Path) -> None:
     res = cli(*sweep_args(tmp_path, SMOKE, "smoke_e2e"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "study ui" in res.stderr and "4/4 trials" in res.stderr
+    # the progress a user reads (tests/test_secrets.py checks it on its sweep in more detail):
+    # what starts, before any trial finished; an ETA; nothing running at the end
+    lines = res.stderr.splitlines()
+    progress = [ln for ln in lines if re.match(r"\[\d/4\] elapsed ", ln)]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("sweep smoke_e2e: 4 trials"))
+    assert len(progress) == 4 and start < lines.index(progress[0]), res.stderr[-3000:]
+    assert "ETA ~" in progress[0] and "running 0," in progress[-1], res.stderr[-3000:]
     client, parents, children = runs_of(tmp_path / "mlflow.db", "smoke_e2e")
     assert len(parents) == 1 and len(children) == 4
     exp = client.get_experiment_by_name("smoke_e2e")
@@ -134,6 +142,9 @@ def test_failing_trial_is_recorded_and_sweep_continues(cli, tmp_path: Path) -> N
     for r in children:
         by_patch.setdefault(r.data.params["patch_size"], []).append(r)
     assert set(by_patch) == {"4", "128"}, "the seeded sampler must draw both values"
+    # a failed trial's progress line says why, in short
+    assert re.search(r"^\[\d/5\] .* error: .*patch_size.* \| running \d, early-stopped 0, "
+                     r"failed [1-5]", res.stderr, re.M), res.stderr[-3000:]
     for r in by_patch["128"]:
         assert r.info.status == "FAILED" and r.data.tags["stop_reason"] == "error"
         assert "patch_size" in r.data.tags["stop_message"]
@@ -171,17 +182,35 @@ def test_interrupted_sweep_resumes_without_loss_or_repeats(cli, tmp_path: Path, 
                     + (proc.stdout.read() if proc.stdout else "")[-4000:])
     proc.send_signal(sig)
     proc.wait(timeout=120)
+    if sig == signal.SIGINT:  # Ctrl-C: one line saying how to go on, exit 130, no traceback
+        out = proc.stdout.read() if proc.stdout else ""
+        assert proc.returncode == 130, out[-3000:]
+        assert re.search(r"^\[\d/6\] elapsed ", out, re.M) and "Traceback" not in out, out
+        assert out.count("interrupted: continue with `study resume resumable") == 1, out
     _, _, children = runs_of(db, "resumable")
-    done = {r.data.tags["ray_trial_id"] for r in children if r.data.tags.get("stop_reason")}
+    done = {r.data.tags["ray_trial_id"] for r in children
+            if r.data.tags.get("stop_reason") not in (None, "interrupted")}
     assert finished_before <= done and len(done) < 6
+    if sig == signal.SIGINT:  # Ctrl-C closes the runs it cut short as interrupted
+        assert all(r.data.tags.get("stop_reason") for r in children)
     meta = json.loads((tmp_path / "ray" / "resumable" / "study.json").read_text())
     assert meta["num_trials"] == 6
     res = cli("resume", "resumable", "--storage", str(tmp_path / "ray"))
     assert res.returncode == 0, res.stderr[-3000:]
-    _, parents, children = runs_of(db, "resumable")
+    progress = [ln for ln in res.stderr.splitlines() if re.match(r"\[\d/6\] ", ln)]
+    assert progress[-1].startswith("[6/6]") and "running 0," in progress[-1], res.stderr
+    _, parents, runs = runs_of(db, "resumable")
+    # the runs of attempts the interruption cut short are kept (nothing deletes a run), marked
+    # interrupted, and the new run of their restarted trial links to them (tests/test_faults.py)
+    cut = [r for r in runs if r.data.tags.get("stop_reason") == "interrupted"]
+    children = [r for r in runs if r not in cut]
+    assert all(r.info.status == "KILLED" for r in cut)
+    linked = {r.data.tags.get("retry_of") for r in children}
+    assert all(r.info.run_id in linked for r in cut  # unless Ray's saved state never knew it
+               if "does not know the trial" not in r.data.tags["stop_message"])
     ids = [r.data.tags["ray_trial_id"] for r in children]
     assert len(ids) == 6 and len(set(ids)) == 6  # exactly the requested trials, no duplicates
-    assert done <= set(ids)  # finished trials were kept
+    assert finished_before <= set(ids)  # finished trials were kept
     assert all(r.data.tags.get("stop_reason") in ("completed", "early_stopped") for r in children)
     assert parents[0].info.status == "FINISHED"
     before = {r.data.tags["ray_trial_id"]: r.info.end_time for r in children

@@ -157,8 +157,9 @@ def test_callback_logs_every_epoch_once_per_seed(store) -> None:
     assert run.data.tags["mlflow.note.content"] == "early_stopped: stopped by ASHA at epoch 3"
 
 
-def test_callback_replaces_the_run_of_a_retried_trial(store) -> None:
-    """Ray restarts a retried trial from epoch 1: a fresh run, never two points per epoch."""
+def test_callback_gives_a_retried_trial_a_new_linked_run(store) -> None:
+    """Ray restarts a retried trial from epoch 1: a new run, never two points per epoch; the
+    failed attempt's run is kept, marked interrupted, and linked from the new one."""
     from study.records import SweepSpec, TrialReport
     from study.sweep.callbacks import TrackingCallback
 
@@ -173,5 +174,12 @@ def test_callback_replaces_the_run_of_a_retried_trial(store) -> None:
     cb.on_trial_recover(0, [trial], trial)
     cb.on_trial_start(0, [trial], trial)  # Ray starts the trial again: the new run is kept
     cb.on_trial_result(0, [trial], trial, dict(first))
-    assert cb.runs["t1"] != old and tr.client.get_run(old).info.lifecycle_stage == "deleted"
-    assert [m.step for m in tr.client.get_metric_history(cb.runs["t1"], "val_acc")] == [1]
+    new = cb.runs["t1"]
+    assert new != old and tr.client.get_run(old).info.lifecycle_stage == "active"
+    assert [m.step for m in tr.client.get_metric_history(new, "val_acc")] == [1]
+    assert [m.step for m in tr.client.get_metric_history(old, "val_acc")] == [1]
+    before = tr.client.get_run(old)
+    assert before.info.status == "KILLED" and before.data.tags["stop_reason"] == "interrupted"
+    assert tr.client.get_run(new).data.tags["retry_of"] == old
+    assert tr.client.get_run(new).data.tags["retries"] == "1"
+    assert set(tr.children(pid)) == {"t1"} and tr.children(pid)["t1"].run_id == new

@@ -1,0 +1,120 @@
+"""GPU-only measurements: model FLOP utilization (MFU) and packed trials through Ray.
+
+- `mfu_gpt2_small`: a GPT-2-small-sized configuration of this project's model (d_model 768,
+  12 layers, 12 heads, d_ff 3072, T = 1024 token inputs, a 50257-way per-token head) trained
+  with bf16 autocast and `step_mode: compile`: tokens/s x (6N + 12 L d T) over the device's
+  dense bf16 peak (`PEAK_BF16`), N the weights of every matmul (the head included, the token
+  embedding not: a lookup), as in Kaplan et al. 2020 and PaLM's appendix B.
+- `packing_throughput_x8`: whole-trial samples/s of 8 default trials running at once as Ray
+  tasks with `num_gpus=0.125` each (each capping its GPU memory share, as a packed sweep
+  trial does) over one such trial alone.
+
+The pure parts (`mfu`, `peak_flops`) are tested in tests/test_bench.py.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+# dense bf16 peak FLOP/s by device name (without sparsity)
+PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H200": 989e12,
+             "H100 PCIe": 756e12, "A100": 312e12}
+GPT2_SMALL = {"d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072, "seq_len": 1024,
+              "vocab": 50257}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a device by its name, None when unknown."""
+    for key, peak in PEAK_BF16.items():
+        if all(part in device_name for part in key.split()):
+            return peak
+    if "H100" in device_name:  # an H100 not named as SXM or PCIe: the SXM figure, as asked
+        return PEAK_BF16["H100 SXM"]
+    return None
+
+
+def flops_per_token(n_matmul: float, n_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N (forward and backward of every weight) plus 12 L d T (the
+    attention scores and their weighting, forward and backward)."""
+    return 6.0 * n_matmul + 12.0 * n_layers * d_model * seq_len
+
+
+def mfu(tokens_per_s: float, n_matmul: float, n_layers: int, d_model: int, seq_len: int,
+        peak: float) -> float:
+    return tokens_per_s * flops_per_token(n_matmul, n_layers, d_model, seq_len) / peak
+
+
+def mfu_gpt2_small(batch: int = 8, warmup: int = 5, steps: int = 20) -> dict[str, Any]:
+    import torch
+    from torch import nn
+
+    from study.config import TrialConfig
+    from study.model import ModelSpec, build_model
+    from study.step import train_state, train_step
+
+    g = GPT2_SMALL
+    cfg = TrialConfig(task="copy", d_model=g["d_model"], n_layers=g["n_layers"],
+                      n_heads=g["n_heads"], d_ff=g["d_ff"], batch_size=batch, lr=3e-4,
+                      pos_encoding="learned", device="cuda", step_mode="compile")
+    spec = ModelSpec(n_classes=g["vocab"], max_len=g["seq_len"], vocab_size=g["vocab"],
+                     per_token=True)
+    model = build_model(cfg, spec).cuda()
+    n_matmul = float(sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)))
+    state, why = train_state(model, cfg, total_steps=warmup + steps)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(0, g["vocab"], (batch, g["seq_len"]), device="cuda", generator=gen)
+    y = torch.randint(0, g["vocab"], (batch, g["seq_len"]), device="cuda", generator=gen)
+    mask = torch.ones(batch, g["seq_len"], dtype=torch.bool, device="cuda")
+    for _ in range(warmup):  # compilation
+        train_step(state, x, y, mask)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(state, x, y, mask)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    tokens_per_s = batch * g["seq_len"] * steps / wall
+    name = torch.cuda.get_device_name()
+    peak = peak_flops(name)
+    return {"config": {**g, "batch": batch, "step_mode": state.mode, "fallback": why,
+                       "autocast": "bf16"},
+            "n_matmul_params": n_matmul, "tokens_per_s": tokens_per_s,
+            "flops_per_token": flops_per_token(n_matmul, g["n_layers"], g["d_model"],
+                                               g["seq_len"]),
+            "peak_flops": peak, "device": name,
+            "value": None if peak is None else mfu(tokens_per_s, n_matmul, g["n_layers"],
+                                                   g["d_model"], g["seq_len"], peak),
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
+def _packed_trial(epochs: int, gpu: float) -> float:
+    """One default trial in a Ray worker holding `gpu` of a GPU: its whole-trial samples/s."""
+    from benchmarks.trials import default_trial, trial_samples_per_s
+    from study.trainable import gpu_memory_cap
+
+    gpu_memory_cap(gpu)
+    return trial_samples_per_s(default_trial(epochs))[0]
+
+
+def packing(epochs: int = 3, k: int = 8) -> dict[str, Any]:
+    """Sum of samples/s of k trials at once (num_gpus = 1/k each) over one trial alone."""
+    import ray
+
+    from study.sweep.lifecycle import init_ray, sweep_environment
+
+    with sweep_environment():
+        init_ray(None)
+        frac = 1.0 / k
+        run = ray.remote(num_gpus=frac, num_cpus=1)(_packed_trial)
+        ray.get(run.remote(1, frac))  # warm: the worker's imports and CUDA context
+        t0 = time.perf_counter()
+        one = ray.get(run.remote(epochs, frac))
+        t_one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        many = ray.get([run.remote(epochs, frac) for _ in range(k)])
+        t_many = time.perf_counter() - t0
+    return {"k": k, "gpu_fraction": frac, "epochs": epochs, "one_samples_per_s": one,
+            "packed_samples_per_s": many, "one_wall_s": t_one, "packed_wall_s": t_many,
+            "value": sum(many) / one,
+            "wall_ratio": k * t_one / t_many}

@@ -1,0 +1,172 @@
+"""The step modes compute what the eager step computes (study/step.py).
+
+`compile` is checked on the CPU; `graph` (CUDA graphs) needs CUDA and skips without it. The loss
+without boolean indexing (what lets a per-token step keep static shapes) is checked against the
+direct formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from study.config import CHOICES, make_config
+from study.model import build_model
+from study.step import (
+    GRAPH_WARMUP,
+    graph_blocker,
+    resolve_step_mode,
+    train_state,
+    train_step,
+    trial_loss,
+)
+from study.tasks import get_task
+from study.tasks.base import IGNORE
+from study.train import run_trial
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+TINY = {"task": "digits", "d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2,
+        "batch_size": 64, "epochs": 2, "lr": 0.01, "seed": 3}
+
+
+def direct_loss(logits, y, cfg, adjust=0.0):
+    """The per-token objective written with boolean indexing, as before."""
+    logits = logits.float()
+    keep = y != IGNORE
+    logits, y = logits[keep], y[keep]
+    loss = F.cross_entropy(logits + adjust, y, label_smoothing=cfg.label_smoothing)
+    if cfg.z_loss > 0:
+        loss = loss + cfg.z_loss * torch.logsumexp(logits, -1).pow(2).mean()
+    return loss
+
+
+@pytest.mark.parametrize("smoothing,z_loss,tau", [
+    pytest.param(0.0, 0.0, 0.0, id="plain"),
+    pytest.param(0.1, 0.0, 0.0, id="smoothing"),
+    pytest.param(0.0, 1e-3, 0.0, id="z_loss"),
+    pytest.param(0.1, 1e-3, 1.0, id="all"),
+])
+def test_static_shape_loss_matches_boolean_indexing(smoothing, z_loss, tau):
+    gen = torch.Generator().manual_seed(0)
+    cfg = make_config({"label_smoothing": smoothing, "z_loss": z_loss})
+    logits = torch.randn(8, 12, 5, generator=gen)
+    y = torch.randint(0, 5, (8, 12), generator=gen)
+    y[torch.rand(8, 12, generator=gen) < 0.4] = IGNORE
+    adjust = tau * torch.randn(5, generator=gen)
+    got = trial_loss(logits, y, None, cfg, adjust)
+    want = direct_loss(logits, y, cfg, adjust)
+    assert torch.allclose(got, want, atol=1e-6), (got, want)
+
+
+@pytest.mark.parametrize("mode", [pytest.param(m, id=m) for m in CHOICES["step_mode"]])
+def test_every_mode_resolves_on_cpu(mode):
+    cfg = make_config({**TINY, "step_mode": mode})
+    got, why = resolve_step_mode(cfg, torch.device("cpu"))
+    want = {"auto": "eager", "eager": "eager", "graph": "eager", "compile": "compile"}[mode]
+    assert got == want
+    assert (why is not None) == (mode == "graph")  # only an explicit graph request explains
+    if why:
+        assert "CUDA" in why
+
+
+@pytest.mark.parametrize("changes,blocked", [
+    pytest.param({}, False, id="default"),
+    pytest.param({"length_mode": "bucket", "task": "copy"}, True, id="bucket"),
+    pytest.param({"arch": "lstm_attention"}, True, id="lstm"),
+])
+def test_graph_blockers_on_cuda_device(changes, blocked):
+    """What cannot be captured is said, whatever the host (the device is only named)."""
+    cfg = make_config({**TINY, **changes})
+    assert (graph_blocker(cfg, torch.device("cuda")) is not None) == blocked
+
+
+def run_steps(cfg, steps, device="cpu"):
+    """`steps` training steps of `cfg` on fixed batches (the last one partial, so two batch
+    shapes), from the same initial weights; the losses and final weights."""
+    data = get_task(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.spec).to(device)
+    state, _ = train_state(model, cfg, total_steps=steps)
+    n = len(data.train)
+    losses = []
+    for i in range(steps):
+        lo = (i * cfg.batch_size) % n
+        b = cfg.batch_size if i % 4 != 3 else cfg.batch_size // 2 + 1  # a second shape
+        x, y, m = (t[lo:lo + b].to(device) for t in (data.train.x, data.train.y,
+                                                     data.train.mask))
+        losses.append(float(train_step(state, x, y, m)))
+    return state, losses, [p.detach().cpu().clone() for p in model.parameters()]
+
+
+@pytest.mark.slow
+def test_compile_matches_eager_on_cpu():
+    torch.set_num_threads(1)
+    base = make_config({**TINY, "step_mode": "eager"})
+    e_state, e_loss, e_w = run_steps(base, 8)
+    c_state, c_loss, c_w = run_steps(base.replace(step_mode="compile"), 8)
+    assert c_state.mode == "compile" and e_state.mode == "eager"
+    assert c_state.step == e_state.step == 8
+    assert max(abs(a - b) for a, b in zip(e_loss, c_loss)) < 1e-4, (e_loss, c_loss)
+    # Adam divides by sqrt(v): float noise in a near-zero gradient moves its weight by up to
+    # ~lr per step, so weights are compared at a fraction of the learning rate
+    assert max(float((a - b).abs().max()) for a, b in zip(e_w, c_w)) < 0.5 * base.lr
+    assert float(c_state.gn_sum) == pytest.approx(float(e_state.gn_sum), rel=1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("changes", [
+    pytest.param({}, id="classify"),
+    pytest.param({"task": "listops", "attn_entropy_reg": 0.01, "z_loss": 1e-4}, id="stats"),
+    pytest.param({"task": "copy", "pos_encoding": "rope"}, id="per_token"),
+])
+def test_graph_matches_eager_on_cuda(changes):
+    base = make_config({**TINY, **changes, "device": "cuda", "step_mode": "eager"})
+    steps = GRAPH_WARMUP + 9
+    e_state, e_loss, e_w = run_steps(base, steps, "cuda")
+    g_state, g_loss, g_w = run_steps(base.replace(step_mode="graph"), steps, "cuda")
+    assert g_state.mode == "graph" and len(g_state.graphs) == 2  # two batch shapes captured
+    assert g_state.step == steps and int(g_state.step_t) == steps
+    assert max(abs(a - b) for a, b in zip(e_loss, g_loss)) < 2e-3, (e_loss, g_loss)
+    assert max(float((a - b).abs().max()) for a, b in zip(e_w, g_w)) < 2e-3
+    assert int(g_state.first_bad) == -1
+    assert float(g_state.gn_sum) == pytest.approx(float(e_state.gn_sum), rel=1e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_flags_divergence_at_the_same_step():
+    cfg = make_config({**TINY, "device": "cuda", "lr": 1e6, "grad_clip": 0.0,
+                       "step_mode": "eager", "epochs": 3})
+    eager = list(run_trial(cfg))[-1]
+    graph = list(run_trial(cfg.replace(step_mode="graph")))[-1]
+    assert eager.diverged and graph.diverged
+    assert eager.diverged == graph.diverged  # "diverged at step N": the same N
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_trial_matches_eager_trial():
+    cfg = make_config({**TINY, "device": "cuda", "step_mode": "eager"})
+    eager = list(run_trial(cfg))[-1].metrics
+    graph = list(run_trial(cfg.replace(step_mode="graph")))[-1].metrics
+    for k in ("train_loss", "val_loss", "test_acc"):
+        assert math.isclose(eager[k], graph[k], abs_tol=5e-3), (k, eager[k], graph[k])
+
+
+@pytest.mark.parametrize("gpu", [pytest.param(None, id="none"), pytest.param(0.0, id="cpu"),
+                                 pytest.param(1.0, id="whole"), pytest.param(0.25, id="share")])
+def test_packed_trials_cap_their_gpu_memory(gpu):
+    """A fractional GPU caps the process's memory share at that fraction (CUDA only)."""
+    from study.trainable import gpu_memory_cap
+
+    try:
+        got = gpu_memory_cap(gpu)
+    finally:  # the cap is per process: lift it for the tests that follow
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    want = gpu if (gpu is not None and 0 < gpu < 1 and torch.cuda.is_available()) else None
+    assert got == want
