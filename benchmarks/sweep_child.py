@@ -1,5 +1,6 @@
 """One sweep in its own process, timed from inside: `python -m benchmarks.sweep_child SPACE
-NAME STORAGE URI OUT.json`. The process tree is what `benchmarks.diskio` measures; OUT.json
+NAME STORAGE URI OUT.json [TRIALS EPOCHS]` (the last two, when not 0, override the space's).
+The process tree is what `benchmarks.diskio` measures; OUT.json
 gets the Tuner's fit window, every result's `time_this_iter_s` (the trial's own time for that
 epoch: training, evaluation, and for the first one the model and data set-up) and the command's
 own wall time."""
@@ -15,7 +16,8 @@ from typing import Any
 
 
 def main(argv: list[str]) -> None:
-    space, name, storage, uri, out = argv
+    space, name, storage, uri, out, *budget = argv
+    trials, epochs = (int(budget[0]) or None, int(budget[1]) or None) if budget else (None, None)
     t0 = time.time()
     from study.sweep.lifecycle import RAY_ENV
     # Ray's environment before Ray is imported (ray.train reads some of it on import)
@@ -40,8 +42,8 @@ def main(argv: list[str]) -> None:
             self.fit_end = time.time()
 
     timer = Timer()
-    summary = run_sweep(space, name=name, storage=storage, tracking_uri=uri,
-                        callbacks=[timer])
+    summary = run_sweep(space, name=name, storage=storage, tracking_uri=uri, trials=trials,
+                        overrides={"epochs": epochs}, callbacks=[timer])
     Path(out).write_text(json.dumps({
         "fit_start": timer.fit_start, "fit_end": timer.fit_end, "iter_s": timer.iter_s,
         "command_start": t0, "command_end": time.time(), "done": summary["done"]}))

@@ -122,8 +122,10 @@ def seed_batching_supported() -> bool:
 def _create_store(uri: str) -> None:
     """Create the MLflow store beforehand (its schema migrations write ~8 MB once), so the
     measured sweep writes what a sweep into an existing store writes."""
-    from study.tracking import Tracker
-    Tracker(uri)
+    from study.sweep.lifecycle import open_store
+    from study.tracking import Tracker, checkpoint_sqlite
+    open_store(Tracker(uri))  # as a sweep opens a store it is the first to use
+    checkpoint_sqlite(uri)
 
 
 def _points(uri: str, parent: str, metric: str = "val_acc") -> list[tuple[float, float]]:
@@ -137,30 +139,96 @@ def _points(uri: str, parent: str, metric: str = "val_acc") -> list[tuple[float,
             for m in client.get_metric_history(r.info.run_id, metric)]
 
 
-def harness(tmp: Path, trials: int = 32, epochs: int = 2) -> dict[str, Any]:
-    """The tiny sweep in its own process: harness overhead and disk writes per trial."""
+def harness(tmp: Path, trials: int = 32, epochs: int = 2,
+            default_epochs: int | None = None) -> dict[str, Any]:
+    """Two sweeps of `trials` trials, each in its own process under `benchmarks.diskio`:
+    - `tiny`: trials of half a second (TINY_SPACE, `epochs` epochs), where per-trial costs
+      weigh most: bytes written per trial (`disk`) and the harness's seconds per trial;
+    - `default`: the default study's own trials (search_spaces/default.yaml: its model, task,
+      2 seeds and, unless `default_epochs` is given, its 10 epochs), as `make sweep` runs them:
+      `overhead_frac` (`harness_overhead_frac`) over the whole command's wall time.
+    The trials' own time is the sum of every result's `time_this_iter_s` less the data each
+    worker built (building data is harness overhead; `data_build_s` timed here, once per
+    worker process and data seed: a worker caches what it built)."""
     tmp.mkdir(parents=True, exist_ok=True)
     space = tmp / "tiny.yaml"
     space.write_text(TINY_SPACE % {"trials": trials, "epochs": epochs})
+    tiny = _timed_sweep(tmp / "tiny", space, trials, epochs)
+    default = _timed_sweep(tmp / "default", DEFAULT_SPACE, trials, default_epochs,
+                           data_build=_data_build_s(DEFAULT_SPACE))
+    return {
+        "trials": trials, "epochs": epochs, "max_concurrent": 2,
+        "overhead_frac": default["overhead_frac"], "disk": tiny["disk"],
+        "tiny": tiny, "default": default,
+        "note": "overhead_frac: the default study's trials, over the whole command (Ray's "
+                "start and stop included); disk: the tiny trials (the most bytes per epoch)"}
+
+
+def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
+                 data_build: dict[str, float] | None = None) -> dict[str, Any]:
+    """One sweep of `space` (`trials`, `epochs` overriding it) in its own process: its
+    timing, the harness overhead and its disk writes (`harness`)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     _create_store(uri)
     out = tmp / "timing.json"
-    res = diskio.measure([sys.executable, "-m", "benchmarks.sweep_child", str(space), "tiny",
-                          str(tmp / "ray"), uri, str(out)], cwd=tmp, log=tmp / "log.txt",
-                         env=_env())
+    budget = [str(trials), str(epochs or 0)]
+    res = diskio.measure([sys.executable, "-m", "benchmarks.sweep_child", str(space), "sweep",
+                          str(tmp / "ray"), uri, str(out), *budget], cwd=tmp,
+                         log=tmp / "log.txt", env=_env())
     if res.returncode != 0 or not out.exists():
-        raise RuntimeError(f"tiny sweep failed ({res.returncode}): see {tmp / 'log.txt'}")
+        raise RuntimeError(f"sweep of {space.name} failed ({res.returncode}): see "
+                           f"{tmp / 'log.txt'}")
     t = json.loads(out.read_text())
-    own, fit = sum(t["iter_s"]), t["fit_end"] - t["fit_start"]
-    cmd = t["command_end"] - t["command_start"]
-    state = diskio.dir_bytes(tmp / "ray" / "tiny")
+    workers = _worker_pids(uri)
+    data_s = sum((data_build or {}).values()) * len(workers)
+    own = sum(t["iter_s"]) - data_s
+    fit, cmd = t["fit_end"] - t["fit_start"], t["command_end"] - t["command_start"]
+    from study.spaces import load_space
+
+    spec = load_space(space)
+    run_epochs = epochs or spec.epochs
     return {
-        "trials": trials, "epochs": epochs, "seeds": 1, "max_concurrent": 2,
-        "trials_done": t["done"], "results": len(t["iter_s"]), "trials_own_s": own,
-        "fit_wall_s": fit, "command_wall_s": cmd,
-        "overhead_frac": overhead_frac(own, fit, 2),
-        "overhead_frac_whole_command": overhead_frac(own, cmd, 2),
-        "disk": _disk(res, trials, epochs, state)}
+        "space": space.name, "trials": trials, "epochs": run_epochs, "seeds": spec.seeds,
+        "trials_done": t["done"], "results": len(t["iter_s"]), "worker_processes": len(workers),
+        "data_build_s": data_build or {}, "trials_own_s": own, "fit_wall_s": fit,
+        "command_wall_s": cmd, "before_fit_s": t["fit_start"] - t["command_start"],
+        "after_fit_s": t["command_end"] - t["fit_end"],
+        "overhead_frac": overhead_frac(own, cmd, 2),
+        "overhead_frac_fit": overhead_frac(own, fit, 2),
+        "overhead_s_per_trial_in_fit": (fit * 2 - own) / trials,
+        "disk": _disk(res, trials, run_epochs, diskio.dir_bytes(tmp / "ray" / "sweep"))}
+
+
+def _data_build_s(space: Path) -> dict[str, float]:
+    """Seconds to build each replicate's data of `space`'s first trial (data seed -> s), in
+    this process (what a worker does once per data seed before its cache holds it)."""
+    from study.config import make_config
+    from study.spaces import load_space
+    from study.tasks import get_task
+    from study.trainable import replicate
+
+    spec = load_space(space)
+    cfg = make_config({**spec.fixed, "epochs": 1})
+    out = {}
+    for k in range(spec.seeds):
+        r = replicate(cfg, k, spec.vary_data_seed)
+        t0 = time.perf_counter()
+        get_task(r)
+        out[str(r.data_seed)] = time.perf_counter() - t0
+    return out
+
+
+def _worker_pids(uri: str) -> set[str]:
+    """The worker processes a sweep's trials ran in (their `worker_pid` tags)."""
+    from mlflow.tracking import MlflowClient
+
+    from study.records import TAG_WORKER_PID
+
+    client = MlflowClient(uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, max_results=5000)
+    return {r.data.tags[TAG_WORKER_PID] for r in runs if TAG_WORKER_PID in r.data.tags}
 
 
 def _disk(res: diskio.DiskWrites, trials: int, epochs: int,

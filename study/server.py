@@ -68,16 +68,22 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def answers_health(url: str) -> bool:
+    """Whether an MLflow server at `url` answers its `/health` with 200 now."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> bool:
     """Whether `url`/health answers 200 before `proc` exits or `timeout` seconds pass."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            time.sleep(0.5)
+        if answers_health(url):
+            return True
+        time.sleep(0.5)
     return False
 
 

@@ -7,10 +7,12 @@ names, metrics use the names of `study/metrics.py`, tags and artifacts the names
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -43,6 +45,7 @@ from study.records import (
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"  # next to a SQLite store: its experiments' artifacts
+SQLITE_PAGE_SIZE = 1024  # bytes; a new SQLite store's pages (`prepare_sqlite`)
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 900, 90, 90
 # how long a sweep waits for an unreachable store (its writes kept, re-sent with backoff of
 # at most MAX_BACKOFF_S) before it stops; the environment variable overrides it
@@ -66,18 +69,59 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store URI (None for any other store)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if not path or path == ":memory:" else Path(path).resolve()
+
+
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment of a SQLite store keeps its artifacts: `mlartifacts/<experiment>`
     next to the database file (a file URI), rather than MLflow's default, `./mlruns` of whatever
     directory the driver runs in. None (MLflow's default) for any other store: a tracking
     server decides where its artifacts go (`study server`: its `--artifacts-destination`)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    if not path or path == ":memory:":
+    path = sqlite_file(uri)
+    if path is None:
         return None
     folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment).lstrip(".") or "_"
-    return (Path(path).resolve().parent / ARTIFACTS_DIR / folder).as_uri()
+    return (path.parent / ARTIFACTS_DIR / folder).as_uri()
+
+
+def prepare_sqlite(uri: str) -> None:
+    """Before a sweep writes to a SQLite store: write-ahead logging (WAL), and 1 KiB pages for
+    a store not created yet. Every MLflow write rewrites whole pages of several indexes; with
+    the default rollback journal each changed page is written twice per transaction (journal,
+    then database), and WAL writes it once, coalescing repeated changes at checkpoints. The
+    `disk` benchmark measured 2.04 -> 1.25 MB written per 2-epoch trial (`make bench`). WAL is
+    a property of the file (it stays on); a store another process holds busy, or one that
+    cannot be written, is left as it is (its writes go on, in its journal mode)."""
+    path = sqlite_file(uri)
+    if path is None or not path.parent.is_dir():
+        return
+    new = not path.exists() or path.stat().st_size == 0
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=1.0)) as db:
+            if new:
+                db.execute(f"PRAGMA page_size = {SQLITE_PAGE_SIZE}")
+            db.execute("PRAGMA journal_mode = WAL")
+    except sqlite3.Error:
+        pass
+
+
+def checkpoint_sqlite(uri: str) -> None:
+    """Move what the write-ahead log holds into a SQLite store's file, and empty the log, so
+    the database file alone holds every finished write (a copy of it is complete) once a
+    sweep ends; best effort (a reader holding the log keeps it until it finishes)."""
+    path = sqlite_file(uri)
+    if path is None or not path.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=5.0)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:
+        pass
 
 
 def package_versions() -> dict[str, str]:

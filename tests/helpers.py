@@ -1,18 +1,18 @@
 """Shared test helpers: servers started on a free port (retried when another process takes
 the port first), processes stopped by their own process group, headless Chromium checks."""
 
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+
+from study import server
+from study.server import stop_group  # noqa: F401 (the tests stop what they start with it)
 
 T = TypeVar("T")
 PORT_ATTEMPTS = 5
@@ -38,34 +38,7 @@ def on_free_port(start: Callable[[int], T | None], attempts: int = PORT_ATTEMPTS
 
 def answers_health(port: int) -> bool:
     """Whether an MLflow server on 127.0.0.1:`port` answers its `/health` with 200."""
-    import urllib.request
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
-def stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Stop a process started with `start_new_session=True` and everything in its process
-    group (SIGTERM, then SIGKILL): only what the test started, never by name."""
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            proc.poll()
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
+    return server.answers_health(f"http://127.0.0.1:{port}")
 
 
 CHECK = ("<script>window.addEventListener('load',function(){var a=Array.from(document.images);"

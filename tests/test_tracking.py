@@ -183,3 +183,81 @@ def test_callback_gives_a_retried_trial_a_new_linked_run(store) -> None:
     assert tr.client.get_run(new).data.tags["retry_of"] == old
     assert tr.client.get_run(new).data.tags["retries"] == "1"
     assert set(tr.children(pid)) == {"t1"} and tr.children(pid)["t1"].run_id == new
+
+
+# --- the SQLite store a sweep writes: WAL, small pages, a self-contained file at the end ----
+
+def _pragma(path, name: str):
+    with sqlite3.connect(path) as db:
+        return db.execute(f"PRAGMA {name}").fetchone()[0]
+
+
+def test_a_new_store_gets_wal_and_small_pages(tmp_path) -> None:
+    from study.sweep.lifecycle import open_store
+
+    path = tmp_path / "new.db"
+    tr = tracking.Tracker(f"sqlite:///{path}")
+    open_store(tr)
+    _parent(tr.uri, "wal")
+    assert _pragma(path, "journal_mode") == "wal"
+    assert _pragma(path, "page_size") == tracking.SQLITE_PAGE_SIZE
+
+
+def test_an_existing_store_keeps_its_pages_and_runs(tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path / "old.db"
+    uri = f"sqlite:///{path}"
+    tr, parent = _parent(uri, "before")  # made by MLflow alone: rollback journal, 4 KiB pages
+    assert _pragma(path, "journal_mode") == "delete"
+    pages = _pragma(path, "page_size")
+    tracking.prepare_sqlite(uri)
+    assert _pragma(path, "journal_mode") == "wal" and _pragma(path, "page_size") == pages
+    assert MlflowClient(uri).get_run(parent).info.run_id == parent
+
+
+def test_checkpoint_leaves_every_write_in_the_database_file(tmp_path) -> None:
+    """After a sweep's end (`checkpoint_sqlite`) a copy of the file alone holds every run,
+    even while this process still holds its connections (and so the write-ahead log)."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path / "s.db"
+    uri = f"sqlite:///{path}"
+    tracking.prepare_sqlite(uri)
+    tr, parent = _parent(uri, "copy")
+    tr.log_metrics(tr.start_child(parent, "t0", {"n_heads": 2}, 1), {"val_acc": 0.5}, 1)
+    tracking.checkpoint_sqlite(uri)
+    shutil.copy(path, tmp_path / "copy.db")
+    copy = MlflowClient(f"sqlite:///{tmp_path / 'copy.db'}")
+    exp = copy.get_experiment_by_name("copy")
+    runs = copy.search_runs([exp.experiment_id])
+    assert len(runs) == 2 and any(r.data.metrics.get("val_acc") == 0.5 for r in runs)
+
+
+@pytest.mark.parametrize("uri", [
+    pytest.param("postgresql://u@127.0.0.1:1/db", id="postgresql"),
+    pytest.param("http://127.0.0.1:1", id="http"),
+    pytest.param("sqlite:///:memory:", id="memory"),
+])
+def test_other_stores_are_left_alone(uri, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tracking.prepare_sqlite(uri)
+    tracking.checkpoint_sqlite(uri)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_busy_store_is_left_in_its_journal_mode(tmp_path) -> None:
+    """Another process holding a write lock: the sweep does not wait on it, nor fail."""
+    path = tmp_path / "busy.db"
+    with sqlite3.connect(path) as db:
+        db.execute("create table t (x)")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("begin exclusive")
+    try:
+        tracking.prepare_sqlite(f"sqlite:///{path}")
+    finally:
+        holder.execute("rollback")
+        holder.close()
+    assert _pragma(path, "journal_mode") == "delete"

@@ -3,12 +3,11 @@
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from study import server
 from tests.helpers import on_free_port, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,14 +21,8 @@ def _start_ui(db: Path, port: int) -> tuple[subprocess.Popen, int] | None:
         [sys.executable, "-m", "study.cli", "ui", "--port", str(port), "--tracking-uri",
          f"sqlite:///{db}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, port
-        except OSError:
-            time.sleep(1)
+    if server.wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=90):
+        return proc, port
     stop_group(proc)
     return None
 

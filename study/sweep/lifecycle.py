@@ -19,6 +19,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,14 @@ from study.records import TAG_HEARTBEAT_S, TAG_OBJECTIVE, Outcome, SweepSpec
 from study.spaces import SpaceError, load_space
 from study.sweep.callbacks import clear_halt, halt, halted
 from study.sweep.progress import announce, console, starting_line
-from study.tracking import StoreFault, Tracker, resolve_uri, short_error
+from study.tracking import (
+    StoreFault,
+    Tracker,
+    checkpoint_sqlite,
+    prepare_sqlite,
+    resolve_uri,
+    short_error,
+)
 
 DEFAULT_STORAGE = "ray_results"
 META = "study.json"
@@ -185,12 +193,15 @@ def run_sweep(space_path: str | Path, name: str | None = None, trials: int | Non
                          f"`study resume {name}` or choose another --name")
     uri = resolve_uri(tracking_uri)
     announce(starting_line(name, spec))
-    with sweep_environment():
+    with sweep_environment(), ThreadPoolExecutor(1) as pool:
+        tracker = Tracker(uri, spool=exp_dir / SPOOL)
+        # the store is opened (a new one created: seconds of schema migrations) while Ray starts
+        opened = pool.submit(open_store, tracker)
         resources = init_ray(address, quiet=not verbose)
         check_cluster(spec, address)  # a trial that fits on no node would wait forever
-        tracker = Tracker(uri, spool=exp_dir / SPOOL)
         beat = heartbeat_s()
         try:
+            opened.result()
             parent = tracker.start_parent(name, f"sweep_{name}", spec, {
                 "space_file": spec.path, "space_name": spec.name,
                 "num_trials": str(spec.num_trials), "seeds": str(spec.seeds),
@@ -213,6 +224,12 @@ def run_sweep(space_path: str | Path, name: str | None = None, trials: int | Non
         clear_halt()
         _fit(_tuner(spec, name, store, tracker, parent, callbacks, beat))
         return _end(tracker, parent, spec, name, exp_dir)
+
+
+def open_store(tracker: Tracker) -> None:
+    """Ready the sweep's MLflow store for writing (`prepare_sqlite`) and connect to it."""
+    prepare_sqlite(tracker.uri)
+    tracker.client  # noqa: B018 (the property connects, creating a new store's schema)
 
 
 def _fit(tuner: Any) -> None:
@@ -245,6 +262,7 @@ def _end(tracker: Tracker, parent: str, spec: SweepSpec, name: str, exp_dir: Pat
                          f"takes writes again, `study resume {name}`") from None
     finally:
         tracker.release()
+        checkpoint_sqlite(tracker.uri)
     damaged = state_problem(exp_dir)
     if reason is None and damaged is None:
         return summary
@@ -653,6 +671,7 @@ def resume_sweep(name: str, storage: str | Path | None = None,
         check_cluster(spec, address or meta.get("address"))
         tracker = Tracker(uri, spool=exp_dir / SPOOL)
         try:
+            open_store(tracker)
             tracker.flush()  # the writes an earlier driver could not deliver, first
             tracker.client.update_run(meta["parent_run_id"], status="RUNNING")
         except StoreFault as e:
