@@ -8,7 +8,8 @@ Writes under benchmarks/results/:
   this device, the reason in the detailed file),
 and prints a table of goal vs measured. `<device>` is `cpu`, or the GPU's name with spaces as
 dashes. On the CPU every measurement runs with one PyTorch thread (on a shared 2-core machine
-two threads are several times slower, and less repeatable). About 10 minutes on 2 CPU cores.
+two threads are several times slower, and less repeatable). About 12 minutes on 2 CPU cores,
+8 of them the harness section's 32 trials of the default study.
 
 `python -m benchmarks.run [--only NAME ...] [--keep]` runs some sections only (attention,
 trials, study, harness, search, gpu; the others' keys are null in the summary) and keeps the
@@ -40,6 +41,8 @@ SUMMARY_KEYS = ("device", "small_trial_speedup", "seeds4_cost_ratio", "seeds16_c
                 "attn_step_speedup_T1024", "attn_peak_mem_ratio_T1024")
 PACKAGES = ("torch", "ray", "optuna", "mlflow", "numpy", "attention-study")
 NO_GPU = "GPU only: no GPU lent to this session (this is a CPU run)"
+SEEDS16_CPU = ("measured on a GPU only (its goal is a GPU goal): on the CPU the replicates' "
+               "cost is linear in their number (seeds4_cost_ratio), and 16 take a minute")
 
 
 def device_name(cuda: bool) -> str:
@@ -166,7 +169,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "2 cores); the summary keys keep their names")
     if "trials" in args.only:
         _section(detail, "small_trial", lambda: trials.small_trial_speedup(dev))
-        _section(detail, "seeds", trials.seeds_cost)
+        _section(detail, "seeds", lambda: trials.seeds_cost(ks=(4, 16) if cuda else (4,)))
+        if not cuda:  # 16 seeds cost 16 of one on the CPU, as 4 cost 4: a minute saved
+            detail["seeds"]["seeds16"] = {"cost_ratio": None, "reason": SEEDS16_CPU}
     if "study" in args.only:
         _section(detail, "study", lambda: sweeps.study_speedup(
             tmp / "study", **({"trials": 16, "packed": (0.125, 8)} if cuda else {})))

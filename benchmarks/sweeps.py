@@ -1,12 +1,14 @@
 """Whole sweeps (real Ray, Optuna and MLflow on this machine).
 
-- `harness`: a sweep of 32 tiny trials in its own process (`benchmarks.sweep_child`), under
-  `benchmarks.diskio`: the harness overhead (1 - the trials' own time / (the Tuner's wall time
-  x concurrency)) and the bytes its process tree wrote per trial.
+- `harness`: two 32-trial sweeps, each in its own process (`benchmarks.sweep_child`) under
+  `benchmarks.diskio`: tiny trials (the bytes its process tree wrote per trial) and the default
+  study's trials (the harness overhead: 1 - the trials' own time / (the command's wall time x
+  concurrency)).
 - `study_speedup`: a reduced default study run both ways, each a `study sweep` command: today's
   path (`seed_batching: lockstep`) and the default, wall time of the whole command.
-- `search_epochs`: TPE + ASHA against random search without early stopping on a small space,
-  3 searcher seeds each: epochs trained until random search's best val_acc is reached.
+- `search_epochs`: TPE + ASHA (the defaults) against random search without early stopping on a
+  small space, 3 searcher seeds each: epochs trained until random search's best val_acc is
+  reached.
 
 The pure parts (`overhead_frac`, `epochs_to_reach`, `search_ratio`, ...) are tested in
 tests/test_bench.py.
@@ -147,15 +149,16 @@ def harness(tmp: Path, trials: int = 32, epochs: int = 2,
     - `default`: the default study's own trials (search_spaces/default.yaml: its model, task,
       2 seeds and, unless `default_epochs` is given, its 10 epochs), as `make sweep` runs them:
       `overhead_frac` (`harness_overhead_frac`) over the whole command's wall time.
-    The trials' own time is the sum of every result's `time_this_iter_s` less the data each
-    worker built (building data is harness overhead; `data_build_s` timed here, once per
-    worker process and data seed: a worker caches what it built)."""
+    The trials' own time is the sum of every result's `time_this_iter_s` less what each
+    worker process did once before its first trial could train (`worker_setup_s`: imports and
+    building the data, which it then caches), which the first trial on a worker counts as its
+    own but is harness overhead."""
     tmp.mkdir(parents=True, exist_ok=True)
     space = tmp / "tiny.yaml"
     space.write_text(TINY_SPACE % {"trials": trials, "epochs": epochs})
     tiny = _timed_sweep(tmp / "tiny", space, trials, epochs)
     default = _timed_sweep(tmp / "default", DEFAULT_SPACE, trials, default_epochs,
-                           data_build=_data_build_s(DEFAULT_SPACE))
+                           setup=worker_setup_s(DEFAULT_SPACE))
     return {
         "trials": trials, "epochs": epochs, "max_concurrent": 2,
         "overhead_frac": default["overhead_frac"], "disk": tiny["disk"],
@@ -165,7 +168,7 @@ def harness(tmp: Path, trials: int = 32, epochs: int = 2,
 
 
 def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
-                 data_build: dict[str, float] | None = None) -> dict[str, Any]:
+                 setup: dict[str, Any] | None = None) -> dict[str, Any]:
     """One sweep of `space` (`trials`, `epochs` overriding it) in its own process: its
     timing, the harness overhead and its disk writes (`harness`)."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -181,8 +184,9 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
                            f"{tmp / 'log.txt'}")
     t = json.loads(out.read_text())
     workers = _worker_pids(uri)
-    data_s = sum((data_build or {}).values()) * len(workers)
-    own = sum(t["iter_s"]) - data_s
+    once = (setup or {}).get("imports_s", 0.0) + sum((setup or {}).get("data_build_s", {})
+                                                      .values())
+    own = sum(t["iter_s"]) - once * len(workers)
     fit, cmd = t["fit_end"] - t["fit_start"], t["command_end"] - t["command_start"]
     from study.spaces import load_space
 
@@ -191,7 +195,7 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
     return {
         "space": space.name, "trials": trials, "epochs": run_epochs, "seeds": spec.seeds,
         "trials_done": t["done"], "results": len(t["iter_s"]), "worker_processes": len(workers),
-        "data_build_s": data_build or {}, "trials_own_s": own, "fit_wall_s": fit,
+        "worker_setup_s": setup or {}, "trials_own_s": own, "fit_wall_s": fit,
         "command_wall_s": cmd, "before_fit_s": t["fit_start"] - t["command_start"],
         "after_fit_s": t["command_end"] - t["fit_end"],
         "overhead_frac": overhead_frac(own, cmd, 2),
@@ -200,23 +204,40 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
         "disk": _disk(res, trials, run_epochs, diskio.dir_bytes(tmp / "ray" / "sweep"))}
 
 
-def _data_build_s(space: Path) -> dict[str, float]:
-    """Seconds to build each replicate's data of `space`'s first trial (data seed -> s), in
-    this process (what a worker does once per data seed before its cache holds it)."""
-    from study.config import make_config
-    from study.spaces import load_space
-    from study.tasks import get_task
-    from study.trainable import replicate
+# what a worker does once (its imports, then each replicate's data, which it then caches),
+# timed in a fresh process: harness overhead that the first trial on each worker counts as its own
+_SETUP = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+import study.replicas, study.train, study.trainable
+from study.config import make_config
+from study.spaces import load_space
+from study.tasks import get_task
+from study.trainable import replicate
+imports = time.perf_counter() - t0
+torch.set_num_threads(1)
+spec = load_space(sys.argv[1])
+cfg = make_config({**spec.fixed, "epochs": 1})
+data = {}
+for k in range(spec.seeds):
+    r = replicate(cfg, k, spec.vary_data_seed)
+    t = time.perf_counter()
+    get_task(r)
+    data[str(r.data_seed)] = time.perf_counter() - t
+print(json.dumps({"imports_s": imports, "data_build_s": data}))
+"""
 
-    spec = load_space(space)
-    cfg = make_config({**spec.fixed, "epochs": 1})
-    out = {}
-    for k in range(spec.seeds):
-        r = replicate(cfg, k, spec.vary_data_seed)
-        t0 = time.perf_counter()
-        get_task(r)
-        out[str(r.data_seed)] = time.perf_counter() - t0
-    return out
+
+def worker_setup_s(space: Path) -> dict[str, Any]:
+    """Seconds a fresh worker spends importing the trial code (`imports_s`) and building each
+    replicate's data of `space`'s trials (`data_build_s`, data seed -> s; the data differs
+    between trials only in fields a space rarely varies), timed in a fresh process."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", _SETUP, str(space)], capture_output=True,
+                         text=True, env=_env(), check=True)
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
 def _worker_pids(uri: str) -> set[str]:
@@ -294,24 +315,26 @@ def study_speedup(tmp: Path, trials: int = 6, epochs: int = 3,
 
 def search_epochs(tmp: Path, seeds: Sequence[int] = (0, 1, 2), trials: int = 16,
                   epochs: int = 6) -> dict[str, Any]:
-    """Random search (no early stopping) and TPE + ASHA (grace 1, reduction 2), `trials`
+    """Random search (no early stopping) and TPE + ASHA as a `search` design runs them by
+    default (ASHA's grace period and reduction factor: `SweepSpec`'s defaults), `trials`
     trials of at most `epochs` epochs each, per searcher seed, in one Ray session."""
+    from study.records import SweepSpec
     from study.sweep.lifecycle import init_ray, run_sweep, sweep_environment
     from study.sweep.searcher import tpe_startup
 
     tmp.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    asha = {f.name: f.default for f in dataclasses.fields(SweepSpec)
+            if f.name in ("grace_period", "reduction_factor")}
     pairs = []
     # MLflow puts a new store's artifacts under ./mlruns: keep them in `tmp`
     with contextlib.chdir(tmp), sweep_environment():
         init_ray(None)
         for seed in seeds:
             pts = []
-            for kind, design, asha in (
-                    ("random", "design: random", ""),
-                    ("tpe_asha", "searcher: tpe", ", grace_period: 1, reduction_factor: 2")):
+            for kind, design in (("random", "design: random"), ("tpe_asha", "searcher: tpe")):
                 space = tmp / f"{kind}_{seed}.yaml"
-                space.write_text(SEARCH_SPACE % {"epochs": epochs, "asha": asha,
+                space.write_text(SEARCH_SPACE % {"epochs": epochs, "asha": "",
                                                  "design": design, "seed": seed,
                                                  "trials": trials})
                 res = run_sweep(space, name=f"{kind}_{seed}", tracking_uri=uri,
@@ -320,9 +343,10 @@ def search_epochs(tmp: Path, seeds: Sequence[int] = (0, 1, 2), trials: int = 16,
             pairs.append((pts[0], pts[1]))
     out = search_ratio(pairs)
     out.update({"task": "digits", "trials_per_sweep": trials, "max_epochs": epochs,
-                "searcher_seeds": list(seeds),
+                "searcher_seeds": list(seeds), "asha": asha,
                 "sizing": f"{trials} trials x {epochs} epochs of a 1-layer d_model 16/32 model "
                           "on digits per sweep (a few seconds per trial on 2 CPU cores), "
                           f"TPE's {tpe_startup(trials)} random start-up trials included; "
-                          "ASHA grace 1, reduction factor 2"})
+                          f"ASHA grace {asha['grace_period']}, reduction factor "
+                          f"{asha['reduction_factor']} (the defaults)"})
     return out

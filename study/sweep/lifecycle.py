@@ -194,14 +194,14 @@ def run_sweep(space_path: str | Path, name: str | None = None, trials: int | Non
     uri = resolve_uri(tracking_uri)
     announce(starting_line(name, spec))
     with sweep_environment(), ThreadPoolExecutor(1) as pool:
-        tracker = Tracker(uri, spool=exp_dir / SPOOL)
-        # the store is opened (a new one created: seconds of schema migrations) while Ray starts
-        opened = pool.submit(open_store, tracker)
+        warm = pool.submit(import_mlflow)  # a second of imports, while Ray starts
         resources = init_ray(address, quiet=not verbose)
         check_cluster(spec, address)  # a trial that fits on no node would wait forever
+        tracker = Tracker(uri, spool=exp_dir / SPOOL)
         beat = heartbeat_s()
         try:
-            opened.result()
+            warm.result()
+            open_store(tracker)
             parent = tracker.start_parent(name, f"sweep_{name}", spec, {
                 "space_file": spec.path, "space_name": spec.name,
                 "num_trials": str(spec.num_trials), "seeds": str(spec.seeds),
@@ -224,6 +224,12 @@ def run_sweep(space_path: str | Path, name: str | None = None, trials: int | Non
         clear_halt()
         _fit(_tuner(spec, name, store, tracker, parent, callbacks, beat))
         return _end(tracker, parent, spec, name, exp_dir)
+
+
+def import_mlflow() -> None:
+    """Import MLflow's client and SQL store (nothing is opened or written)."""
+    import mlflow.store.tracking.sqlalchemy_store
+    import mlflow.tracking  # noqa: F401
 
 
 def open_store(tracker: Tracker) -> None:
