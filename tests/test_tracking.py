@@ -1,5 +1,6 @@
 """Tracker retries transient SQLite locks (a reader such as `study ui` or `study report`)."""
 
+import contextlib
 import sqlite3
 
 import pytest
@@ -188,7 +189,7 @@ def test_callback_gives_a_retried_trial_a_new_linked_run(store) -> None:
 # --- the SQLite store a sweep writes: WAL, small pages, a self-contained file at the end ----
 
 def _pragma(path, name: str):
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         return db.execute(f"PRAGMA {name}").fetchone()[0]
 
 
@@ -218,7 +219,8 @@ def test_an_existing_store_keeps_its_pages_and_runs(tmp_path) -> None:
 
 def test_checkpoint_leaves_every_write_in_the_database_file(tmp_path) -> None:
     """After a sweep's end (`checkpoint_sqlite`) a copy of the file alone holds every run,
-    even while this process still holds its connections (and so the write-ahead log)."""
+    though this process's MLflow client stays open, and the store is back in the rollback
+    journal (it opens on read-only media); the client still writes afterwards."""
     import shutil
 
     from mlflow.tracking import MlflowClient
@@ -229,11 +231,21 @@ def test_checkpoint_leaves_every_write_in_the_database_file(tmp_path) -> None:
     tr, parent = _parent(uri, "copy")
     tr.log_metrics(tr.start_child(parent, "t0", {"n_heads": 2}, 1), {"val_acc": 0.5}, 1)
     tracking.checkpoint_sqlite(uri)
+    assert _pragma(path, "journal_mode") == "delete"
     shutil.copy(path, tmp_path / "copy.db")
     copy = MlflowClient(f"sqlite:///{tmp_path / 'copy.db'}")
     exp = copy.get_experiment_by_name("copy")
     runs = copy.search_runs([exp.experiment_id])
     assert len(runs) == 2 and any(r.data.metrics.get("val_acc") == 0.5 for r in runs)
+    tr.log_metrics(tr.start_child(parent, "t1", {"n_heads": 4}, 1), {"val_acc": 0.6}, 1)
+    assert len(MlflowClient(uri).search_runs([exp.experiment_id])) == 3
+
+
+def test_a_percent_encoded_path_is_the_file_mlflow_opens(tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path}/my%20store.db"
+    assert tracking.sqlite_file(uri) == tmp_path / "my store.db"
+    tracking.prepare_sqlite(uri)
+    assert [p.name for p in tmp_path.iterdir()] == ["my store.db"]
 
 
 @pytest.mark.parametrize("uri", [

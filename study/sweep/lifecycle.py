@@ -199,8 +199,8 @@ def run_sweep(space_path: str | Path, name: str | None = None, trials: int | Non
         check_cluster(spec, address)  # a trial that fits on no node would wait forever
         tracker = Tracker(uri, spool=exp_dir / SPOOL)
         beat = heartbeat_s()
+        warm.result()
         try:
-            warm.result()
             open_store(tracker)
             parent = tracker.start_parent(name, f"sweep_{name}", spec, {
                 "space_file": spec.path, "space_name": spec.name,
