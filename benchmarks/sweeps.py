@@ -17,7 +17,6 @@ tests/test_bench.py.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import sys
 import time
@@ -59,7 +58,7 @@ params:
   attn_temperature: {type: float, low: 0.25, high: 4.0, log: true}
   attn_dropout: {type: float, low: 0.0, high: 0.3}
   weight_decay: {type: float, low: 0.0001, high: 0.3, log: true}
-budget: {epochs: %(epochs)d%(asha)s}
+budget: {epochs: %(epochs)d}
 seeds: 1
 objective: {metric: val_acc, mode: max}
 %(design)s
@@ -113,12 +112,6 @@ def search_ratio(pairs: Sequence[tuple[Sequence[tuple[float, float]],
     return {"ratio": tpe_total / rand_total, "per_seed": rows, "not_reached": missed}
 
 
-def seed_batching_supported() -> bool:
-    """Whether search spaces take `seed_batching` (the batched-seeds machinery is wired)."""
-    from study.records import SweepSpec
-    return "seed_batching" in {f.name for f in dataclasses.fields(SweepSpec)}
-
-
 # --- runs ----------------------------------------------------------------------------------
 
 def _create_store(uri: str) -> None:
@@ -141,13 +134,12 @@ def _points(uri: str, parent: str, metric: str = "val_acc") -> list[tuple[float,
             for m in client.get_metric_history(r.info.run_id, metric)]
 
 
-def harness(tmp: Path, trials: int = 32, epochs: int = 2,
-            default_epochs: int | None = None) -> dict[str, Any]:
+def harness(tmp: Path, trials: int = 32, epochs: int = 2) -> dict[str, Any]:
     """Two sweeps of `trials` trials, each in its own process under `benchmarks.diskio`:
     - `tiny`: trials of half a second (TINY_SPACE, `epochs` epochs), where per-trial costs
       weigh most: bytes written per trial (`disk`) and the harness's seconds per trial;
     - `default`: the default study's own trials (search_spaces/default.yaml: its model, task,
-      2 seeds and, unless `default_epochs` is given, its 10 epochs), as `make sweep` runs them:
+      2 seeds and 10 epochs), as `make sweep` runs them:
       `overhead_frac` (`harness_overhead_frac`) over the whole command's wall time.
     The trials' own time is the sum of every result's `time_this_iter_s` less what each
     worker process did once before its first trial could train (`worker_setup_s`: imports and
@@ -157,10 +149,10 @@ def harness(tmp: Path, trials: int = 32, epochs: int = 2,
     space = tmp / "tiny.yaml"
     space.write_text(TINY_SPACE % {"trials": trials, "epochs": epochs})
     tiny = _timed_sweep(tmp / "tiny", space, trials, epochs)
-    default = _timed_sweep(tmp / "default", DEFAULT_SPACE, trials, default_epochs,
+    default = _timed_sweep(tmp / "default", DEFAULT_SPACE, trials, None,
                            setup=worker_setup_s(DEFAULT_SPACE))
     return {
-        "trials": trials, "epochs": epochs, "max_concurrent": 2,
+        "trials": trials, "epochs": epochs, "max_concurrent": tiny["max_concurrent"],
         "overhead_frac": default["overhead_frac"], "disk": tiny["disk"],
         "tiny": tiny, "default": default,
         "note": "overhead_frac: the default study's trials, over the whole command (Ray's "
@@ -182,25 +174,27 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
     if res.returncode != 0 or not out.exists():
         raise RuntimeError(f"sweep of {space.name} failed ({res.returncode}): see "
                            f"{tmp / 'log.txt'}")
-    t = json.loads(out.read_text())
-    workers = _worker_pids(uri)
-    once = (setup or {}).get("imports_s", 0.0) + sum((setup or {}).get("data_build_s", {})
-                                                      .values())
-    own = sum(t["iter_s"]) - once * len(workers)
-    fit, cmd = t["fit_end"] - t["fit_start"], t["command_end"] - t["command_start"]
     from study.spaces import load_space
 
     spec = load_space(space)
+    t = json.loads(out.read_text())
+    workers = _worker_pids(uri)
+    setup = setup or {}
+    once = setup.get("imports_s", 0.0) + sum(setup.get("data_build_s", {}).values())
+    own = sum(t["iter_s"]) - once * len(workers)
+    fit, cmd = t["fit_end"] - t["fit_start"], t["command_end"] - t["command_start"]
+    slots = spec.max_concurrent
     run_epochs = epochs or spec.epochs
     return {
         "space": space.name, "trials": trials, "epochs": run_epochs, "seeds": spec.seeds,
-        "trials_done": t["done"], "results": len(t["iter_s"]), "worker_processes": len(workers),
-        "worker_setup_s": setup or {}, "trials_own_s": own, "fit_wall_s": fit,
-        "command_wall_s": cmd, "before_fit_s": t["fit_start"] - t["command_start"],
+        "max_concurrent": slots, "trials_done": t["done"], "results": len(t["iter_s"]),
+        "worker_processes": len(workers), "worker_setup_s": setup, "trials_own_s": own,
+        "fit_wall_s": fit, "command_wall_s": cmd,
+        "before_fit_s": t["fit_start"] - t["command_start"],
         "after_fit_s": t["command_end"] - t["fit_end"],
-        "overhead_frac": overhead_frac(own, cmd, 2),
-        "overhead_frac_fit": overhead_frac(own, fit, 2),
-        "overhead_s_per_trial_in_fit": (fit * 2 - own) / trials,
+        "overhead_frac": overhead_frac(own, cmd, slots),
+        "overhead_frac_fit": overhead_frac(own, fit, slots),
+        "overhead_s_per_trial_in_fit": (fit * slots - own) / trials,
         "disk": _disk(res, trials, run_epochs, diskio.dir_bytes(tmp / "ray" / "sweep"))}
 
 
@@ -284,15 +278,11 @@ def study_speedup(tmp: Path, trials: int = 6, epochs: int = 3,
     max_concurrent) packs trials on a GPU."""
     tmp.mkdir(parents=True, exist_ok=True)
     text = DEFAULT_SPACE.read_text()
-    supported = seed_batching_supported()
-    variants = {"lockstep": todays_path(text) if supported else text, "default": text}
+    variants = {"lockstep": todays_path(text), "default": text}
     out: dict[str, Any] = {"space": "search_spaces/default.yaml", "trials": trials,
-                           "epochs": epochs, "seed_batching_key": supported,
+                           "epochs": epochs, "seed_batching_key": True,
                            "todays_path": "step_mode: eager, seed_batching: lockstep",
                            "packed": packed}
-    if not supported:
-        out["note"] = ("search spaces have no seed_batching key yet: both runs are today's "
-                       "path (seeds in lockstep); the ratio shows the run-to-run noise")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     _create_store(uri)
     for name, body in variants.items():
@@ -324,8 +314,8 @@ def search_epochs(tmp: Path, seeds: Sequence[int] = (0, 1, 2), trials: int = 16,
 
     tmp.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    asha = {f.name: f.default for f in dataclasses.fields(SweepSpec)
-            if f.name in ("grace_period", "reduction_factor")}
+    asha = {"grace_period": SweepSpec.grace_period,
+            "reduction_factor": SweepSpec.reduction_factor}
     pairs = []
     # MLflow puts a new store's artifacts under ./mlruns: keep them in `tmp`
     with contextlib.chdir(tmp), sweep_environment():
@@ -334,9 +324,8 @@ def search_epochs(tmp: Path, seeds: Sequence[int] = (0, 1, 2), trials: int = 16,
             pts = []
             for kind, design in (("random", "design: random"), ("tpe_asha", "searcher: tpe")):
                 space = tmp / f"{kind}_{seed}.yaml"
-                space.write_text(SEARCH_SPACE % {"epochs": epochs, "asha": "",
-                                                 "design": design, "seed": seed,
-                                                 "trials": trials})
+                space.write_text(SEARCH_SPACE % {"epochs": epochs, "design": design,
+                                                 "seed": seed, "trials": trials})
                 res = run_sweep(space, name=f"{kind}_{seed}", tracking_uri=uri,
                                 storage=tmp / "ray")
                 pts.append(_points(uri, res["parent_run_id"]))

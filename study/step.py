@@ -87,10 +87,10 @@ def trial_loss(
     if y.dim() == 2:  # (B, T, C), (B, T) -> (B*T, C), (B*T,): no boolean indexing, so the
         # step keeps static shapes (CUDA graphs); unlabelled positions are ignored
         logits, y = logits.flatten(0, 1), y.flatten()
-    keep = y != IGNORE  # (N,)
     loss = F.cross_entropy(logits + adjust, y, ignore_index=IGNORE,
                            label_smoothing=cfg.label_smoothing)
     if cfg.z_loss > 0:  # keeps the softmax normalizer near 1 (unlabelled positions: none)
+        keep = y != IGNORE  # (N,)
         z = torch.where(keep, torch.logsumexp(logits, -1).pow(2), 0.0)
         loss = loss + cfg.z_loss * z.sum() / keep.sum()
     if stats is not None and cfg.attn_entropy_reg > 0:

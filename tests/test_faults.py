@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import answers_health, on_free_port, stop_group
+from study.server import wait_healthy
+from tests.helpers import on_free_port, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -453,11 +454,8 @@ def _server(tmp: Path, port: int) -> subprocess.Popen | None:
          f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if answers_health(port):
-            return proc
-        time.sleep(0.3)
+    if wait_healthy(f"http://127.0.0.1:{port}", proc):
+        return proc
     stop_group(proc)
     return None
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
+from study.server import pg_local, wait_healthy
 from tests.helpers import answers_health, on_free_port, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_LOCAL = ROOT / "scripts" / "pg-local"
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 NAME, TRIALS, EPOCHS = "server_smoke", 2, 2
 pytestmark = pytest.mark.slow
@@ -40,11 +40,6 @@ def _why_skip() -> str | None:
 def _cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd)
-
-
-def _pg_local(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(PG_LOCAL), *args], capture_output=True, text=True,
-                          timeout=120)
 
 
 def _postmaster_pid(data: Path) -> int | None:
@@ -77,7 +72,7 @@ def server() -> Iterator[dict[str, Any]]:
     errors: list[str] = []
 
     def start_pg(port: int) -> tuple[int, str] | None:
-        res = _pg_local("start", "--dir", str(data), "--port", str(port))
+        res = pg_local("start", data, port)
         if res.returncode != 0:
             errors.append(res.stderr[-2000:])
             return None
@@ -89,11 +84,8 @@ def server() -> Iterator[dict[str, Any]]:
             [sys.executable, "-m", "study.cli", "server", "--dir", str(data), "--port", str(port),
              "--pg-port", str(pg_port), "--workers", "1"], cwd=base, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if answers_health(port):
-                return proc, port
-            time.sleep(0.5)
+        if wait_healthy(f"http://127.0.0.1:{port}", proc):
+            return proc, port
         errors.append((base / f"server_{port}.log").read_text()[-3000:])
         _stop_server(proc, data)
         return None
@@ -114,7 +106,7 @@ def server() -> Iterator[dict[str, Any]]:
     finally:
         if "proc" in info:
             _stop_server(info["proc"], data)
-        _pg_local("stop", "--dir", str(data))
+        pg_local("stop", data)
         pg_pid = info.get("pg_pid")
         if pg_pid and _alive(pg_pid, "postgres"):  # the script could not stop it: by its PID
             os.kill(pg_pid, signal.SIGQUIT)
@@ -238,6 +230,6 @@ def test_ctrl_c_stops_the_server_and_not_a_postgres_it_found(server: dict[str, A
     assert not (data / "mlflow.pid").exists()
     pg_pid = server["pg_pid"]
     assert pg_pid and _alive(pg_pid)
-    res = _pg_local("stop", "--dir", str(data))
+    res = pg_local("stop", data)
     assert res.returncode == 0, res.stderr
     assert not _alive(pg_pid) and _postmaster_pid(data) is None

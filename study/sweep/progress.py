@@ -19,7 +19,7 @@ from ray.tune import Callback
 from rich.console import Console
 
 from study.records import Outcome, ParamSpec, SweepSpec
-from study.sweep.callbacks import trial_end
+from study.sweep.callbacks import RAY_DONE, trial_end
 
 REASON_CHARS = 100  # a failed trial's reason on its line (MLflow has the whole message)
 # the ETA's mean wall time is over the trials finished last: it follows a sweep whose trials
@@ -165,7 +165,7 @@ class ProgressView(Callback):
             self.started = _begun.pop() if _begun else time.monotonic()
         self.counts = dict.fromkeys(Outcome, 0)
         for t in trials:
-            if t.status in ("TERMINATED", "ERROR"):
+            if t.status in RAY_DONE:
                 self._count(t, t.status == "ERROR")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
