@@ -132,15 +132,25 @@ def machine() -> dict[str, Any]:
             "cuda": torch.version.cuda if cuda else None, "packages": versions}
 
 
-def _section(detail: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
+def _section(detail: dict[str, Any], name: str, fn: Callable[[], Any],
+             save: Callable[[], None] | None = None) -> None:
+    """Run one measurement into `detail[name]`; one that fails is recorded with its reason
+    (its summary key stays null) and the others still run. `save` writes what is measured so
+    far, so a run stopped at a time limit keeps its finished sections."""
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     print(f"[bench] {name} ... (load {load:.1f})", flush=True)
-    detail[name] = fn()
+    try:
+        detail[name] = fn()
+    except Exception as e:
+        detail[name] = {"value": None, "error": f"{type(e).__name__}: {e}"}
+        print(f"[bench] {name} FAILED: {type(e).__name__}: {e}", flush=True)
     took = time.perf_counter() - t0
     detail["timing"][name] = {"seconds": took, "load_before": load,
                               "load_after": os.getloadavg()[0]}
     print(f"[bench] {name}: {took:.0f} s", flush=True)
+    if save is not None:
+        save()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -160,49 +170,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "load_at_start": list(os.getloadavg()), "timing": {},
                               "sections": args.only}
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    if not (cuda and "gpu" in args.only):
+        reason = NO_GPU if not cuda else "section gpu not run (--only)"
+        detail["packing"] = {"value": None, "reason": reason}
+        detail["mfu"] = {"value": None, "reason": reason}
+
+    def save() -> dict[str, Any]:
+        summary = summarize(detail, device)
+        OUT.mkdir(parents=True, exist_ok=True)
+        if isinstance(detail.get("attention"), dict) and "error" not in detail["attention"]:
+            att = {"device": torch.cuda.get_device_name() if cuda else "cpu",
+                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                   **detail["attention"]}
+            (OUT / f"attention_{'cuda' if cuda else 'cpu'}.json").write_text(
+                json.dumps(att, indent=1))
+        (OUT / f"bench-{device}.json").write_text(json.dumps(detail, indent=1))
+        (OUT / f"summary-{device}.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def section(name: str, fn: Callable[[], Any]) -> None:
+        _section(detail, name, fn, save)
+
     if "attention" in args.only:
-        _section(detail, "attention", lambda: attention.attention_ratios(dev))
-        _section(detail, "attention_textbook", lambda: attention.textbook_comparison(dev))
+        section("attention", lambda: attention.attention_ratios(dev))
+        section("attention_textbook", lambda: attention.textbook_comparison(dev))
         if not cuda:
             detail["attention_textbook"]["note"] = (
                 "CPU: T = 256, not 1024 (a 4-layer step at T = 1024 takes seconds per step on "
                 "2 cores); the summary keys keep their names")
     if "trials" in args.only:
-        _section(detail, "small_trial", lambda: trials.small_trial_speedup(dev))
-        _section(detail, "seeds", lambda: trials.seeds_cost(ks=(4, 16) if cuda else (4,)))
+        # on a GPU at the default study's budget (10 epochs): with 2, a captured step's trial
+        # is mostly its one-time costs; on the CPU both sides are the same eager trial
+        epochs = trials.default_epochs() if cuda else 2
+        section("small_trial", lambda: trials.small_trial_speedup(dev, epochs=epochs))
+        section("seeds", lambda: trials.seeds_cost(ks=(4, 16) if cuda else (4,), epochs=epochs))
         if not cuda:  # 16 seeds cost 16 of one on the CPU, as 4 cost 4: a minute saved
             detail["seeds"]["seeds16"] = {"cost_ratio": None, "reason": SEEDS16_CPU}
     if "study" in args.only:
-        _section(detail, "study", lambda: sweeps.study_speedup(
-            tmp / "study", **({"trials": 16, "packed": (0.125, 8)} if cuda else {})))
+        # on a GPU: the whole default study (its trials and epochs), 8 trials packed per GPU
+        section("study", lambda: sweeps.study_speedup(
+            tmp / "study", **(sweeps.default_study_budget() | {"packed": (0.125, 8)}
+                              if cuda else {})))
     if "harness" in args.only:
-        _section(detail, "harness", lambda: sweeps.harness(tmp / "harness"))
+        section("harness", lambda: sweeps.harness(tmp / "harness"))
     if "search" in args.only:
-        _section(detail, "search", lambda: sweeps.search_epochs(tmp / "search"))
+        section("search", lambda: sweeps.search_epochs(tmp / "search"))
     if cuda and "gpu" in args.only:
-        _section(detail, "mfu", gpu.mfu_gpt2_small)
-        _section(detail, "packing", gpu.packing)
-    else:
-        reason = NO_GPU if not cuda else "section gpu not run (--only)"
-        detail["packing"] = {"value": None, "reason": reason}
-        detail["mfu"] = {"value": None, "reason": reason}
+        section("mfu", gpu.mfu_gpt2_small)
+        section("packing", gpu.packing)
     detail["finished"] = time.time()
     detail["load_at_end"] = list(os.getloadavg())
     if args.keep:
         detail["tmp_dir"] = str(tmp)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-
-    summary = summarize(detail, device)
-    OUT.mkdir(parents=True, exist_ok=True)
-    if "attention" in args.only:
-        att = {"device": torch.cuda.get_device_name() if cuda else "cpu",
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-               **detail["attention"]}
-        (OUT / f"attention_{'cuda' if cuda else 'cpu'}.json").write_text(json.dumps(att,
-                                                                                  indent=1))
-    (OUT / f"bench-{device}.json").write_text(json.dumps(detail, indent=1))
-    (OUT / f"summary-{device}.json").write_text(json.dumps(summary, indent=1))
+    summary = save()
     print(table(summary, detail))
     print(f"wrote {OUT / f'summary-{device}.json'} and {OUT / f'bench-{device}.json'} "
           f"(load average {detail['load_at_start'][0]:.1f} at start, "

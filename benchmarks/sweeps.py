@@ -257,7 +257,8 @@ def _disk(res: diskio.DiskWrites, trials: int, epochs: int,
 
 def _env() -> dict[str, str]:
     import os
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep the caller's
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def todays_path(text: str) -> str:
@@ -269,6 +270,14 @@ def todays_path(text: str) -> str:
     raw["fixed"] = {**(raw.get("fixed") or {}), "step_mode": "eager"}
     raw["seed_batching"] = "lockstep"
     return yaml.safe_dump(raw, sort_keys=False)
+
+
+def default_study_budget() -> dict[str, int]:
+    """The default study's own size: its `num_trials` and epochs per trial."""
+    from study.spaces import load_space
+
+    spec = load_space(DEFAULT_SPACE)
+    return {"trials": spec.num_trials, "epochs": spec.epochs}
 
 
 def study_speedup(tmp: Path, trials: int = 6, epochs: int = 3,

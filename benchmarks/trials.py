@@ -27,6 +27,14 @@ DEFAULT_TRIAL = dict(task="mnist1d", d_model=64, d_ff=128, n_layers=2, n_heads=4
                      batch_size=64, lr=0.003)
 
 
+def default_epochs() -> int:
+    """The default study's budget (search_spaces/default.yaml), epochs per trial."""
+    from benchmarks.sweeps import DEFAULT_SPACE
+    from study.spaces import load_space
+
+    return load_space(DEFAULT_SPACE).epochs
+
+
 def default_trial(epochs: int, step_mode: str = "auto") -> TrialConfig:
     return TrialConfig(epochs=epochs, step_mode=step_mode, **DEFAULT_TRIAL)
 

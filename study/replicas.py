@@ -80,7 +80,7 @@ from study.config import TrialConfig
 from study.device import autocast, resolve_device
 from study.evaluation import EVAL_BATCH, STATS_BATCH, EvalOut, epoch_metrics
 from study.model import Attention, AttentionModel, AttnStats, build_model
-from study.step import adamw, apply_step, trial_loss
+from study.step import adamw, apply_step, graph_step, optimizer_step, resolve_step_mode, trial_loss
 from study.tasks.base import IGNORE, Split, TaskData
 from study.train import (
     _RNG,
@@ -308,9 +308,14 @@ class Replicas:
         # about as many as `evaluate` does (its activation memory)
         self.eval_batch = max(1, EVAL_BATCH // self.k)
         self.vmap_eval = vmap_eval if vmap_eval is not None else device.type == "cuda"
+        # CUDA: the whole batched step captured in CUDA graphs (`step.graph_step`), as a
+        # single trial's is: vmap's per-operation dispatch is paid once, at capture
+        self.mode = "graph" if resolve_step_mode(cfg, device)[0] == "graph" else "eager"
+        self.graphs: dict[tuple, Any] = {}
         decay = [p for p in self.params.values() if p.dim() - 1 >= 2]  # matrices per replicate
         no_decay = [p for p in self.params.values() if p.dim() - 1 < 2]
-        self.opt, self.sched = adamw(decay, no_decay, cfg, cfg.epochs * self.steps_per_epoch)
+        self.opt, self.sched = adamw(decay, no_decay, cfg, cfg.epochs * self.steps_per_epoch,
+                                     capturable=self.mode == "graph")
         # Menon et al. 2020: train on logits + tau log pi, with each replicate's own prior
         self.adjust = torch.stack([c.logit_adjust_tau * class_prior(d).clamp_min(1e-12).log()
                                    for c, d in zip(cfgs, datas)]).to(device)
@@ -318,12 +323,15 @@ class Replicas:
         self.clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         self.rng = _RNG(dropout_seed(cfgs), device)
         self.step = 0
+        self.step_t = torch.zeros((), device=device, dtype=torch.long)
+        self.gn_sum = torch.zeros(self.k, device=device)  # (k,) per replicate, as TrainState's
+        self.first_bad = torch.full((self.k,), -1, device=device, dtype=torch.long)
         self._losses = vmap(self._loss, randomness="different")
-        self.start_epoch()
 
     def start_epoch(self) -> None:
-        self.gn_sum = torch.zeros(self.k, device=self.device)
-        self.first_bad = torch.full((self.k,), -1, device=self.device, dtype=torch.long)
+        """Reset the per-epoch accumulators in place (captured steps hold their addresses)."""
+        self.gn_sum.zero_()
+        self.first_bad.fill_(-1)
 
     def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
               m: torch.Tensor, adjust: torch.Tensor) -> torch.Tensor:
@@ -335,7 +343,26 @@ class Replicas:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """`step.train_step` for every replicate at once, on batches `(k, B, ...)`; returns the
         `(k,)` losses. Flags and grad norms are per replicate, on the device."""
+        if self.mode == "graph":
+            return graph_step(self, x, y, m, self._eager_step, self._captured_step)
+        return self._eager_step(x, y, m)
+
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
+        loss, gn = self._clipped(x, y, m)
+        return apply_step(self, loss, gn)
+
+    def _captured_step(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor
+                       ) -> torch.Tensor:
+        """The step as a CUDA graph holds it: in place, gradients zeroed (not freed)."""
+        self.opt.zero_grad(set_to_none=False)
+        loss, gn = self._clipped(x, y, m)
+        optimizer_step(self, loss, gn)
+        return loss.detach()
+
+    def _clipped(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `(k,)` losses and grad norms, gradients computed and clipped per replicate."""
         loss = self._losses(self.params, x, y, m, self.adjust)  # (k,)
         # replicates are independent: d(sum)/d(replicate r's params) = d(loss_r)/d(...)
         loss.sum().backward()
@@ -347,7 +374,7 @@ class Replicas:
         coef = (self.clip / (gn + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
-        return apply_step(self, loss, gn)
+        return loss, gn
 
     def train_epoch(self) -> None:
         """One epoch: each replicate's own batch order, one batched step per batch."""

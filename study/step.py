@@ -165,7 +165,7 @@ class TrainState:
         self.device = next(self.model.parameters()).device
         self.gn_sum = torch.zeros((), device=self.device)
         self.first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
-        self.step_t = torch.zeros((), device=self.device, dtype=torch.long)
+        self.step_t = torch.full((), self.step, device=self.device, dtype=torch.long)
         self.forward = self.model
         if self.mode == "compile":  # CUDA: CUDA graphs inside compiled regions as well
             self.forward = torch.compile(
@@ -204,18 +204,30 @@ def train_step(
     A non-finite loss or grad norm records its step (1-based) in `state.first_bad` on the device;
     the step still runs, and the caller stops the trial when it reads the flag. In `graph` mode
     the whole step but the schedule (a device-side fill of the learning rate) replays one CUDA
-    graph per batch shape, captured after `GRAPH_WARMUP` eager steps.
+    graph per batch shape, captured after `GRAPH_WARMUP` eager steps (`graph_step`).
     """
     if state.mode == "graph":
-        if state.step >= GRAPH_WARMUP:
-            return _replay(state, x, y, mask)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            loss = _eager_step(state, x, y, mask)
-        torch.cuda.current_stream().wait_stream(side)
-        return loss
+        return graph_step(state, x, y, mask, lambda *b: _eager_step(state, *b),
+                          lambda *b: _captured_step(state, *b))
     return _eager_step(state, x, y, mask)
+
+
+def graph_step(state: Any, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+               eager: Callable[..., torch.Tensor], captured: Callable[..., torch.Tensor]
+               ) -> torch.Tensor:
+    """One step in `graph` mode: `eager(x, y, mask)` (the whole step, schedule included) for the
+    first `GRAPH_WARMUP` steps, on a side stream as capture needs; then `captured` (the same
+    step in place, without the schedule) captured once per batch shape and replayed. `state`
+    holds step, sched, device, mode and graphs (a `TrainState`, or the batched replicas); a
+    config whose step cannot be captured falls back to `eager` for good."""
+    if state.step >= GRAPH_WARMUP:
+        return _replay(state, x, y, mask, eager, captured)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        loss = eager(x, y, mask)
+    torch.cuda.current_stream().wait_stream(side)
+    return loss
 
 
 def _eager_step(
@@ -241,33 +253,29 @@ def _captured_step(
     loss = trial_loss(logits, y, st, state.cfg, state.adjust)
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.clip)
-    bad = ~(torch.isfinite(loss) & torch.isfinite(gn))
-    state.step_t.add_(1)
-    state.first_bad.copy_(torch.where(bad & (state.first_bad < 0), state.step_t,
-                                      state.first_bad))
-    state.gn_sum.add_(torch.nan_to_num(gn, nan=0.0, posinf=0.0))
-    state.opt.step()
+    optimizer_step(state, loss, gn)
     return loss.detach()
 
 
-def _replay(state: TrainState, x: torch.Tensor, y: torch.Tensor,
-            mask: torch.Tensor) -> torch.Tensor:
+def _replay(state: Any, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+            eager: Callable[..., torch.Tensor], captured: Callable[..., torch.Tensor]
+            ) -> torch.Tensor:
     key = (tuple(x.shape), tuple(y.shape), tuple(mask.shape))
     g = state.graphs.get(key)
     if g is None:  # the first batch of this shape: capture (nothing runs) then replay
         sx, sy, sm = x.clone(), y.clone(), mask.clone()
-        state.step_t.fill_(state.step)
         torch.cuda.synchronize(state.device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                loss = _captured_step(state, sx, sy, sm)
+                loss = captured(sx, sy, sm)
         except Exception as e:  # something in this config cannot be captured: eager from now
             log.warning("step_mode graph falls back to eager at step %d: %s: %s",
                         state.step + 1, type(e).__name__, str(e).splitlines()[0][:200])
             state.mode, state.graphs = "eager", {}
+            state.step_t.fill_(state.step)  # a failed capture may have counted a step
             torch.cuda.synchronize(state.device)
-            return _eager_step(state, x, y, mask)
+            return eager(x, y, mask)
         g = state.graphs[key] = _Graph(graph, sx, sy, sm, loss)
     else:
         g.x.copy_(x)
@@ -279,16 +287,23 @@ def _replay(state: TrainState, x: torch.Tensor, y: torch.Tensor,
     return g.loss.clone()  # the graph's own loss tensor is overwritten by the next replay
 
 
-def apply_step(state: Any, loss: torch.Tensor, gn: torch.Tensor) -> torch.Tensor:
-    """The end of an eager step once gradients are clipped (`gn`: the norm(s) before clipping,
-    one per replicate when batched): the divergence flag (first bad step, kept on the device,
-    no host sync), the grad-norm sum, the optimizer and the schedule. `state` holds opt, sched,
-    step, first_bad and gn_sum (a `TrainState`, or the batched replicas)."""
+def optimizer_step(state: Any, loss: torch.Tensor, gn: torch.Tensor) -> None:
+    """The end of a step once gradients are clipped (`gn`: the norm(s) before clipping, one per
+    replicate when batched), all on the device and in place (so a CUDA graph can hold it): the
+    step count `step_t`, the divergence flag (the first bad step), the grad-norm sum and the
+    optimizer. `state` holds opt, step_t, first_bad and gn_sum (a `TrainState`, or the batched
+    replicas)."""
     bad = ~(torch.isfinite(loss) & torch.isfinite(gn))
-    state.first_bad.copy_(torch.where(bad & (state.first_bad < 0), state.step + 1,
+    state.step_t.add_(1)
+    state.first_bad.copy_(torch.where(bad & (state.first_bad < 0), state.step_t,
                                       state.first_bad))
     state.gn_sum.add_(torch.nan_to_num(gn, nan=0.0, posinf=0.0))
     state.opt.step()
+
+
+def apply_step(state: Any, loss: torch.Tensor, gn: torch.Tensor) -> torch.Tensor:
+    """The end of an eager step: `optimizer_step`, then the schedule and the host's count."""
+    optimizer_step(state, loss, gn)
     state.sched.step()
     state.step += 1
     return loss.detach()

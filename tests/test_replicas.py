@@ -297,3 +297,40 @@ def test_seed_batching_is_a_space_key_stored_with_the_sweep() -> None:
     old = json.loads(default.to_json())
     del old["seed_batching"]  # a sweep recorded before the key existed trained in lockstep
     assert SweepSpec.from_json(json.dumps(old)).seed_batching == "lockstep"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_replicates_match_unbatched_trials_on_cuda() -> None:
+    """On CUDA (bf16 autocast, SDPA's fused kernels) the replicates still train batched, with no
+    per-replicate fallback loop (the module's warning filter), and land where the unbatched
+    trials land: bf16 rounding differs between the two computations, so within a tolerance."""
+    cfgs, datas = replicas_of({"device": "cuda"})
+    assert fallback_reason(cfgs, datas) is None
+    batched = list(train_replicas(cfgs, datas, vmap_eval=True))
+    alone = unbatched(cfgs, datas)
+    final = batched[-1]
+    for k, got in enumerate(final):
+        want = alone[k][-1].metrics
+        assert got.diverged is None
+        for name in (M.TRAIN_LOSS, M.VAL_LOSS, M.TEST_LOSS):
+            assert got.metrics[name] == pytest.approx(want[name], rel=0.1), (k, name)
+        for name in (M.VAL_ACC, M.TEST_ACC):
+            assert got.metrics[name] == pytest.approx(want[name], abs=0.05), (k, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_step_is_captured_on_cuda_and_matches_its_eager_step() -> None:
+    """On CUDA the batched step is captured in CUDA graphs (one per batch shape, as a single
+    trial's is) and computes what the eager batched step computes."""
+    cfgs, datas = replicas_of({"device": "cuda"})
+    reps = Replicas(cfgs, datas)
+    reps.train_epoch()
+    assert reps.mode == "graph" and reps.graphs, "the step fell back to eager"
+    assert int(reps.step_t) == reps.step
+    graph = list(train_replicas(cfgs, datas))[-1]
+    eager = list(train_replicas([c.replace(step_mode="eager") for c in cfgs], datas))[-1]
+    for g, e in zip(graph, eager):
+        for name in (M.TRAIN_LOSS, M.VAL_LOSS, M.TEST_LOSS, M.VAL_ACC, M.GRAD_NORM):
+            assert g.metrics[name] == pytest.approx(e.metrics[name], rel=2e-2, abs=2e-3), name

@@ -98,7 +98,20 @@ def run_steps(cfg, steps, device="cpu"):
         x, y, m = (t[lo:lo + b].to(device) for t in (data.train.x, data.train.y,
                                                      data.train.mask))
         losses.append(float(train_step(state, x, y, m)))
-    return state, losses, [p.detach().cpu().clone() for p in model.parameters()]
+    return state, losses, {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+
+
+def weight_gaps(a: dict, b: dict, d_model: int) -> dict[str, float]:
+    """Largest |a - b| per parameter, leaving out the key bias (`attn.qkv.bias[d:2d]`): the
+    softmax is invariant to it (q . b_k is the same for every key), so its gradient is pure
+    rounding noise, which Adam scales up to lr-sized steps in whichever path rounds differently."""
+    gaps = {}
+    for name, w in a.items():
+        diff = (w - b[name]).abs()
+        if name.endswith("attn.qkv.bias"):
+            diff[d_model:2 * d_model] = 0.0
+        gaps[name] = float(diff.max())
+    return gaps
 
 
 @pytest.mark.slow
@@ -112,7 +125,8 @@ def test_compile_matches_eager_on_cpu():
     assert max(abs(a - b) for a, b in zip(e_loss, c_loss)) < 1e-4, (e_loss, c_loss)
     # Adam divides by sqrt(v): float noise in a near-zero gradient moves its weight by up to
     # ~lr per step, so weights are compared at a fraction of the learning rate
-    assert max(float((a - b).abs().max()) for a, b in zip(e_w, c_w)) < 0.5 * base.lr
+    gaps = weight_gaps(e_w, c_w, base.d_model)
+    assert max(gaps.values()) < 0.5 * base.lr, gaps
     assert float(c_state.gn_sum) == pytest.approx(float(e_state.gn_sum), rel=1e-4)
 
 
@@ -131,7 +145,8 @@ def test_graph_matches_eager_on_cuda(changes):
     assert g_state.mode == "graph" and len(g_state.graphs) == 2  # two batch shapes captured
     assert g_state.step == steps and int(g_state.step_t) == steps
     assert max(abs(a - b) for a, b in zip(e_loss, g_loss)) < 2e-3, (e_loss, g_loss)
-    assert max(float((a - b).abs().max()) for a, b in zip(e_w, g_w)) < 2e-3
+    gaps = weight_gaps(e_w, g_w, base.d_model)
+    assert max(gaps.values()) < 2e-3, sorted(gaps.items(), key=lambda kv: -kv[1])[:3]
     assert int(g_state.first_bad) == -1
     assert float(g_state.gn_sum) == pytest.approx(float(e_state.gn_sum), rel=1e-2)
 
