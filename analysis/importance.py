@@ -68,9 +68,13 @@ seeds put that spread into the interval and the null anyway.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import multiprocessing
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -296,7 +300,7 @@ def _percentile(x: np.ndarray, q: float) -> np.ndarray:
 def importance_table(trials: pd.DataFrame, params: list[str], targets: list[str],
                      seed: int = 0, group: str = TRIAL_KEY,
                      spec: SweepSpec | None = None, n_boot: int = N_BOOT,
-                     n_perm: int = N_PERM) -> pd.DataFrame:
+                     n_perm: int = N_PERM, workers: int | None = None) -> pd.DataFrame:
     """Importance of each varied param for each target under fANOVA and PED-ANOVA, with a
     bootstrap interval and a permutation null (see the module docstring).
 
@@ -308,10 +312,43 @@ def importance_table(trials: pd.DataFrame, params: list[str], targets: list[str]
     p_value (permutation p-value, +1 corrected). `spec`: the sweep's search space
     (`Sweep.spec`) for the declared distributions. `seed` fixes the resamples, the shuffles and
     the forests. Targets absent, constant or with fewer than `MIN_TRIALS` trials are skipped,
-    and PED-ANOVA with fewer than `2 * MIN_TOP`; `df.attrs["notes"]` says why."""
+    and PED-ANOVA with fewer than `2 * MIN_TOP`; `df.attrs["notes"]` says why. The fANOVA fits
+    run in `workers` processes (None: one per CPU this process may use; the same values as
+    one process gives)."""
+    with _fit_pool(workers if n_boot + n_perm else 1) as pool:
+        return _importance_table(trials, params, targets, seed, group, spec, n_boot, n_perm,
+                                 pool)
+
+
+@contextlib.contextmanager
+def _fit_pool(workers: int | None) -> Iterator[ProcessPoolExecutor | None]:
+    """Processes for the fANOVA fits (`workers`; None: the CPUs this process may use), or None
+    for one: spawned, not forked (the caller may hold MLflow's threads and connections)."""
+    if workers is None:
+        workers = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+    if workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_quiet_optuna) as pool:
+        yield pool
+
+
+def _quiet_optuna() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _fit(job: tuple[Any, ...]) -> np.ndarray:
+    return _importances(*job)
+
+
+def _importance_table(trials: pd.DataFrame, params: list[str], targets: list[str], seed: int,
+                      group: str, spec: SweepSpec | None, n_boot: int, n_perm: int,
+                      pool: ProcessPoolExecutor | None) -> pd.DataFrame:
+    _quiet_optuna()
     notes: list[str] = []
     rows: list[dict[str, Any]] = []
     params = [p for p in params if p in trials]
@@ -356,13 +393,16 @@ def importance_table(trials: pd.DataFrame, params: list[str], targets: list[str]
             if name == "ped_anova" and quantile is None:
                 continue
             space, q = spaces[name], quantile or TOP_SHARE
-            imp = _importances(name, space, everyone, y, direction, seed, q)
-            boot = np.array([_importances(name, space, idx, y[idx], direction,
-                                          seed + 1 + b, q)
-                             for b, idx in enumerate(resamples)]).reshape(n_boot, len(dists))
-            null = np.array([_importances(name, space, everyone, ys, direction,
-                                          seed + 1 + n_boot + k, q)
-                             for k, ys in enumerate(shuffles)]).reshape(n_perm, len(dists))
+            # the estimate, its n_boot resamples, its n_perm shuffles: independent fits, each
+            # with its own forest seed (so spread over processes they give the loop's values)
+            jobs = [(name, space, everyone, y, direction, seed, q),
+                    *((name, space, idx, y[idx], direction, seed + 1 + b, q)
+                      for b, idx in enumerate(resamples)),
+                    *((name, space, everyone, ys, direction, seed + 1 + n_boot + k, q)
+                      for k, ys in enumerate(shuffles))]
+            fits = np.array(list(pool.map(_fit, jobs)) if pool and name == "fanova"
+                            else [_fit(j) for j in jobs]).reshape(len(jobs), len(dists))
+            imp, boot, null = fits[0], fits[1:1 + n_boot], fits[1 + n_boot:]
             low = _percentile(boot, 50 * (1 - CI))
             high = _percentile(boot, 50 * (1 + CI))
             null_high = _percentile(null, 100 * NULL_QUANTILE)

@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         section("seeds", lambda: trials.seeds_cost(ks=(4, 16) if cuda else (4,), epochs=epochs))
         if not cuda:  # 16 seeds cost 16 of one on the CPU, as 4 cost 4: a minute saved
             detail["seeds"]["seeds16"] = {"cost_ratio": None, "reason": SEEDS16_CPU}
+        # where those trials' time goes (training, per-epoch evaluation, robustness sets)
+        section("time_split", lambda: {f"seeds{k}": trials.time_split(
+            trials.default_trial(epochs), k) for k in ((1, 4, 16) if cuda else (1, 4))})
     if "study" in args.only:
         # on a GPU: the whole default study (its trials and epochs), 8 trials packed per GPU
         section("study", lambda: sweeps.study_speedup(

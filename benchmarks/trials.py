@@ -8,13 +8,18 @@
 - `seeds_cost`: wall time of a trial with k seed replicates over one with a single seed: with
   `study.replicas.train_replicas` (the replicates as one batched computation) where it exists
   and accepts the config, else k `run_trial`s in lockstep (today's trainable).
+- `time_split`: where such a trial's wall time goes: training (model building and step capture
+  included), the per-epoch evaluation and the final robustness sets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -139,3 +144,51 @@ def seeds_cost(ks: tuple[int, ...] = (4, 16), epochs: int = 2) -> dict[str, Any]
             t_lock, _ = seeds_time(cfg, k, lockstep=True)
             out[f"seeds{k}"]["lockstep_cost_ratio"] = t_lock / one
     return out
+
+
+@contextlib.contextmanager
+def _timed(targets: dict[str, list[tuple[Any, str]]]) -> Iterator[dict[str, float]]:
+    """Seconds spent in each named group of functions (`(owner, attribute)` pairs, patched for
+    the duration), the device synchronized around each call so its queued work counts where
+    it was queued."""
+    spent = dict.fromkeys(targets, 0.0)
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                spent[name] += time.perf_counter() - t0
+        return timed
+
+    with contextlib.ExitStack() as stack:
+        for name, owners in targets.items():
+            for owner, attr in owners:
+                stack.enter_context(mock.patch.object(owner, attr,
+                                                      wrap(name, getattr(owner, attr))))
+        yield spent
+
+
+def time_split(cfg: TrialConfig, k: int) -> dict[str, Any]:
+    """Where a trial of `cfg` with k replicates spends its wall time (`seeds_time`'s trial):
+    `eval_s` (the per-epoch evaluation: `epoch_metrics`, or the batched `epoch_values`),
+    `robustness_s` (the final robustness sets), `train_s` (the rest: building the models,
+    the training steps and their capture)."""
+    from study import train
+
+    reps = replicas_module()
+    targets: dict[str, list[tuple[Any, str]]] = {
+        "eval_s": [(train, "epoch_metrics")], "robustness_s": [(train, "robustness_metrics")]}
+    if reps is not None and k > 1:
+        targets["eval_s"].append((reps.Replicas, "epoch_values"))
+    with _timed(targets) as spent:
+        wall, mode = seeds_time(cfg, k)
+    return {"k": k, "mode": mode, "wall_s": wall, **spent,
+            "train_s": wall - spent["eval_s"] - spent["robustness_s"]}

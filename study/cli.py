@@ -75,20 +75,12 @@ def trial(
 def _check_sweep_flags(name: str | None, trials: int | None, epochs: int | None,
                        gpu: float | None, max_concurrent: int | None) -> None:
     """The sweep's flags on their own, before the space file is read: one-line SpaceError."""
-    from study.config import field_limit_error
-    from study.spaces import LIMITS, SpaceError, check_name, check_resource
+    from study.preflight import check_overrides
+    from study.spaces import check_name
     if name is not None:
         check_name(name, "--name")
-    for flag, value, top in (("--trials", trials, LIMITS["num_trials"]),
-                             ("--max-concurrent", max_concurrent, LIMITS["max_concurrent"])):
-        if value is not None and not 1 <= value <= top:
-            raise SpaceError(f"{flag}: {value} is outside 1..{top}")
-    err = None if epochs is None else (f"epochs: must be >= 1, got {epochs}" if epochs < 1
-                                       else field_limit_error("epochs", epochs))
-    if err:
-        raise SpaceError(f"--epochs / {err}")
-    if gpu is not None:
-        check_resource("--gpu", "gpu", gpu)
+    check_overrides({"num_trials": trials, "epochs": epochs, "gpu": gpu,
+                     "max_concurrent": max_concurrent})
 
 
 @app.command()
@@ -172,8 +164,8 @@ def _interrupted(name: str | None, storage: Path | None, new: bool = True) -> ty
     """Ctrl-C that reached the command (Ray Tune catches the first one while trials run, and
     the sweep ends through `_after_sweep`): one line, exit 130, no traceback. A `new` sweep
     stopped before Ray Tune's first save is discarded (`discard_unstarted`)."""
-    from study.sweep.lifecycle import DEFAULT_STORAGE, META, discard_unstarted
-    exp_dir = Path(storage or DEFAULT_STORAGE).expanduser().resolve() / (name or "")
+    from study.sweep.lifecycle import META, discard_unstarted, storage_dir
+    exp_dir = storage_dir(storage) / (name or "")
     if name and (exp_dir / META).exists() and not (new and discard_unstarted(exp_dir)):
         console.print(_resume_hint(name, storage), highlight=False, soft_wrap=True)
     else:

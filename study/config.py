@@ -162,29 +162,10 @@ _MAX = {"seed": 2**31 - 1, "data_seed": 2**31 - 1, "d_model": 16384, "d_ff": 655
 
 
 def _check_ranges(c: TrialConfig) -> None:
-    for f in fields(c):
-        v = getattr(c, f.name)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"{f.name}: must be a finite number, got {v!r}")
-        if isinstance(v, tuple) and not all(math.isfinite(x) for x in v):
-            raise ConfigError(f"{f.name}: every value must be finite, got {v!r}")
-    for name, top in _MAX.items():
-        if getattr(c, name) > top:
-            raise ConfigError(f"{name}: {getattr(c, name)!r} exceeds the limit {top:g}; "
-                              "choose a smaller value")
-    for name in _POSITIVE:
-        if getattr(c, name) <= 0:
-            raise ConfigError(f"{name}: must be > 0, got {getattr(c, name)!r}")
-    for name in _FRACTIONS:
-        if not 0.0 <= getattr(c, name) < 1.0:
-            raise ConfigError(f"{name}: must be in [0, 1), got {getattr(c, name)!r}")
-    for name in _NON_NEGATIVE:
-        if getattr(c, name) < 0:
-            raise ConfigError(f"{name}: must be >= 0, got {getattr(c, name)!r}")
-    if not 0.0 < c.train_fraction <= 1.0:
-        raise ConfigError(f"train_fraction: must be in (0, 1], got {c.train_fraction!r}")
-    if c.imbalance < 1.0:
-        raise ConfigError(f"imbalance: must be >= 1 (n_max / n_min), got {c.imbalance!r}")
+    for f in fields(c):  # each field on its own, then the fields together
+        err = field_limit_error(f.name, getattr(c, f.name))
+        if err:
+            raise ConfigError(err)
     if c.d_model % c.n_heads:
         raise ConfigError(
             f"n_heads: {c.n_heads} does not divide d_model={c.d_model}; "

@@ -23,6 +23,7 @@ from typing import Any
 from study.config import ConfigError, field_limit_error, make_config
 from study.records import SweepSpec
 from study.spaces import LIMITS, SpaceError, check_name, check_resource
+from study.tracking import sqlite_file
 
 MIN_FREE_MB = 100  # free space a sweep's storage (and a SQLite store) must have to start
 NET_TIMEOUT_S = 3.0  # reaching an MLflow server or a Ray cluster
@@ -35,11 +36,10 @@ MAX_DATA_CHECKS = 16  # (data_path, text_column, label_column) combinations read
 def check_start(spec: SweepSpec, name: str, *, storage: str | Path | None,
                 tracking_uri: str | None, address: str | None, resume: bool = False) -> None:
     """Everything a sweep needs that can be checked before it starts; raises `SpaceError`."""
-    from study.sweep.lifecycle import DEFAULT_STORAGE
+    from study.sweep.lifecycle import storage_dir
     from study.tracking import resolve_uri
 
     check_name(name, _name_where(spec, name, resume))
-    _check_values(spec)
     if address:
         check_address(address)
     elif os.environ.get("RAY_ADDRESS"):  # ray.init() connects to it
@@ -47,7 +47,7 @@ def check_start(spec: SweepSpec, name: str, *, storage: str | Path | None,
     if _local(address):
         check_local_resources(spec)
     check_tracking_uri(resolve_uri(tracking_uri))
-    store = Path(storage or DEFAULT_STORAGE).expanduser().resolve()
+    store = storage_dir(storage)
     check_storage(store, "--storage")
     exp_dir = store / name
     if exp_dir.exists() and not exp_dir.is_dir():
@@ -66,18 +66,26 @@ def _name_where(spec: SweepSpec, name: str, resume: bool) -> str:
     return f"{spec.path}: name"
 
 
-def _check_values(spec: SweepSpec) -> None:
-    """The values command-line overrides may have changed (--trials, --epochs, --gpu,
-    --max-concurrent), held to the limits of the file's own keys."""
-    for key, flag, value in (("num_trials", "--trials", spec.num_trials),
-                             ("max_concurrent", "--max-concurrent", spec.max_concurrent)):
-        if not 1 <= value <= LIMITS[key]:
-            raise SpaceError(f"{flag} / {key}: {value} is outside 1..{LIMITS[key]}")
-    err = field_limit_error("epochs", spec.epochs)
-    if err:
-        raise SpaceError(f"--epochs / budget.{err}")
-    check_resource("--gpu / resources.gpu", "gpu", spec.gpu)
-    check_resource("resources.cpu", "cpu", spec.cpu)
+OVERRIDE_FLAGS = {"num_trials": "--trials", "epochs": "--epochs", "gpu": "--gpu",
+                  "max_concurrent": "--max-concurrent"}
+
+
+def check_overrides(values: dict[str, Any]) -> None:
+    """Command-line overrides of a space (`OVERRIDE_FLAGS`' keys; None: not given) on their
+    own, before any space is read, held to the limits of the file's own keys: a one-line
+    `SpaceError` naming the flag. The one check of them, for the CLI, `run_sweep` and resume."""
+    for key in ("num_trials", "max_concurrent"):
+        value = values.get(key)
+        if value is not None and not 1 <= value <= LIMITS[key]:
+            raise SpaceError(f"{OVERRIDE_FLAGS[key]}: {value} is outside 1..{LIMITS[key]}")
+    epochs = values.get("epochs")
+    if epochs is not None:
+        err = (f"epochs: must be >= 1, got {epochs}" if epochs < 1
+               else field_limit_error("epochs", epochs))
+        if err:
+            raise SpaceError(f"--epochs / budget.{err}")
+    if values.get("gpu") is not None:
+        check_resource("--gpu", "gpu", values["gpu"])
 
 
 def _local(address: str | None) -> bool:
@@ -208,13 +216,12 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def _check_sqlite(uri: str) -> None:
-    rest = uri.split(":", 1)[1]
-    if not rest.startswith("///"):
-        if rest in ("", "//", "///:memory:"):
-            return  # an in-memory database
+    if uri.split(":", 1)[1] in ("", "//", "///:memory:"):
+        return  # an in-memory database
+    db = sqlite_file(uri)  # the file MLflow (SQLAlchemy) will open
+    if db is None:
         raise SpaceError(f"--tracking-uri: {uri!r}: write sqlite:///RELATIVE.db or "
                          "sqlite:////ABSOLUTE.db")
-    db = Path(urllib.parse.unquote(rest[3:].split("?", 1)[0])).expanduser()
     if db.exists():
         if not db.is_file():
             raise SpaceError(f"--tracking-uri: {db} is a folder, not a SQLite file; name a "

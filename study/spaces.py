@@ -420,17 +420,11 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
     except ConfigError as e:
         raise SpaceError(f"{src}: fixed: {e}") from None
     data_path = fixed.get("data_path")
-    if data_path:
-        try:
-            Path(data_path).expanduser()
-        except RuntimeError:  # ~user of no user
-            raise SpaceError(f"{src}: fixed.data_path: {data_path}: no home folder for '~'; "
-                             "give the full path") from None
-    if data_path and not Path(data_path).expanduser().is_file():
-        raise SpaceError(f"{src}: fixed.data_path: {data_path} not found; give the path of a "
-                         "local CSV/JSONL/Parquet file")
-    if data_path:  # trials run in other working directories
-        fixed["data_path"] = str(Path(data_path).expanduser().resolve())
+    if data_path:  # (make_config above refused a '~user' of no user)
+        path = Path(data_path).expanduser()
+        _expect(path.is_file(), f"{src}: fixed.data_path: {data_path} not found; give the path "
+                "of a local CSV/JSONL/Parquet file")
+        fixed["data_path"] = str(path.resolve())  # trials run in other working directories
     params_raw = data.get("params") or {}
     _expect(isinstance(params_raw, dict) and bool(params_raw),
             f"{src}: params: expected a non-empty mapping of field: distribution")

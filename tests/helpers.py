@@ -1,13 +1,17 @@
-"""Shared test helpers: servers started on a free port (retried when another process takes
-the port first), processes stopped by their own process group, headless Chromium checks."""
+"""Shared test helpers: the CLI in a subprocess, servers started on a free port (retried when
+another process takes the port first), processes stopped by their own process group, Ray's
+trials as the callbacks see them, headless Chromium checks."""
 
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -16,6 +20,26 @@ from study.server import stop_group  # noqa: F401 (the tests stop what they star
 
 T = TypeVar("T")
 PORT_ATTEMPTS = 5
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `study` CLI in a subprocess (in the repository root by default)."""
+    return subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd or ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+@dataclass
+class FakeTrial:
+    """What the sweep's callbacks and progress view read of a Ray Tune `Trial`."""
+
+    trial_id: str
+    config: dict = field(default_factory=dict)
+    status: str = "PENDING"
+    last_result: dict[str, Any] = field(default_factory=dict)
+    error_file: str | None = None
 
 
 def free_port() -> int:

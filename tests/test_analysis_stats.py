@@ -259,3 +259,25 @@ def test_analysis_imports_neither_torch_nor_ray() -> None:
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("m", [pytest.param(m, id=f"m{m}") for m in (1, 2, 7, 40)])
+def test_holm_is_statsmodels_holm(m: int) -> None:
+    """`holm` gives statsmodels' Holm-adjusted p-values, ties, 0s, 1s and NaNs (left out of
+    the family) included."""
+    from statsmodels.stats.multitest import multipletests
+
+    from analysis.calls import holm
+
+    rng = np.random.default_rng(m)
+    for _ in range(50):
+        p = rng.uniform(0, 1, m) ** rng.uniform(0.2, 3)
+        p[rng.uniform(size=m) < 0.2] = rng.choice([0.0, 1.0, 0.05])  # ties and ends
+        p[rng.uniform(size=m) < 0.15] = np.nan
+        got = holm(p)
+        ok = np.isfinite(p)
+        assert np.isnan(got[~ok]).all()
+        if ok.any():
+            want = multipletests(p[ok], method="holm")[1]
+            np.testing.assert_allclose(got[ok], want, rtol=0, atol=1e-12)
+    assert holm(np.array([])).shape == (0,) and np.isnan(holm(np.array([np.nan]))).all()

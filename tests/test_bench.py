@@ -131,3 +131,17 @@ def test_todays_path_is_eager_and_lockstep() -> None:
     base = yaml.safe_load(DEFAULT_SPACE.read_text())
     assert spec.params == parse_space(DEFAULT_SPACE.read_text(), "d.yaml").params
     assert base["fixed"].items() <= spec.fixed.items()
+
+
+def test_timed_counts_the_patched_functions_and_restores_them() -> None:
+    import time
+    import types
+
+    from benchmarks.trials import _timed
+
+    ns = types.SimpleNamespace(slow=lambda: time.sleep(0.05) or 1, fast=lambda: 2)
+    slow, fast = ns.slow, ns.fast
+    with _timed({"slow": [(ns, "slow")], "fast": [(ns, "fast")]}) as spent:
+        assert ns.slow() == 1 and ns.slow() == 1 and ns.fast() == 2
+    assert spent["slow"] >= 0.1 and spent["fast"] < 0.05
+    assert ns.slow is slow and ns.fast is fast

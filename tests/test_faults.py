@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from study.server import wait_healthy
-from tests.helpers import on_free_port, stop_group
+from tests.helpers import FakeTrial, on_free_port, run_cli, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -209,9 +209,7 @@ def sqlite_sweep(tmp: Path, space: Path, name: str, db_dir: Path | None = None,
 
 
 def resume(sweep: Sweep) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "study.cli", "resume", sweep.name, "--storage",
-                          str(sweep.storage)], capture_output=True, text=True, timeout=400,
-                         cwd=ROOT)
+    res = run_cli("resume", sweep.name, "--storage", str(sweep.storage), timeout=400)
     print(res.stderr[-2000:])
     return res
 
@@ -542,12 +540,6 @@ def test_spool_left_by_a_dead_driver_is_delivered_once(tmp_path, monkeypatch) ->
 
 # --- a resume's bookkeeping, unit by unit: every run kept, each trial counted once ----------
 
-class _Trial:
-    def __init__(self, trial_id: str, status: str, config: dict, last: dict | None = None):
-        self.trial_id, self.status, self.config = trial_id, status, config
-        self.last_result, self.error_file = last or {}, None
-
-
 def test_resume_keeps_every_run_and_links_restarts(tmp_path) -> None:
     """`TrackingCallback._sync` on a resume whose saved state is older than MLflow: a run
     closed halfway is closed, a finished run of a trial Ray does not know is kept as an orphan
@@ -574,9 +566,9 @@ def test_resume_keeps_every_run_and_links_restarts(tmp_path) -> None:
     tr._set_tags(runs["half"], {"stop_reason": "completed", "stop_message": "completed 2 "
                                 "epochs"})  # a driver killed while closing it
     last = TrialReport(2, {"val_acc": 0.2}, Outcome.COMPLETED, "completed 2 epochs").to_ray()
-    trials = [_Trial("done", "TERMINATED", cfg[1], last), _Trial("half", "TERMINATED", cfg[2],
-                                                                 last),
-              _Trial("restart", "PENDING", cfg[2])]  # "orphan", "lost": unknown to Ray
+    trials = [FakeTrial("done", cfg[1], "TERMINATED", last),
+              FakeTrial("half", cfg[2], "TERMINATED", last),
+              FakeTrial("restart", cfg[2], "PENDING")]  # "orphan", "lost": unknown to Ray
     cb = TrackingCallback(tr, parent, spec)
     cb.on_step_begin(0, trials)
     client = tr.client
@@ -590,7 +582,7 @@ def test_resume_keeps_every_run_and_links_restarts(tmp_path) -> None:
     assert "does not know the trial" in get["lost"].data.tags["stop_message"]
     assert cb.runs == {"done": runs["done"], "half": runs["half"]}
     # Ray restarts "restart"; the resumed searcher suggests "lost"'s configuration again
-    for trial in (_Trial("restart", "RUNNING", cfg[2]), _Trial("again", "RUNNING", cfg[8])):
+    for trial in (FakeTrial("restart", cfg[2], "RUNNING"), FakeTrial("again", cfg[8], "RUNNING")):
         cb.on_trial_start(0, trials, trial)
         new = client.get_run(cb.runs[trial.trial_id]).data.tags
         assert new["retries"] == "1"

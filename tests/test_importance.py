@@ -158,9 +158,12 @@ def test_replicates_are_deterministic_per_seed() -> None:
     d, rng = _trials(n=20, seed=6)
     d[TARGET] = 0.05 * (d.norm == "post_ln") + rng.normal(0.0, 0.01, 20)
     small = {"n_boot": 4, "n_perm": 4}
-    a = importance_table(d, ["norm", "attn_dropout"], [TARGET], seed=6, **small)
-    b = importance_table(d, ["norm", "attn_dropout"], [TARGET], seed=6, **small)
+    a = importance_table(d, ["norm", "attn_dropout"], [TARGET], seed=6, workers=1, **small)
+    b = importance_table(d, ["norm", "attn_dropout"], [TARGET], seed=6, workers=1, **small)
     pd.testing.assert_frame_equal(a, b)
+    # the fits spread over processes give exactly what one process gives
+    c = importance_table(d, ["norm", "attn_dropout"], [TARGET], seed=6, workers=2, **small)
+    pd.testing.assert_frame_equal(a, c)
 
 
 def test_importance_bars_draws_interval_and_null_outside_the_axes() -> None:

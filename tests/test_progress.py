@@ -20,6 +20,7 @@ from study.sweep.progress import (
     short_reason,
     starting_line,
 )
+from tests.helpers import FakeTrial
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -104,13 +105,6 @@ def test_starting_line_names_the_sweep_and_its_space() -> None:
     for p in ("n_heads", "attn_temperature", "qk_norm", "qk_norm_gain", "attn_dropout"):
         assert p in text
     assert "ASHA" in text and text.endswith("starting Ray")
-
-
-class FakeTrial:
-    def __init__(self, tid: str, config: dict) -> None:
-        self.trial_id, self.config, self.status = tid, config, "PENDING"
-        self.last_result: dict = {}
-        self.error_file = None
 
 
 def report(epoch: int, val: float, outcome: Outcome | None = None, msg: str = "") -> dict:

@@ -2,12 +2,12 @@
 MLflow's default `./mlruns` of whatever directory the sweep or the report ran in."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from study.tracking import artifact_location
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -40,8 +40,7 @@ def test_sweep_and_report_leave_no_mlruns_in_the_working_directory(tmp_path: Pat
     db.parent.mkdir()
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True,
-                              text=True, timeout=300, cwd=cwd)
+        return run_cli(*args, cwd=cwd, timeout=300)
 
     res = cli("sweep", str(SMOKE), "--name", "arts", "--trials", "1", "--epochs", "1",
               "--tracking-uri", uri)

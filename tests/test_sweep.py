@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from study.config import FIELD_NAMES
 from study.metrics import CORE_METRICS, SEED_INVARIANT_METRICS
-from tests.helpers import render_images
+from tests.helpers import render_images, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -168,7 +168,17 @@ def test_failing_trial_is_recorded_and_sweep_continues(cli, tmp_path: Path) -> N
 def test_interrupted_sweep_resumes_without_loss_or_repeats(cli, tmp_path: Path, sig) -> None:
     args = sweep_args(tmp_path, SMOKE, "resumable", "--trials", "6")
     proc = subprocess.Popen([sys.executable, "-m", "study.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        finished_before = _interrupt(proc, tmp_path, sig)
+    finally:  # whatever the driver's Ray left in its session (the driver itself is stopped)
+        stop_group(proc)
+    _check_resumed(cli, tmp_path, finished_before)
+
+
+def _interrupt(proc: subprocess.Popen, tmp_path: Path, sig: int) -> set:
+    """Send `sig` to the sweep's driver once two trials have finished; check what it left."""
     db = tmp_path / "mlflow.db"
     deadline = time.time() + 300
     finished_before: set = set()
@@ -203,6 +213,12 @@ def test_interrupted_sweep_resumes_without_loss_or_repeats(cli, tmp_path: Path, 
         assert all(r.data.tags.get("stop_reason") for r in children)
     meta = json.loads((tmp_path / "ray" / "resumable" / "study.json").read_text())
     assert meta["num_trials"] == 6
+    return finished_before
+
+
+def _check_resumed(cli, tmp_path: Path, finished_before: set) -> None:
+    """`study resume` finishes the sweep: every trial once, the finished ones kept."""
+    db = tmp_path / "mlflow.db"
     res = cli("resume", "resumable", "--storage", str(tmp_path / "ray"))
     assert res.returncode == 0, res.stderr[-3000:]
     progress = [ln for ln in res.stderr.splitlines() if re.match(r"\[\d/6\] ", ln)]

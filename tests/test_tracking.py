@@ -6,6 +6,7 @@ import sqlite3
 import pytest
 
 from study import tracking
+from tests.helpers import FakeTrial
 
 
 def test_retry_rides_out_a_locked_store(monkeypatch) -> None:
@@ -122,12 +123,6 @@ def test_report_logs_no_constant_seed_spread() -> None:
                    for k in logged)
 
 
-class _Trial:
-    def __init__(self, trial_id: str, last_result: dict) -> None:
-        self.trial_id, self.config, self.last_result = trial_id, {"n_heads": 2}, last_result
-        self.error_file = None
-
-
 def test_callback_logs_every_epoch_once_per_seed(store) -> None:
     """Per-seed values at every epoch, the last one not logged again when the trial ends."""
     from study.records import SweepSpec, TrialReport
@@ -141,7 +136,7 @@ def test_callback_logs_every_epoch_once_per_seed(store) -> None:
     results = [TrialReport(e, seed_summary([{"val_acc": 0.1 * e, "epoch": float(e)},
                                             {"val_acc": 0.2 * e, "epoch": float(e)}])).to_ray()
                for e in (1, 2, 3)]
-    trial = _Trial("t9", results[-1])
+    trial = FakeTrial("t9", {"n_heads": 2}, last_result=results[-1])
     cb.on_trial_start(0, [trial], trial)
     for r in results:
         cb.on_trial_result(0, [trial], trial, dict(r))
@@ -168,7 +163,7 @@ def test_callback_gives_a_retried_trial_a_new_linked_run(store) -> None:
     cb = TrackingCallback(tr, pid, SweepSpec(name="x", path="", text="", fixed={}, params=()))
     cb._synced = True
     first = TrialReport(1, {"val_acc": 0.3}).to_ray()
-    trial = _Trial("t1", first)
+    trial = FakeTrial("t1", {"n_heads": 2}, last_result=first)
     cb.on_trial_start(0, [trial], trial)
     cb.on_trial_result(0, [trial], trial, dict(first))
     old = cb.runs["t1"]

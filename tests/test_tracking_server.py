@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from study.server import pg_local, wait_healthy
-from tests.helpers import answers_health, on_free_port, stop_group
+from tests.helpers import answers_health, on_free_port, run_cli, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -35,11 +35,6 @@ def _why_skip() -> str | None:
         except KeyError:
             return "as root, PostgreSQL runs as the 'postgres' user, and there is none"
     return None
-
-
-def _cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd)
 
 
 def _postmaster_pid(data: Path) -> int | None:
@@ -131,7 +126,7 @@ def swept(server: dict[str, Any]) -> dict[str, Any]:
     """The smoke sweep (2 trials, 2 epochs) logged to the server, run from an empty folder."""
     work = server["base"] / "work"
     work.mkdir()
-    res = _cli("sweep", str(SMOKE), "--name", NAME, "--trials", str(TRIALS), "--epochs",
+    res = run_cli("sweep", str(SMOKE), "--name", NAME, "--trials", str(TRIALS), "--epochs",
                str(EPOCHS), "--tracking-uri", server["uri"], "--storage", str(work / "ray"),
                cwd=work)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -200,7 +195,7 @@ def test_report_reads_the_server(swept: dict[str, Any]) -> None:
     from mlflow.tracking import MlflowClient
 
     out = swept["work"] / "report"
-    res = _cli("report", "--experiment", NAME, "--tracking-uri", swept["uri"], "--out",
+    res = run_cli("report", "--experiment", NAME, "--tracking-uri", swept["uri"], "--out",
                str(out), cwd=swept["work"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().endswith(str(out / "index.html"))

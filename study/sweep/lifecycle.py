@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from study.preflight import check_cluster, check_start
+from study.preflight import check_cluster, check_overrides, check_start
 from study.records import TAG_HEARTBEAT_S, TAG_OBJECTIVE, Outcome, SweepSpec
 from study.spaces import SpaceError, load_space
 from study.sweep.callbacks import clear_halt, halt, halted
@@ -143,6 +143,11 @@ def sweep_environment(env: dict[str, str] | None = None) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def storage_dir(storage: str | Path | None) -> Path:
+    """The folder that holds sweeps' Ray experiments: `--storage`, else ./ray_results."""
+    return Path(storage or DEFAULT_STORAGE).expanduser().resolve()
+
+
 def init_ray(address: str | None, quiet: bool = True) -> dict[str, float]:
     """Connect to (or start) Ray quietly; returns the cluster resources."""
     import ray
@@ -186,7 +191,7 @@ def run_sweep(space_path: str | Path, name: str | None = None, trials: int | Non
     spec = override(load_space(space_path), cli_values)
     name = name or spec.name
     check_start(spec, name, storage=storage, tracking_uri=tracking_uri, address=address)
-    store = Path(storage or DEFAULT_STORAGE).expanduser().resolve()
+    store = storage_dir(storage)
     exp_dir = store / name
     if (exp_dir / META).exists():
         raise SpaceError(f"--name: a sweep {name!r} already exists in {store}; continue it with "
@@ -624,16 +629,11 @@ def _ray_classes() -> dict[str, type]:
 def override(spec: SweepSpec, values: dict[str, Any]) -> SweepSpec:
     """Command-line overrides of a parsed space, checked like the file's own values."""
     values = {k: v for k, v in values.items() if v is not None}
-    for key in ("num_trials", "epochs", "max_concurrent"):
-        if key in values and values[key] < 1:
-            flag = "trials" if key == "num_trials" else key.replace("_", "-")
-            raise SpaceError(f"--{flag}: must be >= 1, got {values[key]}")
+    check_overrides(values)
     if (spec.design_points and "num_trials" in values
             and values["num_trials"] != spec.num_trials):
         raise SpaceError(f"--trials: design {spec.design} runs exactly {spec.num_trials} trials "
                          f"({spec.design_note}); drop --trials")
-    if values.get("gpu", 0) < 0:
-        raise SpaceError(f"--gpu: must be >= 0, got {values['gpu']}")
     if "epochs" in values:
         if spec.grace_period > values["epochs"]:
             raise SpaceError(f"--epochs: {values['epochs']} is below the space's grace_period "
@@ -649,7 +649,7 @@ def resume_sweep(name: str, storage: str | Path | None = None,
     new runs linked to their interrupted ones). A sweep whose saved state cannot be restored
     is refused (`SweepFault`, exit code 2) before anything changes. `verbose` shows Ray's
     own output."""
-    store = Path(storage or DEFAULT_STORAGE).expanduser().resolve()
+    store = storage_dir(storage)
     exp_dir = store / name
     if not (exp_dir / META).exists():
         raise SpaceError(f"NAME: no sweep {name!r} in {store}; pass --storage DIR where it ran")
