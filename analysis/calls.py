@@ -42,12 +42,12 @@ def holm(p: np.ndarray) -> np.ndarray:
     "holm")` (tests/test_analysis_stats.py checks them), without the full garbage collection it
     runs on every call (a second or more in a large process, for each of a report's tables)."""
     p = np.asarray(p, dtype=float)
-    out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    order = ok[np.argsort(p[ok], kind="stable")]
+    flat, out = p.ravel(), np.full(p.size, np.nan)  # one family, whatever the shape
+    ok = np.flatnonzero(np.isfinite(flat))
+    order = ok[np.argsort(flat[ok], kind="stable")]
     m = len(order)
-    out[order] = np.minimum(np.maximum.accumulate(p[order] * np.arange(m, 0, -1)), 1.0)
-    return out
+    out[order] = np.minimum(np.maximum.accumulate(flat[order] * np.arange(m, 0, -1)), 1.0)
+    return out.reshape(p.shape)
 
 
 def apply_calls(effects: pd.DataFrame, min_effect: dict[str, float],

@@ -99,6 +99,7 @@ CI = 0.95  # the bootstrap percentile interval's coverage
 NULL_QUANTILE = 0.95  # null_high: this quantile of the param's importance under the null
 FANOVA_TREES = 32  # trees per fANOVA forest (Optuna: 64; 32 halves the cost, see Cost)
 EVALUATORS = ("fanova", "ped_anova")
+MAX_WORKERS = 8  # processes for the fits of `importance_table` (default; fewer CPUs: fewer)
 
 
 def _plain(v: Any) -> Any:
@@ -313,20 +314,21 @@ def importance_table(trials: pd.DataFrame, params: list[str], targets: list[str]
     (`Sweep.spec`) for the declared distributions. `seed` fixes the resamples, the shuffles and
     the forests. Targets absent, constant or with fewer than `MIN_TRIALS` trials are skipped,
     and PED-ANOVA with fewer than `2 * MIN_TOP`; `df.attrs["notes"]` says why. The fANOVA fits
-    run in `workers` processes (None: one per CPU this process may use; the same values as
-    one process gives)."""
-    with _fit_pool(workers if n_boot + n_perm else 1) as pool:
+    run in `workers` processes (None: `MAX_WORKERS`; never more than the CPUs this process may
+    use or the fits; the same values as one process gives)."""
+    jobs = 1 + n_boot + n_perm  # fits per target and evaluator
+    with _fit_pool(min(workers or MAX_WORKERS, jobs) if jobs > 1 else 1) as pool:
         return _importance_table(trials, params, targets, seed, group, spec, n_boot, n_perm,
                                  pool)
 
 
 @contextlib.contextmanager
 def _fit_pool(workers: int | None) -> Iterator[ProcessPoolExecutor | None]:
-    """Processes for the fANOVA fits (`workers`; None: the CPUs this process may use), or None
-    for one: spawned, not forked (the caller may hold MLflow's threads and connections)."""
-    if workers is None:
-        workers = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count() or 1)
+    """Processes for the fANOVA fits (`workers`, at most the CPUs this process may use), or
+    None for one: spawned, not forked (the caller may hold MLflow's threads and connections).
+    Each imports Optuna, scikit-learn and pandas (~200 MB): `MAX_WORKERS` at most by default."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(workers or 1, cpus or 1)
     if workers <= 1:
         yield None
         return

@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"wrote {OUT / f'summary-{device}.json'} and {OUT / f'bench-{device}.json'} "
           f"(load average {detail['load_at_start'][0]:.1f} at start, "
           f"{detail['load_at_end'][0]:.1f} at end, on {os.cpu_count()} CPUs)")
+    failed = [k for k, v in detail.items() if isinstance(v, dict) and "error" in v]
+    if failed:  # recorded and saved above; the command still says it did not all run
+        raise SystemExit(f"[bench] failed sections: {', '.join(failed)}")
     return summary
 
 

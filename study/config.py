@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -209,21 +210,29 @@ def field_limit_error(name: str, value: Any) -> str | None:
     if isinstance(value, tuple):
         return (None if all(isinstance(x, (int, float)) and math.isfinite(x) for x in value)
                 else f"{name}: every value must be finite, got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    limited = (name in _MAX or name in _POSITIVE or name in _FRACTIONS or name in _NON_NEGATIVE
+               or name in ("train_fraction", "imbalance"))
+    if isinstance(value, bool):  # an int to Python, never a count or a rate here
+        return f"{name}: expected a number, got {value!r}" if limited else None
+    if not isinstance(value, numbers.Real):  # (numpy scalars are Real; types are checked apart)
         return None
-    if not math.isfinite(value):
+    try:
+        x = float(value)  # compared as a float, shown as given
+    except OverflowError:  # an int beyond every float: beyond every limit too
+        x = -math.inf if typing.cast(Any, value) < 0 else math.inf
+    if not math.isfinite(x) and not isinstance(value, numbers.Integral):
         return f"{name}: must be a finite number, got {value!r}"
-    if name in _MAX and value > _MAX[name]:
+    if name in _MAX and x > _MAX[name]:
         return f"{name}: {value!r} exceeds the limit {_MAX[name]:g}; choose a smaller value"
-    if name in _POSITIVE and value <= 0:
+    if name in _POSITIVE and x <= 0:
         return f"{name}: must be > 0, got {value!r}"
-    if name in _FRACTIONS and not 0.0 <= value < 1.0:
+    if name in _FRACTIONS and not 0.0 <= x < 1.0:
         return f"{name}: must be in [0, 1), got {value!r}"
-    if name in _NON_NEGATIVE and value < 0:
+    if name in _NON_NEGATIVE and x < 0:
         return f"{name}: must be >= 0, got {value!r}"
-    if name == "train_fraction" and not 0.0 < value <= 1.0:
+    if name == "train_fraction" and not 0.0 < x <= 1.0:
         return f"train_fraction: must be in (0, 1], got {value!r}"
-    if name == "imbalance" and value < 1.0:
+    if name == "imbalance" and x < 1.0:
         return f"imbalance: must be >= 1 (n_max / n_min), got {value!r}"
     return None
 

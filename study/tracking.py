@@ -70,12 +70,22 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
+_SQLITE_URI = re.compile(r"sqlite(\+\w+)?:///")  # sqlite:///, sqlite+pysqlite:///, ...
+
+
 def sqlite_file(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` store URI (None for any other store)."""
-    if not uri.startswith("sqlite:///"):
+    """The database file of a `sqlite:///` store URI (None for any other store, an in-memory
+    one, or a path no file can have)."""
+    m = _SQLITE_URI.match(uri)
+    if m is None:
         return None
-    path = urllib.parse.unquote(uri[len("sqlite:///"):].split("?", 1)[0])  # as SQLAlchemy
-    return None if not path or path == ":memory:" else Path(path).resolve()
+    path = urllib.parse.unquote(uri[m.end():].split("?", 1)[0])  # as SQLAlchemy reads it
+    if not path or path == ":memory:":
+        return None
+    try:
+        return Path(path).resolve()
+    except (ValueError, OSError):  # a NUL byte, a loop of links
+        return None
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

@@ -281,3 +281,5 @@ def test_holm_is_statsmodels_holm(m: int) -> None:
             want = multipletests(p[ok], method="holm")[1]
             np.testing.assert_allclose(got[ok], want, rtol=0, atol=1e-12)
     assert holm(np.array([])).shape == (0,) and np.isnan(holm(np.array([np.nan]))).all()
+    grid = rng.uniform(0, 1, (3, 4))  # any shape is one family
+    np.testing.assert_allclose(holm(grid).ravel(), holm(grid.ravel()), rtol=0, atol=0)
