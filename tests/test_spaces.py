@@ -135,3 +135,16 @@ def test_missing_user_data_file_refused_before_anything_starts(tmp_path: Path) -
         "fixed: {d_model: 32}", "fixed: {d_model: 32, data_path: /nonexistent/reviews.csv}")
     with pytest.raises(SpaceError, match="fixed.data_path: /nonexistent/reviews.csv not found"):
         load_space(write(tmp_path, text))
+
+
+def test_numeric_fields_refuse_bools_and_check_numpy_scalars() -> None:
+    import numpy as np
+
+    from study.config import ConfigError, TrialConfig, field_limit_error
+
+    with pytest.raises(ConfigError, match="epochs: expected a number, got False"):
+        TrialConfig(epochs=False)
+    assert field_limit_error("batch_size", np.int64(0)) == (
+        "batch_size: must be > 0, got np.int64(0)")
+    assert "exceeds the limit" in field_limit_error("d_model", 10**400)
+    assert field_limit_error("learned_temperature", True) is None  # a bool field

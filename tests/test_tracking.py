@@ -268,3 +268,19 @@ def test_a_busy_store_is_left_in_its_journal_mode(tmp_path) -> None:
         holder.execute("rollback")
         holder.close()
     assert _pragma(path, "journal_mode") == "delete"
+
+
+@pytest.mark.parametrize(("uri", "want"), [
+    pytest.param("sqlite:///store.db", "store.db", id="relative"),
+    pytest.param("sqlite+pysqlite:///store.db", "store.db", id="driver"),
+    pytest.param("sqlite:///my%20store.db?timeout=5", "my store.db", id="encoded"),
+    pytest.param("sqlite:///~/store.db", "~/store.db", id="tilde-is-literal"),
+    pytest.param("sqlite:///:memory:", None, id="memory"),
+    pytest.param("sqlite:///", None, id="empty"),
+    pytest.param("sqlite:///a%00b.db", None, id="nul"),
+    pytest.param("postgresql://u@h/db", None, id="other"),
+])
+def test_sqlite_file_is_the_file_sqlalchemy_opens(uri, want, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    got = tracking.sqlite_file(uri)
+    assert got == (None if want is None else (tmp_path / want).resolve())
