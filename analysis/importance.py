@@ -100,6 +100,7 @@ NULL_QUANTILE = 0.95  # null_high: this quantile of the param's importance under
 FANOVA_TREES = 32  # trees per fANOVA forest (Optuna: 64; 32 halves the cost, see Cost)
 EVALUATORS = ("fanova", "ped_anova")
 MAX_WORKERS = 8  # processes for the fits of `importance_table` (default; fewer CPUs: fewer)
+MIN_POOL_FITS = 100  # fewer fits run in one process (~0.2 s each; starting 2 workers: ~3 s)
 
 
 def _plain(v: Any) -> Any:
@@ -314,10 +315,12 @@ def importance_table(trials: pd.DataFrame, params: list[str], targets: list[str]
     (`Sweep.spec`) for the declared distributions. `seed` fixes the resamples, the shuffles and
     the forests. Targets absent, constant or with fewer than `MIN_TRIALS` trials are skipped,
     and PED-ANOVA with fewer than `2 * MIN_TOP`; `df.attrs["notes"]` says why. The fANOVA fits
-    run in `workers` processes (None: `MAX_WORKERS`; never more than the CPUs this process may
-    use or the fits; the same values as one process gives)."""
-    jobs = 1 + n_boot + n_perm  # fits per target and evaluator
-    with _fit_pool(min(workers or MAX_WORKERS, jobs) if jobs > 1 else 1) as pool:
+    run in `workers` processes (None: `MAX_WORKERS`, or one below `MIN_POOL_FITS` fits; never
+    more than the CPUs this process may use or the fits; the same values as one gives)."""
+    jobs = (1 + n_boot + n_perm) * sum(t in trials for t in targets)  # fANOVA fits at most
+    if workers is None and jobs < MIN_POOL_FITS:  # less work than starting the processes
+        workers = 1
+    with _fit_pool(min(workers or MAX_WORKERS, jobs)) as pool:
         return _importance_table(trials, params, targets, seed, group, spec, n_boot, n_perm,
                                  pool)
 

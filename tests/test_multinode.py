@@ -77,7 +77,7 @@ def two_node_cluster(monkeypatch):
         yield address
     finally:
         for p in reversed(procs):
-            stop_group(p)
+            stop_group(p, timeout=10)  # `ray start --block` may linger after SIGTERM
         shutil.rmtree(temp, ignore_errors=True)
 
 
