@@ -318,20 +318,19 @@ def importance_table(trials: pd.DataFrame, params: list[str], targets: list[str]
     run in `workers` processes (None: `MAX_WORKERS`, or one below `MIN_POOL_FITS` fits; never
     more than the CPUs this process may use or the fits; the same values as one gives)."""
     jobs = (1 + n_boot + n_perm) * sum(t in trials for t in targets)  # fANOVA fits at most
-    if workers is None and jobs < MIN_POOL_FITS:  # less work than starting the processes
-        workers = 1
-    with _fit_pool(min(workers or MAX_WORKERS, jobs)) as pool:
+    if workers is None:  # below MIN_POOL_FITS, less work than starting the processes
+        workers = 1 if jobs < MIN_POOL_FITS else MAX_WORKERS
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with _fit_pool(min(workers, jobs, cpus or 1)) as pool:
         return _importance_table(trials, params, targets, seed, group, spec, n_boot, n_perm,
                                  pool)
 
 
 @contextlib.contextmanager
-def _fit_pool(workers: int | None) -> Iterator[ProcessPoolExecutor | None]:
-    """Processes for the fANOVA fits (`workers`, at most the CPUs this process may use), or
-    None for one: spawned, not forked (the caller may hold MLflow's threads and connections).
-    Each imports Optuna, scikit-learn and pandas (~200 MB): `MAX_WORKERS` at most by default."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = min(workers or 1, cpus or 1)
+def _fit_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """`workers` processes for the fANOVA fits, or None for one: spawned, not forked (the
+    caller may hold MLflow's threads and connections). Each imports Optuna, scikit-learn and
+    pandas (~200 MB): `MAX_WORKERS` at most by default."""
     if workers <= 1:
         yield None
         return

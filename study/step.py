@@ -272,8 +272,7 @@ def _replay(state: Any, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
         except Exception as e:  # something in this config cannot be captured: eager from now
             log.warning("step_mode graph falls back to eager at step %d: %s: %s",
                         state.step + 1, type(e).__name__, str(e).splitlines()[0][:200])
-            state.mode, state.graphs = "eager", {}
-            state.step_t.fill_(state.step)  # a failed capture may have counted a step
+            state.mode, state.graphs = "eager", {}  # (a capture runs nothing: step_t holds)
             torch.cuda.synchronize(state.device)
             return eager(x, y, mask)
         g = state.graphs[key] = _Graph(graph, sx, sy, sm, loss)
