@@ -9,7 +9,9 @@
   `study.replicas.train_replicas` (the replicates as one batched computation) where it exists
   and accepts the config, else k `run_trial`s in lockstep (today's trainable).
 - `time_split`: where such a trial's wall time goes: training (model building and step capture
-  included), the per-epoch evaluation and the final robustness sets.
+  included), the per-epoch evaluation and the final robustness sets; and how many operations
+  each part dispatches (`*_ops`, the same on every device: on a GPU each is a kernel launch
+  unless a captured graph replays it, so a launch-bound trial's cost follows these counts).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from study.config import TrialConfig
 from study.tasks import get_task
@@ -176,19 +179,73 @@ def _timed(targets: dict[str, list[tuple[Any, str]]]) -> Iterator[dict[str, floa
         yield spent
 
 
-def time_split(cfg: TrialConfig, k: int) -> dict[str, Any]:
-    """Where a trial of `cfg` with k replicates spends its wall time (`seeds_time`'s trial):
-    `eval_s` (the per-epoch evaluation: `epoch_metrics`, or the batched `epoch_values`),
-    `robustness_s` (the final robustness sets), `train_s` (the rest: building the models,
-    the training steps and their capture)."""
+class _Dispatches(TorchDispatchMode):
+    """Counts the ATen operations dispatched (after vmap's batching rules: the physical
+    operations), by the phase `phase` names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "train_ops"
+        self.counts = {"train_ops": 0, "eval_ops": 0, "robustness_ops": 0}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        self.counts[self.phase] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _phases() -> dict[str, list[tuple[Any, str]]]:
+    """The functions of a trial's per-epoch evaluation and of its final robustness sets."""
     from study import train
 
     reps = replicas_module()
     targets: dict[str, list[tuple[Any, str]]] = {
-        "eval_s": [(train, "epoch_metrics")], "robustness_s": [(train, "robustness_metrics")]}
-    if reps is not None and k > 1:
-        targets["eval_s"].append((reps.Replicas, "epoch_values"))
+        "eval": [(train, "epoch_metrics")], "robustness": [(train, "robustness_metrics")]}
+    if reps is not None:
+        targets["eval"].append((reps.Replicas, "epoch_values"))
+    return targets
+
+
+def dispatch_split(cfg: TrialConfig, k: int) -> dict[str, int]:
+    """Operations dispatched by a trial of `cfg` with k replicates (`seeds_time`'s trial) in
+    training (the rest), the per-epoch evaluation and the robustness sets."""
+    counter = _Dispatches()
+
+    def phase(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            counter.phase = name
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter.phase = "train_ops"
+        return counted
+
+    with contextlib.ExitStack() as stack:
+        for name, owners in _phases().items():
+            for owner, attr in owners:
+                stack.enter_context(mock.patch.object(
+                    owner, attr, phase(f"{name}_ops", getattr(owner, attr))))
+        with counter:
+            seeds_time(cfg, k)
+    return counter.counts
+
+
+def time_split(cfg: TrialConfig, k: int) -> dict[str, Any]:
+    """Where a trial of `cfg` with k replicates spends its wall time (`seeds_time`'s trial):
+    `eval_s` (the per-epoch evaluation: `epoch_metrics`, or the batched `epoch_values`),
+    `robustness_s` (the final robustness sets), `train_s` (the rest: building the models,
+    the training steps and their capture); then the operations each part dispatches, counted
+    in a second run (`dispatch_split`)."""
+    targets = {f"{name}_s": owners for name, owners in _phases().items()}
     with _timed(targets) as spent:
         wall, mode = seeds_time(cfg, k)
     return {"k": k, "mode": mode, "wall_s": wall, **spent,
-            "train_s": wall - spent["eval_s"] - spent["robustness_s"]}
+            "train_s": wall - spent["eval_s"] - spent["robustness_s"], **_counted(cfg, k)}
+
+
+def _counted(cfg: TrialConfig, k: int) -> dict[str, Any]:
+    """`dispatch_split`, or why it could not count (the timings above stand without it)."""
+    try:
+        return dict(dispatch_split(cfg, k))
+    except Exception as e:  # e.g. a backend that refuses a Python dispatch mode in capture
+        return {"ops_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}

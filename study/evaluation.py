@@ -18,8 +18,11 @@ from study.model import AttentionModel
 from study.robustness import Table, corruption_metrics, length_metrics, long_tail_metrics
 from study.tasks.base import IGNORE, Split, TaskData
 
-EVAL_BATCH = 512
+EVAL_BATCH = 512  # rows per evaluation chunk on the CPU (and the fewest anywhere)
 STATS_BATCH = 256  # evaluation batch on which attention statistics are computed
+# CUDA: a chunk's widest activation, in elements, for all replicates together (2^26: 128 MB in
+# bf16). A small model's evaluation is launch-bound there, so fewer, larger chunks are faster.
+EVAL_ELEMENTS = 2**26
 
 
 @dataclass
@@ -35,33 +38,105 @@ class EvalOut:
     example_correct: torch.Tensor  # (N,) fraction of an example's labels predicted correctly
 
 
+def eval_rows(model: AttentionModel, seq_len: int, device: torch.device, k: int = 1) -> int:
+    """Rows of each of `k` replicates per evaluation chunk of inputs `seq_len` long: on the CPU
+    `EVAL_BATCH` over all replicates (compute-bound: larger chunks gain nothing); on CUDA as
+    many as keep the chunk's widest activation (replicates x rows x tokens x width) within
+    `EVAL_ELEMENTS`, and never fewer."""
+    least = max(1, EVAL_BATCH // k)
+    if device.type != "cuda":
+        return least
+    cfg, tokens = model.cfg, model.embed.n_tokens(seq_len)
+    width = max(cfg.d_ff, 3 * cfg.d_model, cfg.n_heads * tokens,
+                model.spec.n_classes if model.spec.per_token else 0)
+    return max(least, EVAL_ELEMENTS // (k * tokens * width))
+
+
+@dataclass
+class Outputs:
+    """Per-row (per-token tasks: per-position) outputs of k models, `(k, N[, T])`, before the
+    unlabelled positions are dropped: loss (0 where unlabelled), confidence, prediction and
+    target. `chunk_outputs` makes one per chunk; `Outputs.cat` joins them."""
+
+    loss: torch.Tensor
+    conf: torch.Tensor
+    pred: torch.Tensor
+    target: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list[Outputs]) -> Outputs:
+        return Outputs(*(torch.cat([getattr(p, f) for p in parts], 1)
+                         for f in ("loss", "conf", "pred", "target")))
+
+    def labelled(self) -> torch.Tensor:
+        return self.target != IGNORE
+
+    def correct(self) -> torch.Tensor:
+        return (self.pred == self.target) & self.labelled()
+
+    def eval_out(self, r: int) -> EvalOut:
+        """Replicate r's `EvalOut`, over its labelled examples or positions."""
+        keep, correct = self.labelled()[r], self.correct()[r]
+        if keep.dim() == 2:  # per-token
+            ex = correct.sum(1) / keep.sum(1).clamp_min(1)
+        else:
+            ex = correct.float()
+        loss, conf, pred, target = (t[r][keep] for t in (self.loss, self.conf, self.pred,
+                                                         self.target))
+        return EvalOut(loss.mean(), (pred == target).float().mean(), conf, pred, target,
+                       ex.float())
+
+
+def chunk_outputs(logits: torch.Tensor, y: torch.Tensor) -> Outputs:
+    """`Outputs` of one chunk: logits `(k, n[, T], C)` and targets `(k, n[, T])` (IGNORE where
+    unlabelled)."""
+    logits = logits.float()
+    loss = F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=IGNORE,
+                           reduction="none").view(y.shape)
+    conf, pred = logits.softmax(-1).max(-1)
+    return Outputs(loss, conf, pred, y)
+
+
 @torch.no_grad()
-def evaluate(model: AttentionModel, split: Split, device: torch.device) -> EvalOut:
+def outputs(model: AttentionModel, split: Split, device: torch.device) -> Outputs:
+    """`model`'s `Outputs` on `split` (k = 1), in chunks of `eval_rows`."""
     model.eval()
-    losses, confs, preds, targets, ex = [], [], [], [], []
-    for i in range(0, len(split), EVAL_BATCH):
-        x, y, m = (t[i:i + EVAL_BATCH].to(device, non_blocking=True)
+    rows = eval_rows(model, split.x.shape[1], device)
+    parts = []
+    for i in range(0, len(split), rows):
+        x, y, m = (t[i:i + rows].to(device, non_blocking=True)
                    for t in (split.x, split.y, split.mask))
         with autocast(device):
             logits, _ = model(x, m)
-        logits = logits.float()
-        if y.dim() == 2:  # per-token: keep labelled positions; logits cover the token grid
-            keep = y != IGNORE
-            c = (logits.argmax(-1) == y) & keep
-            ex.append(c.sum(1) / keep.sum(1).clamp_min(1))
-            logits, y = logits[keep], y[keep]
-        else:
-            ex.append((logits.argmax(-1) == y).float())
-        losses.append(F.cross_entropy(logits, y, reduction="none"))
-        p = logits.softmax(-1)
-        conf, pred = p.max(-1)
-        confs.append(conf)
-        preds.append(pred)
-        targets.append(y)
-    loss = torch.cat(losses)
-    pred, target = torch.cat(preds), torch.cat(targets)
-    return EvalOut(loss.mean(), (pred == target).float().mean(), torch.cat(confs), pred, target,
-                   torch.cat(ex).float())
+        parts.append(chunk_outputs(logits[None], y[None]))
+    return Outputs.cat(parts)
+
+
+def evaluate(model: AttentionModel, split: Split, device: torch.device) -> EvalOut:
+    return outputs(model, split, device).eval_out(0)
+
+
+def set_accuracies(model: AttentionModel, sets: dict[str, Split],
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """Accuracy (over labelled examples or positions) on each named set, as `evaluate` gives
+    it, in the order of `sets`; sets whose rows have the same shape are evaluated together, as
+    one split (the default study's 25 corruption sets: one chunk on CUDA, not 50)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, s in sets.items():
+        key = tuple(tuple(t.shape[1:]) for t in (s.x, s.y, s.mask)) + (s.x.dtype, s.y.dtype)
+        groups.setdefault(key, []).append(name)
+    accs: dict[str, torch.Tensor] = {}
+    for names in groups.values():
+        joined = Split(*(torch.cat([getattr(sets[n], f) for n in names])
+                         for f in ("x", "y", "mask")))
+        out = outputs(model, joined, device)
+        correct, keep = out.correct()[0], out.labelled()[0]
+        start = 0
+        for n in names:
+            end = start + len(sets[n])
+            accs[n] = correct[start:end].sum() / keep[start:end].sum()
+            start = end
+    return {n: accs[n] for n in sets}
 
 
 @torch.no_grad()
@@ -97,9 +172,8 @@ def robustness_metrics(
     """Metrics that apply to this task (absent otherwise) and their artifact tables."""
     out: dict[str, float] = {}
     tables: dict[str, Table] = {}
-    names = list(data.extra)
-    accs = dict(zip(names, torch.stack(
-        [evaluate(model, data.extra[n], device).acc for n in names]).tolist())) if names else {}
+    found = set_accuracies(model, data.extra, device)
+    accs = dict(zip(found, torch.stack(list(found.values())).float().tolist())) if found else {}
     by_len = {int(n.split(":")[1]): a for n, a in accs.items() if n.startswith("len:")}
     if by_len and data.id_lengths is not None:
         out.update(length_metrics(by_len, data.id_lengths))

@@ -22,10 +22,13 @@ Evaluation: `Replicas.epoch_values` either runs the same vmap over the stacked p
 module and runs `evaluation.epoch_metrics` on it (the default on the CPU, where it measured
 about 1.3x faster: the batched forward does the same matmul work as k separate ones, plus the
 separate bias adds and layer-norm affines of vmap's decompositions, and evaluation has no
-backward or optimizer step whose overhead batching would save). After the final epoch each
-replicate's own module evaluates the
-robustness sets (`evaluation.robustness_metrics`, once per trial: those sets may differ in
-shape between replicates).
+backward or optimizer step whose overhead batching would save). The batched evaluation takes
+`evaluation.eval_rows` rows of every replicate per chunk (on CUDA as many as an activation
+budget allows, so the number of chunks does not grow with k) and turns the k replicates'
+logits into their metrics in one computation (`evaluation.chunk_outputs`), not one per
+replicate. After the final epoch each replicate's own module evaluates the robustness sets
+(`evaluation.robustness_metrics`, once per trial: those sets may differ between replicates).
+Every replicate's data is on the device for the whole trial (`TaskData.on`).
 
 Dropout, attention dropout and stochastic depth draw from one generator for all replicates
 (vmap's `randomness="different"`: independent masks per replicate), seeded from the replicate
@@ -78,7 +81,14 @@ from torch.nn.attention import SDPBackend
 from study import metrics as M
 from study.config import TrialConfig
 from study.device import autocast, resolve_device
-from study.evaluation import EVAL_BATCH, STATS_BATCH, EvalOut, epoch_metrics
+from study.evaluation import (
+    STATS_BATCH,
+    EvalOut,
+    Outputs,
+    chunk_outputs,
+    epoch_metrics,
+    eval_rows,
+)
 from study.model import Attention, AttentionModel, AttnStats, build_model
 from study.step import adamw, apply_step, graph_step, optimizer_step, resolve_step_mode, trial_loss
 from study.tasks.base import IGNORE, Split, TaskData
@@ -86,6 +96,7 @@ from study.train import (
     _RNG,
     EpochResult,
     class_prior,
+    device_batches,
     diverged_result,
     epoch_result,
     flops_per_sample,
@@ -281,10 +292,13 @@ class Replicas:
 
     def __init__(self, cfgs: Sequence[TrialConfig], datas: Sequence[TaskData],
                  vmap_eval: bool | None = None) -> None:
-        self.cfgs, self.datas = list(cfgs), list(datas)
         self.cfg = cfg = cfgs[0]
         self.k = len(cfgs)
         self.device = device = resolve_device(cfg)
+        self.lengths = [d.train.lengths().numpy() for d in datas]
+        on_device = {id(d): d.on(device) for d in datas}  # shared data stays shared
+        self.cfgs, self.datas = list(cfgs), [on_device[id(d)] for d in datas]
+        datas = self.datas
         self.models: list[AttentionModel] = []
         self.gens: list[torch.Generator] = []
         for c, d in zip(cfgs, datas):
@@ -302,11 +316,7 @@ class Replicas:
         self.train = _Stacked.of([d.train for d in datas], device)
         self.val = _Stacked.of([d.val for d in datas], device)
         self.test = _Stacked.of([d.test for d in datas], device)
-        self.lengths = [d.train.lengths().numpy() for d in datas]
         self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
-        # rows per replicate and batched evaluation batch: the k replicates together hold
-        # about as many as `evaluate` does (its activation memory)
-        self.eval_batch = max(1, EVAL_BATCH // self.k)
         self.vmap_eval = vmap_eval if vmap_eval is not None else device.type == "cuda"
         # CUDA: the whole batched step captured in CUDA graphs (`step.graph_step`), as a
         # single trial's is: vmap's per-operation dispatch is paid once, at capture
@@ -383,8 +393,8 @@ class Replicas:
         orders = [make_batches(lengths, self.cfg.batch_size, False, gen)
                   for lengths, gen in zip(self.lengths, self.gens)]
         with self.rng.scope():
-            for idx_np in zip(*orders):
-                idx = torch.from_numpy(np.stack(idx_np)).to(self.device, non_blocking=True)
+            steps = [np.stack(idx_np) for idx_np in zip(*orders)]  # (k, B) each
+            for _, idx in device_batches(steps, self.device):
                 self.train_step(*self.gather(idx))
 
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -407,34 +417,19 @@ class Replicas:
 
     @torch.no_grad()
     def evaluate(self, split: _Stacked) -> list[EvalOut]:
-        """`evaluation.evaluate` of every replicate on its own split."""
+        """`evaluation.evaluate` of every replicate on its own split, in chunks of
+        `eval_rows` rows per replicate."""
         self.base.eval()
-        parts: list[dict[str, list[torch.Tensor]]] = [
-            {"loss": [], "conf": [], "pred": [], "target": [], "ex": []} for _ in range(self.k)]
-        for i in range(0, len(split), self.eval_batch):
-            x, y_all, m = split.rows(i, i + self.eval_batch)
-            (logits_all,) = self._forward(x, m, split.shared)
-            for r, acc in enumerate(parts):
-                logits, y = logits_all[r].float(), (y_all if split.shared else y_all[r])
-                if y.dim() == 2:  # per-token: keep labelled positions
-                    keep = y != IGNORE
-                    c = (logits.argmax(-1) == y) & keep
-                    acc["ex"].append(c.sum(1) / keep.sum(1).clamp_min(1))
-                    logits, y = logits[keep], y[keep]
-                else:
-                    acc["ex"].append((logits.argmax(-1) == y).float())
-                acc["loss"].append(F.cross_entropy(logits, y, reduction="none"))
-                conf, pred = logits.softmax(-1).max(-1)
-                acc["conf"].append(conf)
-                acc["pred"].append(pred)
-                acc["target"].append(y)
-        out = []
-        for acc in parts:
-            pred, target = torch.cat(acc["pred"]), torch.cat(acc["target"])
-            out.append(EvalOut(torch.cat(acc["loss"]).mean(), (pred == target).float().mean(),
-                               torch.cat(acc["conf"]), pred, target,
-                               torch.cat(acc["ex"]).float()))
-        return out
+        seq_len = split.x.shape[1 if split.shared else 2]  # (k,) N, T (, C)
+        rows = eval_rows(self.models[0], seq_len, self.device, self.k)
+        parts = []
+        for i in range(0, len(split), rows):
+            x, y, m = split.rows(i, i + rows)
+            (logits,) = self._forward(x, m, split.shared)
+            parts.append(chunk_outputs(logits, y.expand(self.k, *y.shape) if split.shared
+                                       else y))
+        out = Outputs.cat(parts)
+        return [out.eval_out(r) for r in range(self.k)]
 
     @torch.no_grad()
     def epoch_values(self) -> list[dict[str, torch.Tensor]]:
@@ -498,7 +493,7 @@ def train_replicas(cfgs: Sequence[TrialConfig], datas: Sequence[TaskData],
         bad_steps = reps.first_bad.tolist()
         values = reps.epoch_values()
         results = []
-        for r, (c, d) in enumerate(zip(cfgs, datas)):
+        for r, (c, d) in enumerate(zip(cfgs, reps.datas)):
             if bad_steps[r] >= 0:
                 results.append(diverged_result(epoch, n_params[r],
                                                f"diverged at step {bad_steps[r]}"))

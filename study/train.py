@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +74,21 @@ def make_batches(lengths: np.ndarray, batch_size: int, bucket: bool,
         batches = [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
         out += [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
     return out
+
+
+def device_batches(batches: Sequence[np.ndarray], device: torch.device
+                   ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Each batch's indices (`(..., B)`) with their copy on `device`, all of an epoch's copied in
+    one transfer: a copy from pageable host memory waits for the device (a stream sync), so one
+    per step would make the host wait for every step before queueing the next."""
+    if not batches:
+        return
+    flat = torch.from_numpy(np.concatenate(batches, axis=-1)).to(device, non_blocking=True)
+    start = 0
+    for idx_np in batches:
+        end = start + idx_np.shape[-1]
+        yield idx_np, flat[..., start:end]
+        start = end
 
 
 class _RNG:
@@ -145,14 +160,15 @@ def run_trial(cfg: TrialConfig, data: TaskData | None = None) -> Iterator[EpochR
     """Train `cfg` and yield an `EpochResult` after every epoch; stop early on divergence."""
     device = resolve_device(cfg)
     data = data if data is not None else get_task(cfg)
+    lengths = data.train.lengths().numpy()
+    data = data.on(device)
     rng = _RNG(cfg.seed, device)
     with rng.scope():
         model = build_model(cfg, data.spec).to(device)
         gen = torch.Generator().manual_seed(cfg.seed)
     n_params = model.n_params()
     flops = flops_per_sample(model, cfg, data)  # a constant of the config: computed once
-    train = data.train.to(device)
-    lengths = data.train.lengths().numpy()
+    train = data.train
     log_prior = class_prior(data).clamp_min(1e-12).log().to(device)
     # Menon et al. 2020: train on logits + tau log pi
     state, why = train_state(model, cfg, cfg.epochs * math.ceil(len(train) / cfg.batch_size),
@@ -165,8 +181,7 @@ def run_trial(cfg: TrialConfig, data: TaskData | None = None) -> Iterator[EpochR
         t0 = time.perf_counter()
         with rng.scope():
             batches = make_batches(lengths, cfg.batch_size, cfg.length_mode == "bucket", gen)
-            for idx_np in batches:
-                idx = torch.from_numpy(idx_np).to(device, non_blocking=True)
+            for idx_np, idx in device_batches(batches, device):
                 x, y, m = train.x[idx], train.y[idx], train.mask[idx]
                 if cfg.length_mode == "bucket":  # trim the shared padding of a bucket
                     t = int(lengths[idx_np].max())

@@ -145,3 +145,22 @@ def test_timed_counts_the_patched_functions_and_restores_them() -> None:
         assert ns.slow() == 1 and ns.slow() == 1 and ns.fast() == 2
     assert spent["slow"] >= 0.1 and spent["fast"] < 0.05
     assert ns.slow is slow and ns.fast is fast
+
+
+def test_dispatches_are_counted_by_phase() -> None:
+    """A small trial's operations fall into training, per-epoch evaluation and robustness sets;
+    one epoch more adds one more epoch's evaluation and no robustness sets."""
+    from benchmarks.trials import dispatch_split
+    from study import evaluation, train
+    from study.config import TrialConfig
+
+    small = dict(task="digits", d_model=16, d_ff=32, n_layers=1, n_heads=2, batch_size=256)
+    one = dispatch_split(TrialConfig(epochs=1, **small), 1)
+    two = dispatch_split(TrialConfig(epochs=2, **small), 1)
+    assert set(one) == {"train_ops", "eval_ops", "robustness_ops"}
+    assert all(n > 0 for n in one.values())
+    assert two["eval_ops"] == 2 * one["eval_ops"]
+    assert two["robustness_ops"] == one["robustness_ops"]
+    assert two["train_ops"] > one["train_ops"]
+    assert train.robustness_metrics is evaluation.robustness_metrics  # the patches are undone
+    assert train.epoch_metrics is evaluation.epoch_metrics

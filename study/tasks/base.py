@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +54,15 @@ class TaskData:
     train_counts: np.ndarray | None = None
     id_lengths: tuple[int, int] | None = None  # training length range of sequence tasks
     truncatable: bool = True  # False where the label needs the end of the input
+
+    def on(self, device: torch.device) -> TaskData:
+        """This data with every split on `device` (itself on the CPU): a trial's evaluation
+        then copies nothing from the host."""
+        if device.type == "cpu":
+            return self
+        return dataclasses.replace(
+            self, train=self.train.to(device), val=self.val.to(device),
+            test=self.test.to(device), extra={n: s.to(device) for n, s in self.extra.items()})
 
 
 def stratified_split(
