@@ -78,8 +78,10 @@ def mfu_at(batch: int, warmup: int = 5, steps: int = 20) -> dict[str, Any]:
     cfg = TrialConfig(task="copy", d_model=g["d_model"], n_layers=g["n_layers"],
                       n_heads=g["n_heads"], d_ff=g["d_ff"], batch_size=batch, lr=3e-4,
                       pos_encoding="learned", device="cuda", step_mode="compile")
+    # every position is real, as in language-model pretraining: no padding mask, so SDPA may
+    # take its flash kernel (as `get_task` tells the model for a task without padding)
     spec = ModelSpec(n_classes=g["vocab"], max_len=g["seq_len"], vocab_size=g["vocab"],
-                     per_token=True)
+                     per_token=True, padded=False)
     model = build_model(cfg, spec).cuda()
     n_matmul = float(sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)))
     state, why = train_state(model, cfg, total_steps=warmup + steps)

@@ -33,6 +33,9 @@ class ModelSpec:
     vocab_size: int = 0  # > 0: token ids; 0: continuous signal with `in_channels`
     in_channels: int = 1
     per_token: bool = False
+    # some split holds padded positions; False (measured by `get_task` over every split): every
+    # position is real, so attention needs no padding mask and SDPA may take its fastest kernel
+    padded: bool = True
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class AttnContext:
     """Per-forward tensors shared by every layer, built once from the mask."""
 
     valid: torch.Tensor  # (B, T) bool
-    attn_mask: torch.Tensor  # (B, 1|nh, T, T) bool (True = attend) or float additive bias
+    attn_mask: torch.Tensor | None  # (B|1, 1|nh, T, T) bool (True = attend) or float bias
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: (T, hs)
 
 
@@ -314,6 +317,10 @@ class InputEmbedding(nn.Module):
     def n_tokens(self, raw_len: int) -> int:
         return -(-raw_len // self.p)
 
+    def pads(self, raw_len: int) -> bool:
+        """Whether inputs `raw_len` long end in a padded token (the last patch is partial)."""
+        return raw_len % self.p != 0
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokens:
             return self.emb(x), mask
@@ -384,19 +391,23 @@ class AttentionModel(nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _context(self, valid: torch.Tensor) -> AttnContext:
+    def _context(self, valid: torch.Tensor, padded: bool) -> AttnContext:
+        """`padded`: some position may be padding; else `valid` is all True and only the
+        attention kind and positional bias shape the mask (None for plain full attention)."""
         cfg = self.cfg
         T = valid.shape[1]
-        # real queries see real keys only; padded queries see everything, so no row is empty
-        allowed = valid[:, None, :] | ~valid[:, :, None]  # (B, T, T)
         idx = torch.arange(T, device=valid.device)
         dist = (idx[None, :] - idx[:, None]).abs()  # (T, T)
+        allowed: torch.Tensor | None = None
+        if padded:  # real queries see real keys only; padded queries see everything
+            allowed = valid[:, None, :] | ~valid[:, :, None]  # (B, T, T)
         if cfg.attn_kind == "local":
-            allowed = allowed & (dist <= cfg.attn_window)
-        mask: torch.Tensor = allowed[:, None]  # (B, 1, T, T)
+            near = (dist <= cfg.attn_window)[None]  # (1, T, T)
+            allowed = near if allowed is None else allowed & near
+        mask: torch.Tensor | None = None if allowed is None else allowed[:, None]  # (B|1, 1, T, T)
         if cfg.pos_encoding == "alibi":
             bias = -self.slopes[:, None, None] * dist[None].float()  # (nh, T, T)
-            mask = bias[None].masked_fill(~mask, float("-inf"))  # (B, nh, T, T)
+            mask = bias[None] if mask is None else bias[None].masked_fill(~mask, float("-inf"))
         rope = None
         if cfg.pos_encoding == "rope":
             rope = (self.rope_cos[:T], self.rope_sin[:T])
@@ -405,6 +416,7 @@ class AttentionModel(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, stats: bool = False
     ) -> tuple[torch.Tensor, AttnStats | None]:
+        padded = self.spec.padded or self.embed.pads(x.shape[1])
         h, valid = self.embed(x, mask)  # (B, T, d), (B, T)
         T = h.shape[1]
         if T > self.max_tokens:
@@ -417,7 +429,7 @@ class AttentionModel(nn.Module):
         h = self.emb_drop(h)
         infos: list[AttnStats] = []
         if self.cfg.arch == "transformer":
-            ctx = self._context(valid)
+            ctx = self._context(valid, padded)
             for block in self.blocks:
                 h, info = block(h, ctx, stats)
                 if info is not None:

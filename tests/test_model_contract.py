@@ -209,6 +209,26 @@ def test_padding_invariance(changes, spec):
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("changes", VARIANTS)
+@pytest.mark.parametrize("T", [LONG_T, LONG_T - 1], ids=["whole_patches", "partial_patch"])
+def test_unpadded_spec_gives_the_padded_models_outputs(changes, spec, T):
+    """`ModelSpec.padded=False` (no split holds padding) leaves the padding mask out of
+    attention; on inputs with every position real (a partial last patch still pads its token)
+    the outputs and statistics are those of the same weights with the mask."""
+    padded = make_model(changes, spec).eval()
+    unpadded = build_model(make_cfg(changes), dataclasses.replace(spec, padded=False)).eval()
+    unpadded.load_state_dict(padded.state_dict())
+    x = random_inputs(spec, T, torch.Generator().manual_seed(4))
+    full = torch.ones(B, T, dtype=torch.bool)
+    with torch.no_grad():
+        for stats in (False, True):
+            (a, sa), (b, sb) = padded(x, full, stats=stats), unpadded(x, full, stats=stats)
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+            if stats:
+                torch.testing.assert_close(sb.entropy, sa.entropy, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("changes", VARIANTS)
 def test_sdpa_matches_explicit_oracle(changes, spec):
     model = make_model(changes, spec).eval()
     gen = torch.Generator().manual_seed(3)

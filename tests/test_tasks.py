@@ -198,3 +198,12 @@ def test_every_task_runs_a_one_epoch_trial(task, one_thread):
     assert not missing, sorted(missing)
     bad = {k: v for k, v in last.metrics.items() if not math.isfinite(v)}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("task,padded", [("mnist1d", False), ("digits", False),
+                                         ("listops", True), ("sort", True)])
+def test_get_task_tells_the_model_whether_any_split_is_padded(task, padded):
+    data = T.get_task(TrialConfig(task=task, n_train=256))
+    splits = [data.train, data.val, data.test, *data.extra.values()]
+    assert data.spec.padded is padded
+    assert padded == any(not bool(s.mask.all()) for s in splits)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -89,5 +89,8 @@ def get_task(cfg: TrialConfig) -> TaskData:
     if key not in _CACHE:
         while len(_CACHE) >= CACHE_SIZE:  # reused Ray workers see many variants of a task
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = apply_stressors(cfg, builder(cfg.task)(cfg))
+        data = apply_stressors(cfg, builder(cfg.task)(cfg))
+        # what the model may assume about its inputs: measured here, once, on the host
+        data.spec = replace(data.spec, padded=data.has_padding())
+        _CACHE[key] = data
     return _CACHE[key]

@@ -55,6 +55,11 @@ class TaskData:
     id_lengths: tuple[int, int] | None = None  # training length range of sequence tasks
     truncatable: bool = True  # False where the label needs the end of the input
 
+    def has_padding(self) -> bool:
+        """Whether any split (evaluation sets included) holds a padded position."""
+        splits = [self.train, self.val, self.test, *self.extra.values()]
+        return any(not bool(s.mask.all()) for s in splits)
+
     def on(self, device: torch.device) -> TaskData:
         """This data with every split on `device` (itself on the CPU): a trial's evaluation
         then copies nothing from the host."""
