@@ -156,7 +156,8 @@ class TrainState:
     gn_sum: torch.Tensor = field(init=False)  # () sum of finite grad norms this epoch
     first_bad: torch.Tensor = field(init=False)  # () first step with a non-finite loss/grad, or -1
     step_t: torch.Tensor = field(init=False)  # () `step` on the device (captured steps count it)
-    forward: Callable[..., Any] = field(init=False)  # the model, or its compiled forward
+    # (x, y, mask) -> loss: the forward and `trial_loss`, compiled together in `compile` mode
+    loss_of: Callable[..., torch.Tensor] = field(init=False)
     graphs: dict[tuple, _Graph] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -166,13 +167,20 @@ class TrainState:
         self.gn_sum = torch.zeros((), device=self.device)
         self.first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         self.step_t = torch.full((), self.step, device=self.device, dtype=torch.long)
-        self.forward = self.model
-        if self.mode == "compile":  # CUDA: CUDA graphs inside compiled regions as well
-            self.forward = torch.compile(
-                self.model, dynamic=False,
+        self.loss_of = self._loss
+        if self.mode == "compile":  # the loss with the model: its float cast and cross-entropy
+            # fuse into a few kernels (a large vocabulary's fp32 logits are never written out);
+            # CUDA: CUDA graphs inside compiled regions as well
+            self.loss_of = torch.compile(
+                self._loss, dynamic=False,
                 mode="reduce-overhead" if self.device.type == "cuda" else None)
         elif self.mode == "graph" and graph_blocker(self.cfg, self.device) is not None:
             raise ValueError(f"step mode graph: {graph_blocker(self.cfg, self.device)}")
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device):
+            logits, st = self.model(x, mask, stats=self.stats)
+        return trial_loss(logits, y, st, self.cfg, self.adjust)
 
     @property
     def clip(self) -> float:
@@ -233,9 +241,7 @@ def graph_step(state: Any, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
 def _eager_step(
     state: TrainState, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    with autocast(state.device):
-        logits, st = state.forward(x, mask, stats=state.stats)
-    loss = trial_loss(logits, y, st, state.cfg, state.adjust)
+    loss = state.loss_of(x, y, mask)
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.clip)
@@ -248,9 +254,7 @@ def _captured_step(
     """What one CUDA graph holds: every operation in place on tensors that outlive it (the
     gradients already exist, so backward accumulates into them after zeroing)."""
     state.opt.zero_grad(set_to_none=False)
-    with autocast(state.device):
-        logits, st = state.model(x, mask, stats=state.stats)
-    loss = trial_loss(logits, y, st, state.cfg, state.adjust)
+    loss = state._loss(x, y, mask)
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.clip)
     optimizer_step(state, loss, gn)
