@@ -164,3 +164,14 @@ def test_dispatches_are_counted_by_phase() -> None:
     assert two["train_ops"] > one["train_ops"]
     assert train.robustness_metrics is evaluation.robustness_metrics  # the patches are undone
     assert train.epoch_metrics is evaluation.epoch_metrics
+
+
+def test_profile_of_a_trial_names_its_phases_and_operators() -> None:
+    from benchmarks import profile_trial
+    from study.config import TrialConfig
+
+    small = TrialConfig(task="digits", d_model=16, d_ff=32, n_layers=1, n_heads=2)
+    text = profile_trial.profile_trial(epochs=1, k=1, rows=5, cfg=small)
+    assert "phase:eval: 1 calls" in text and "phase:robustness: 1 calls" in text
+    table = text.split("phase:robustness: 1 calls")[1]
+    assert table.count("aten::") >= 3 and "Self CPU time total" in table

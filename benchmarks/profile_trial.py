@@ -1,0 +1,88 @@
+"""Where a default trial's time goes, operator by operator (`torch.profiler`): the profile a
+session with a GPU takes before it changes anything (`scripts/gpu-check` runs it).
+
+    python -m benchmarks.profile_trial [--epochs N] [--seeds 1 4] [--out DIR]
+
+For each number of seeds, one trial of the default config (`benchmarks.trials.seeds_time`:
+data built beforehand, batched replicates where they apply), after a warm-up trial, profiled
+whole: the operators by self device time (CUDA) or self CPU time, and the trial's phases
+(`time_split`'s training, per-epoch evaluation and robustness sets) as profiler ranges. Written
+to `profile-<device>.txt` in DIR (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from benchmarks.run import device_name
+from benchmarks.trials import _phases, default_trial, seeds_time, warm_up
+from study.config import TrialConfig
+
+
+@contextlib.contextmanager
+def _ranges() -> Iterator[None]:
+    """Each phase's functions inside a profiler range named after the phase."""
+    def ranged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            with record_function(f"phase:{name}"):
+                return fn(*args, **kwargs)
+        return inner
+
+    with contextlib.ExitStack() as stack:
+        for name, owners in _phases().items():
+            for owner, attr in owners:
+                stack.enter_context(mock.patch.object(owner, attr,
+                                                      ranged(name, getattr(owner, attr))))
+        yield
+
+
+def profile_trial(epochs: int, k: int, rows: int = 30, cfg: TrialConfig | None = None) -> str:
+    """The profile tables of one trial of `cfg` (the default config) with k seeds."""
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    cfg = (cfg or default_trial(epochs)).replace(epochs=epochs)
+    with _ranges(), profile(activities=activities) as prof:
+        wall, mode = seeds_time(cfg, k)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    phases = [e for e in events if e.key.startswith("phase:")]
+    lines = [f"## {k} seed(s), {epochs} epochs, mode {mode}: {wall:.2f} s wall "
+             "(profiled: the profiler's own overhead included)", "",
+             "phases (CPU time inside each range; the rest of the trial is training):"]
+    lines += [f"  {e.key}: {e.count} calls, {e.cpu_time_total / 1e6:.3f} s CPU"
+              + (f", {e.device_time_total / 1e6:.3f} s device" if cuda else "")
+              for e in phases]
+    lines += ["", events.table(sort_by=sort, row_limit=rows, max_name_column_width=60), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="epochs per trial (default: 10 on a GPU, 2 on the CPU)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(1)
+    epochs = args.epochs or (10 if cuda else 2)
+    warm_up()
+    text = "\n".join(profile_trial(epochs, k) for k in args.seeds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"profile-{device_name(cuda)}.txt"
+    path.write_text(text)
+    print(text)
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
