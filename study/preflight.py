@@ -216,8 +216,10 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def _check_sqlite(uri: str) -> None:
-    if uri.split(":", 1)[1] in ("", "//", "///:memory:"):
-        return  # an in-memory database
+    rest = uri.split(":", 1)[1].split("?", 1)[0]
+    if rest in ("", "//", "///:memory:"):
+        raise SpaceError(f"--tracking-uri: {uri!r} is an in-memory store: nothing would be kept "
+                         "when the command ends; name a file, e.g. sqlite:///mlflow.db")
     db = sqlite_file(uri)  # the file MLflow (SQLAlchemy) will open
     if db is None:
         raise SpaceError(f"--tracking-uri: {uri!r}: write sqlite:///RELATIVE.db or "

@@ -65,8 +65,10 @@ def resolve_uri(uri: str | None) -> str:
     """`sqlite:///mlflow.db` at the current directory unless given; relative sqlite paths are
     made absolute so Ray workers and `study ui` see the same file."""
     uri = uri or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    rest = uri[len("sqlite:///"):]
+    if (uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")
+            and rest.split("?", 1)[0] not in ("", ":memory:")):  # in memory: no file to resolve
+        return "sqlite:///" + str(Path(rest).resolve())
     return uri
 
 
