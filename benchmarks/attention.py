@@ -151,21 +151,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def timed_steps(state: TrainState, batch: tuple[torch.Tensor, ...], device: torch.device,
+                warmup: int, iters: int) -> float:
+    """Seconds per `train_step` of `state` on `batch` (mean of `iters` after `warmup`, the
+    device synchronized before and after the timed steps)."""
+    for _ in range(warmup):
+        train_step(state, *batch)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        train_step(state, *batch)
+    _sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
 def step_time(cfg: TrialConfig, spec: ModelSpec, device: torch.device, batch: int,
               explicit: bool, iters: int, kernel: Callable[..., torch.Tensor] | None = None,
               warmup: int = 3) -> float:
     """Seconds per training step (mean of `iters` after `warmup`)."""
     state = _state(cfg, spec, device, warmup + iters, stats=explicit)
-    x, y, mask = _batch(spec, batch, device)
     with use_kernel(state.model, kernel):
-        for _ in range(warmup):
-            train_step(state, x, y, mask)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            train_step(state, x, y, mask)
-        _sync(device)
-    return (time.perf_counter() - t0) / iters
+        return timed_steps(state, _batch(spec, batch, device), device, warmup, iters)
 
 
 def shapes(cuda: bool) -> tuple[TrialConfig, ModelSpec, int, int]:

@@ -67,9 +67,10 @@ def mfu_at(batch: int, warmup: int = 5, steps: int = 20) -> dict[str, Any]:
     import torch
     from torch import nn
 
+    from benchmarks.attention import timed_steps
     from study.config import TrialConfig
     from study.model import ModelSpec, build_model
-    from study.step import train_state, train_step
+    from study.step import train_state
 
     torch._dynamo.reset()  # each batch size compiles afresh, from a clean cache
     torch.cuda.empty_cache()
@@ -89,14 +90,8 @@ def mfu_at(batch: int, warmup: int = 5, steps: int = 20) -> dict[str, Any]:
     x = torch.randint(0, g["vocab"], (batch, g["seq_len"]), device="cuda", generator=gen)
     y = torch.randint(0, g["vocab"], (batch, g["seq_len"]), device="cuda", generator=gen)
     mask = torch.ones(batch, g["seq_len"], dtype=torch.bool, device="cuda")
-    for _ in range(warmup):  # compilation
-        train_step(state, x, y, mask)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step(state, x, y, mask)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
+    # the warm-up steps compile
+    wall = timed_steps(state, (x, y, mask), torch.device("cuda"), warmup, steps) * steps
     tokens_per_s = batch * g["seq_len"] * steps / wall
     name = torch.cuda.get_device_name()
     peak = peak_flops(name)
