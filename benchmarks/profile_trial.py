@@ -1,13 +1,15 @@
 """Where a default trial's time goes, operator by operator (`torch.profiler`): the profile a
 session with a GPU takes before it changes anything (`scripts/gpu-check` runs it).
 
-    python -m benchmarks.profile_trial [--epochs N] [--seeds 1 4] [--out DIR]
+    python -m benchmarks.profile_trial [--epochs N] [--seeds 1 4] [--out DIR] [--ops-as-cuda]
 
 For each number of seeds, one trial of the default config (`benchmarks.trials.seeds_time`:
 data built beforehand, batched replicates where they apply), after a warm-up trial, profiled
 whole: the operators by self device time (CUDA) or self CPU time, and the trial's phases
 (`time_split`'s training, per-epoch evaluation and robustness sets) as profiler ranges. Written
-to `profile-<device>.txt` in DIR (default benchmarks/results).
+to `profile-<device>.txt` in DIR (default benchmarks/results). `--ops-as-cuda` prints instead
+the operations each phase dispatches with the evaluation run as on CUDA
+(`benchmarks.trials.dispatch_split`): on a CPU, what a GPU would launch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.run import device_name
-from benchmarks.trials import _phases, default_trial, seeds_time, warm_up
+from benchmarks.trials import _phases, default_trial, dispatch_split, seeds_time, warm_up
 from study.config import TrialConfig
 
 
@@ -70,11 +72,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="epochs per trial (default: 10 on a GPU, 2 on the CPU)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--ops-as-cuda", action="store_true",
+                    help="print the operations each phase dispatches, evaluation as on CUDA")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(1)
     epochs = args.epochs or (10 if cuda else 2)
+    if args.ops_as_cuda:
+        for k in args.seeds:
+            print(f"{k} seed(s), {epochs} epochs:",
+                  dispatch_split(default_trial(epochs), k, as_cuda=True))
+        return
     warm_up()
     text = "\n".join(profile_trial(epochs, k) for k in args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)

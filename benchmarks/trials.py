@@ -101,7 +101,8 @@ def replicas_module() -> Any | None:
         return None
 
 
-def seeds_time(cfg: TrialConfig, k: int, lockstep: bool = False) -> tuple[float, str]:
+def seeds_time(cfg: TrialConfig, k: int, lockstep: bool = False,
+               vmap_eval: bool | None = None) -> tuple[float, str]:
     """(wall seconds, mode) of a trial of `cfg` with k replicates (seed + r, shared data),
     data built beforehand: `vmap` (study.replicas), `lockstep` (k run_trials advanced one
     epoch at a time, as the trainable does today; also when `lockstep` is asked for) or
@@ -120,7 +121,7 @@ def seeds_time(cfg: TrialConfig, k: int, lockstep: bool = False) -> tuple[float,
             pass
     elif batched:
         mode = "vmap"
-        for _ in reps.train_replicas(cfgs, datas):
+        for _ in reps.train_replicas(cfgs, datas, vmap_eval=vmap_eval):
             pass
     else:
         mode = "lockstep"
@@ -206,9 +207,14 @@ def _phases() -> dict[str, list[tuple[Any, str]]]:
     return targets
 
 
-def dispatch_split(cfg: TrialConfig, k: int) -> dict[str, int]:
+def dispatch_split(cfg: TrialConfig, k: int, as_cuda: bool = False) -> dict[str, int]:
     """Operations dispatched by a trial of `cfg` with k replicates (`seeds_time`'s trial) in
-    training (the rest), the per-epoch evaluation and the robustness sets."""
+    training (the rest), the per-epoch evaluation and the robustness sets. `as_cuda`: the
+    evaluation runs as it does on CUDA wherever the trial runs (CUDA's chunk sizes,
+    `evaluation.eval_rows`, and the batched replicate evaluation), so a CPU counts what a GPU
+    would launch there."""
+    from study import evaluation, replicas
+
     counter = _Dispatches()
 
     def phase(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -220,13 +226,20 @@ def dispatch_split(cfg: TrialConfig, k: int) -> dict[str, int]:
                 counter.phase = "train_ops"
         return counted
 
+    def cuda_rows(model: Any, seq_len: int, device: torch.device, k: int = 1) -> int:
+        return rows(model, seq_len, torch.device("cuda"), k)
+
+    rows = evaluation.eval_rows
     with contextlib.ExitStack() as stack:
         for name, owners in _phases().items():
             for owner, attr in owners:
                 stack.enter_context(mock.patch.object(
                     owner, attr, phase(f"{name}_ops", getattr(owner, attr))))
+        if as_cuda:
+            for module in (evaluation, replicas):
+                stack.enter_context(mock.patch.object(module, "eval_rows", cuda_rows))
         with counter:
-            seeds_time(cfg, k)
+            seeds_time(cfg, k, vmap_eval=True if as_cuda else None)
     return counter.counts
 
 
@@ -234,13 +247,16 @@ def time_split(cfg: TrialConfig, k: int) -> dict[str, Any]:
     """Where a trial of `cfg` with k replicates spends its wall time (`seeds_time`'s trial):
     `eval_s` (the per-epoch evaluation: `epoch_metrics`, or the batched `epoch_values`),
     `robustness_s` (the final robustness sets), `train_s` (the rest: building the models,
-    the training steps and their capture); then the operations each part dispatches, counted
-    in a second run (`dispatch_split`)."""
+    the training steps and their capture); on CUDA also the operations each part dispatches
+    (its launches), counted in a second run (`dispatch_split`; on the CPU, where a trial is
+    compute-bound, `python -m benchmarks.profile_trial --ops-as-cuda` counts what a GPU would
+    launch, outside `make bench`'s 15 minutes)."""
     targets = {f"{name}_s": owners for name, owners in _phases().items()}
     with _timed(targets) as spent:
         wall, mode = seeds_time(cfg, k)
     return {"k": k, "mode": mode, "wall_s": wall, **spent,
-            "train_s": wall - spent["eval_s"] - spent["robustness_s"], **_counted(cfg, k)}
+            "train_s": wall - spent["eval_s"] - spent["robustness_s"],
+            **(_counted(cfg, k) if torch.cuda.is_available() else {})}
 
 
 def _counted(cfg: TrialConfig, k: int) -> dict[str, Any]:

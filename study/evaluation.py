@@ -21,8 +21,12 @@ from study.tasks.base import IGNORE, Split, TaskData
 EVAL_BATCH = 512  # rows per evaluation chunk on the CPU (and the fewest anywhere)
 STATS_BATCH = 256  # evaluation batch on which attention statistics are computed
 # CUDA: a chunk's widest activation, in elements, for all replicates together (2^26: 128 MB in
-# bf16). A small model's evaluation is launch-bound there, so fewer, larger chunks are faster.
+# bf16; the chunk's peak is a few such tensors, its fp32 logits and a padding mask besides). A
+# small model's evaluation is launch-bound there, so fewer, larger chunks are faster.
 EVAL_ELEMENTS = 2**26
+# CUDA: the most rows in one call of a fused attention kernel (replicates folded in), below
+# the 65,535 blocks a CUDA grid dimension allows, which some SDPA kernels map the batch to
+EVAL_MAX_ROWS = 2**15
 
 
 @dataclass
@@ -42,14 +46,15 @@ def eval_rows(model: AttentionModel, seq_len: int, device: torch.device, k: int 
     """Rows of each of `k` replicates per evaluation chunk of inputs `seq_len` long: on the CPU
     `EVAL_BATCH` over all replicates (compute-bound: larger chunks gain nothing); on CUDA as
     many as keep the chunk's widest activation (replicates x rows x tokens x width) within
-    `EVAL_ELEMENTS`, and never fewer."""
+    `EVAL_ELEMENTS` and all replicates' rows within `EVAL_MAX_ROWS`, never fewer than on the
+    CPU."""
     least = max(1, EVAL_BATCH // k)
     if device.type != "cuda":
         return least
     cfg, tokens = model.cfg, model.embed.n_tokens(seq_len)
     width = max(cfg.d_ff, 3 * cfg.d_model, cfg.n_heads * tokens,
                 model.spec.n_classes if model.spec.per_token else 0)
-    return max(least, EVAL_ELEMENTS // (k * tokens * width))
+    return max(least, min(EVAL_ELEMENTS // (k * tokens * width), EVAL_MAX_ROWS // k))
 
 
 @dataclass
@@ -123,6 +128,8 @@ def set_accuracies(model: AttentionModel, sets: dict[str, Split],
     one split (the default study's 25 corruption sets: one chunk on CUDA, not 50)."""
     groups: dict[tuple, list[str]] = {}
     for name, s in sets.items():
+        if len(s) == 0:
+            raise ValueError(f"evaluation set {name!r} is empty")
         key = tuple(tuple(t.shape[1:]) for t in (s.x, s.y, s.mask)) + (s.x.dtype, s.y.dtype)
         groups.setdefault(key, []).append(name)
     accs: dict[str, torch.Tensor] = {}

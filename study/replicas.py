@@ -66,6 +66,7 @@ batching rule); replicates whose train/val/test splits differ in shape.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -95,6 +96,7 @@ from study.tasks.base import IGNORE, Split, TaskData
 from study.train import (
     _RNG,
     EpochResult,
+    check_padding,
     class_prior,
     device_batches,
     diverged_result,
@@ -273,6 +275,12 @@ class _Stacked:
     def __len__(self) -> int:
         return int(self.y.shape[0 if self.shared else 1])
 
+    def split(self, r: int) -> Split:
+        """Replicate r's split (views, no copy)."""
+        if self.shared:
+            return Split(self.x, self.y, self.mask)
+        return Split(self.x[r], self.y[r], self.mask[r])
+
     def rows(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.shared:
             return self.x[i:j], self.y[i:j], self.mask[i:j]
@@ -295,10 +303,19 @@ class Replicas:
         self.cfg = cfg = cfgs[0]
         self.k = len(cfgs)
         self.device = device = resolve_device(cfg)
-        self.lengths = [d.train.lengths().numpy() for d in datas]
-        on_device = {id(d): d.on(device) for d in datas}  # shared data stays shared
-        self.cfgs, self.datas = list(cfgs), [on_device[id(d)] for d in datas]
-        datas = self.datas
+        self.lengths = [d.train.lengths().cpu().numpy() for d in datas]
+        for d in datas:
+            check_padding(d)
+        # each split once on the device: stacked `(k, N, ...)` (or one, when shared), and each
+        # replicate's data made of views of it, plus its evaluation sets
+        self.train = _Stacked.of([d.train for d in datas], device)
+        self.val = _Stacked.of([d.val for d in datas], device)
+        self.test = _Stacked.of([d.test for d in datas], device)
+        extras = {id(d): {n: s.to(device) for n, s in d.extra.items()} for d in datas}
+        self.cfgs = list(cfgs)
+        self.datas = datas = [dataclasses.replace(
+            d, train=self.train.split(r), val=self.val.split(r), test=self.test.split(r),
+            extra=extras[id(d)]) for r, d in enumerate(datas)]
         self.models: list[AttentionModel] = []
         self.gens: list[torch.Generator] = []
         for c, d in zip(cfgs, datas):
@@ -310,12 +327,12 @@ class Replicas:
         # buffers (positional tables) depend on the config only: one copy, not vmapped
         self.buffers = dict(self.models[0].named_buffers())
         self.base = copy.deepcopy(self.models[0]).to("meta")
+        # the one model runs every replicate: it masks padding if any replicate's data has it
+        self.base.spec = dataclasses.replace(
+            self.base.spec, padded=any(d.spec.padded for d in datas))
         for mod in self.base.modules():
             if isinstance(mod, Attention):
                 mod.kernel = folded_sdpa
-        self.train = _Stacked.of([d.train for d in datas], device)
-        self.val = _Stacked.of([d.val for d in datas], device)
-        self.test = _Stacked.of([d.test for d in datas], device)
         self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
         self.vmap_eval = vmap_eval if vmap_eval is not None else device.type == "cuda"
         # CUDA: the whole batched step captured in CUDA graphs (`step.graph_step`), as a

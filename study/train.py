@@ -156,11 +156,20 @@ def flops_per_sample(model: AttentionModel, cfg: TrialConfig, data: TaskData) ->
                                        once_params)
 
 
+def check_padding(data: TaskData) -> None:
+    """Refuse data with padding whose spec says it has none (a model would not mask it): data
+    built by hand, or changed after `get_task` measured it."""
+    if not data.spec.padded and data.has_padding():
+        raise ValueError("the task's data holds padded positions but its ModelSpec says "
+                         "padded=False; set padded=True (get_task measures it)")
+
+
 def run_trial(cfg: TrialConfig, data: TaskData | None = None) -> Iterator[EpochResult]:
     """Train `cfg` and yield an `EpochResult` after every epoch; stop early on divergence."""
     device = resolve_device(cfg)
     data = data if data is not None else get_task(cfg)
-    lengths = data.train.lengths().numpy()
+    check_padding(data)
+    lengths = data.train.lengths().cpu().numpy()
     data = data.on(device)
     rng = _RNG(cfg.seed, device)
     with rng.scope():

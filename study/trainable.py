@@ -71,6 +71,7 @@ def replicate_epochs(cfgs: list[TrialConfig], datas: list[TaskData],
     """Each epoch's `EpochResult`s of the replicates `cfgs` (with their data), trained as
     `batching` says, and why they fell back to lockstep (None when they did not, or when
     `batching` is `lockstep`)."""
+    from study.device import resolve_device
     from study.replicas import fallback_reason, train_replicas
     from study.train import run_trial
 
@@ -79,7 +80,9 @@ def replicate_epochs(cfgs: list[TrialConfig], datas: list[TaskData],
     why = fallback_reason(cfgs, datas) if batching == "vmap" else None
     if batching == "vmap" and why is None:
         return train_replicas(cfgs, datas), None
-    runs = [run_trial(c, d) for c, d in zip(cfgs, datas)]
+    # shared data is placed on the device once, not once per replicate
+    placed = {id(d): d.on(resolve_device(cfgs[0])) for d in datas}
+    runs = [run_trial(c, placed[id(d)]) for c, d in zip(cfgs, datas)]
 
     def epochs() -> Iterator[list[EpochResult]]:
         for _ in range(cfgs[0].epochs):

@@ -88,8 +88,14 @@ def test_chunk_rows_by_device():
     cuda = torch.device("cuda")  # read for its type only: no GPU needed
     one, sixteen = E.eval_rows(model, T, cuda), E.eval_rows(model, T, cuda, k=16)
     tokens, width = T // 4, 3 * 64  # the widest: the fused q, k, v projection
-    assert one == E.EVAL_ELEMENTS // (tokens * width) > len(data.train)  # one chunk per split
-    assert sixteen == E.EVAL_ELEMENTS // (16 * tokens * width)
+    assert E.EVAL_ELEMENTS // (tokens * width) > E.EVAL_MAX_ROWS  # capped by the kernel's rows
+    assert one == E.EVAL_MAX_ROWS > len(data.train)  # one chunk per split
+    assert sixteen == E.EVAL_MAX_ROWS // 16 < E.EVAL_ELEMENTS // (16 * tokens * width)
+    # a wider model: the activation budget binds first
+    wide, _ = model_and_data({"task": "mnist1d", "d_model": 256, "d_ff": 512, "n_heads": 4,
+                              "patch_size": 4})
+    want = E.EVAL_ELEMENTS // (16 * tokens * 3 * 256)
+    assert E.eval_rows(wide, T, cuda, k=16) == want < E.EVAL_MAX_ROWS // 16
     # a model whose chunk of EVAL_BATCH rows is already over the budget keeps EVAL_BATCH
     big, _ = model_and_data({"task": "sort", "n_train": 64, "d_model": 1024, "d_ff": 4096})
     assert E.eval_rows(big, 4096, cuda) == E.EVAL_BATCH
@@ -116,3 +122,24 @@ def test_task_data_on_the_cpu_is_itself_and_elsewhere_a_copy():
     assert all(s.y.device.type == "meta" for s in moved.extra.values())
     assert moved.extra.keys() == data.extra.keys() and moved.spec is data.spec
     assert data.train.x.device == CPU  # the original is left as it was
+
+
+def test_an_empty_evaluation_set_is_refused():
+    model, data = model_and_data({"task": "digits"})
+    empty = data.val.subset(np.arange(0))
+    with pytest.raises(ValueError, match="evaluation set 'none' is empty"):
+        E.set_accuracies(model, {"val": data.val, "none": empty}, CPU)
+
+
+def test_data_whose_spec_hides_its_padding_is_refused():
+    import dataclasses
+
+    from study.train import run_trial
+
+    cfg = make_config({"task": "listops", "n_train": 256, "d_model": 16, "d_ff": 32,
+                       "n_layers": 1, "n_heads": 2, "epochs": 1})
+    data = get_task(cfg)
+    assert data.spec.padded
+    hidden = dataclasses.replace(data, spec=dataclasses.replace(data.spec, padded=False))
+    with pytest.raises(ValueError, match="padded=False"):
+        next(run_trial(cfg, hidden))

@@ -156,6 +156,18 @@ def test_module_evaluation_matches_too(one_thread) -> None:
     assert_matches(list(train_replicas(cfgs, datas, vmap_eval=False)), unbatched(cfgs, datas))
 
 
+def test_the_batched_model_masks_padding_if_any_replicate_has_it() -> None:
+    """Replicates with their own data may differ in padding: the one batched model masks it
+    when any of them has it (each replicate's own module keeps its own spec)."""
+    cfgs, datas = replicas_of({})
+    assert not any(d.spec.padded for d in datas)
+    assert Replicas(cfgs, datas).base.spec.padded is False
+    padded = [datas[0], replace(datas[1], spec=replace(datas[1].spec, padded=True))]
+    reps = Replicas(cfgs, padded)
+    assert reps.base.spec.padded is True
+    assert [m.spec.padded for m in reps.models] == [False, True]
+
+
 def test_per_token_task_matches(one_thread) -> None:
     cfgs, datas = replicas_of({"task": "sort", "epochs": 1, "n_train": 512})
     assert datas[0].spec.per_token
