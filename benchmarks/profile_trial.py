@@ -85,11 +85,14 @@ def main(argv: list[str] | None = None) -> None:
                   dispatch_split(default_trial(epochs), k, as_cuda=True))
         return
     warm_up()
-    text = "\n".join(profile_trial(epochs, k) for k in args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"profile-{device_name(cuda)}.txt"
-    path.write_text(text)
-    print(text)
+    path.write_text("")
+    for k in args.seeds:  # each profile kept as soon as it is taken (a run may be cut short)
+        text = profile_trial(epochs, k)
+        with path.open("a") as f:
+            f.write(text + "\n")
+        print(text, flush=True)
     print(f"written: {path}")
 
 
