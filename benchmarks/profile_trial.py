@@ -15,35 +15,31 @@ the operations each phase dispatches with the evaluation run as on CUDA
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.run import device_name
-from benchmarks.trials import _phases, default_trial, dispatch_split, seeds_time, warm_up
+from benchmarks.trials import (
+    _phases,
+    default_trial,
+    dispatch_split,
+    patched,
+    seeds_time,
+    warm_up,
+)
 from study.config import TrialConfig
 
 
-@contextlib.contextmanager
-def _ranges() -> Iterator[None]:
-    """Each phase's functions inside a profiler range named after the phase."""
-    def ranged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            with record_function(f"phase:{name}"):
-                return fn(*args, **kwargs)
-        return inner
-
-    with contextlib.ExitStack() as stack:
-        for name, owners in _phases().items():
-            for owner, attr in owners:
-                stack.enter_context(mock.patch.object(owner, attr,
-                                                      ranged(name, getattr(owner, attr))))
-        yield
+def _ranged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` inside a profiler range named after its phase."""
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        with record_function(f"phase:{name}"):
+            return fn(*args, **kwargs)
+    return inner
 
 
 def profile_trial(epochs: int, k: int, rows: int = 30, cfg: TrialConfig | None = None) -> str:
@@ -51,7 +47,7 @@ def profile_trial(epochs: int, k: int, rows: int = 30, cfg: TrialConfig | None =
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     cfg = (cfg or default_trial(epochs)).replace(epochs=epochs)
-    with _ranges(), profile(activities=activities) as prof:
+    with patched(_phases(), _ranged), profile(activities=activities) as prof:
         wall, mode = seeds_time(cfg, k)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()

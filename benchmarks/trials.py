@@ -9,9 +9,10 @@
   `study.replicas.train_replicas` (the replicates as one batched computation) where it exists
   and accepts the config, else k `run_trial`s in lockstep (today's trainable).
 - `time_split`: where such a trial's wall time goes: training (model building and step capture
-  included), the per-epoch evaluation and the final robustness sets; and how many operations
-  each part dispatches (`*_ops`, the same on every device: on a GPU each is a kernel launch
-  unless a captured graph replays it, so a launch-bound trial's cost follows these counts).
+  included), the per-epoch evaluation and the final robustness sets; on a GPU also how many
+  operations each part dispatches (`*_ops`, `dispatch_split`: each a kernel launch unless a
+  captured graph replays it, so a launch-bound trial's cost follows these counts; the counts
+  do not depend on the device).
 """
 
 from __future__ import annotations
@@ -150,8 +151,23 @@ def seeds_cost(ks: tuple[int, ...] = (4, 16), epochs: int = 2) -> dict[str, Any]
     return out
 
 
+Targets = dict[str, list[tuple[Any, str]]]  # a name -> the (owner, attribute) of its functions
+
+
 @contextlib.contextmanager
-def _timed(targets: dict[str, list[tuple[Any, str]]]) -> Iterator[dict[str, float]]:
+def patched(targets: Targets, wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]]
+            ) -> Iterator[None]:
+    """Each function of `targets` replaced by `wrap(name, function)` for the duration."""
+    with contextlib.ExitStack() as stack:
+        for name, owners in targets.items():
+            for owner, attr in owners:
+                stack.enter_context(mock.patch.object(owner, attr,
+                                                      wrap(name, getattr(owner, attr))))
+        yield
+
+
+@contextlib.contextmanager
+def _timed(targets: Targets) -> Iterator[dict[str, float]]:
     """Seconds spent in each named group of functions (`(owner, attribute)` pairs, patched for
     the duration), the device synchronized around each call so its queued work counts where
     it was queued."""
@@ -172,11 +188,7 @@ def _timed(targets: dict[str, list[tuple[Any, str]]]) -> Iterator[dict[str, floa
                 spent[name] += time.perf_counter() - t0
         return timed
 
-    with contextlib.ExitStack() as stack:
-        for name, owners in targets.items():
-            for owner, attr in owners:
-                stack.enter_context(mock.patch.object(owner, attr,
-                                                      wrap(name, getattr(owner, attr))))
+    with patched(targets, wrap):
         yield spent
 
 
@@ -195,12 +207,12 @@ class _Dispatches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _phases() -> dict[str, list[tuple[Any, str]]]:
+def _phases() -> Targets:
     """The functions of a trial's per-epoch evaluation and of its final robustness sets."""
     from study import train
 
     reps = replicas_module()
-    targets: dict[str, list[tuple[Any, str]]] = {
+    targets: Targets = {
         "eval": [(train, "epoch_metrics")], "robustness": [(train, "robustness_metrics")]}
     if reps is not None:
         targets["eval"].append((reps.Replicas, "epoch_values"))
@@ -231,10 +243,7 @@ def dispatch_split(cfg: TrialConfig, k: int, as_cuda: bool = False) -> dict[str,
 
     rows = evaluation.eval_rows
     with contextlib.ExitStack() as stack:
-        for name, owners in _phases().items():
-            for owner, attr in owners:
-                stack.enter_context(mock.patch.object(
-                    owner, attr, phase(f"{name}_ops", getattr(owner, attr))))
+        stack.enter_context(patched({f"{n}_ops": o for n, o in _phases().items()}, phase))
         if as_cuda:
             for module in (evaluation, replicas):
                 stack.enter_context(mock.patch.object(module, "eval_rows", cuda_rows))

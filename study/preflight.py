@@ -23,7 +23,7 @@ from typing import Any
 from study.config import ConfigError, field_limit_error, make_config
 from study.records import SweepSpec
 from study.spaces import LIMITS, SpaceError, check_name, check_resource
-from study.tracking import sqlite_file
+from study.tracking import sqlite_file, sqlite_in_memory
 
 MIN_FREE_MB = 100  # free space a sweep's storage (and a SQLite store) must have to start
 NET_TIMEOUT_S = 3.0  # reaching an MLflow server or a Ray cluster
@@ -216,8 +216,7 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def _check_sqlite(uri: str) -> None:
-    rest = uri.split(":", 1)[1].split("?", 1)[0]
-    if rest in ("", "//", "///:memory:"):
+    if sqlite_in_memory(uri):
         raise SpaceError(f"--tracking-uri: {uri!r} is an in-memory store: nothing would be kept "
                          "when the command ends; name a file, e.g. sqlite:///mlflow.db")
     db = sqlite_file(uri)  # the file MLflow (SQLAlchemy) will open

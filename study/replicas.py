@@ -304,7 +304,7 @@ class Replicas:
         self.k = len(cfgs)
         self.device = device = resolve_device(cfg)
         self.lengths = [d.train.lengths().cpu().numpy() for d in datas]
-        for d in datas:
+        for d in {id(d): d for d in datas}.values():  # shared data is checked once
             check_padding(d)
         # each split once on the device: stacked `(k, N, ...)` (or one, when shared), and each
         # replicate's data made of views of it, plus its evaluation sets

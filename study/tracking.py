@@ -65,14 +65,20 @@ def resolve_uri(uri: str | None) -> str:
     """`sqlite:///mlflow.db` at the current directory unless given; relative sqlite paths are
     made absolute so Ray workers and `study ui` see the same file."""
     uri = uri or DEFAULT_TRACKING_URI
-    rest = uri[len("sqlite:///"):]
     if (uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")
-            and rest.split("?", 1)[0] not in ("", ":memory:")):  # in memory: no file to resolve
-        return "sqlite:///" + str(Path(rest).resolve())
+            and not sqlite_in_memory(uri)):  # in memory: no file to resolve
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     return uri
 
 
 _SQLITE_URI = re.compile(r"sqlite(\+\w+)?:///")  # sqlite:///, sqlite+pysqlite:///, ...
+
+
+def sqlite_in_memory(uri: str) -> bool:
+    """A SQLite URI of an in-memory database (`sqlite://`, `sqlite:///:memory:`, with or
+    without a driver or query): nothing in it outlives the process that opened it."""
+    m = re.match(r"sqlite(\+\w+)?:", uri)
+    return m is not None and uri[m.end():].split("?", 1)[0] in ("", "//", "///:memory:")
 
 
 def sqlite_file(uri: str) -> Path | None:

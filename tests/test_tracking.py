@@ -284,3 +284,17 @@ def test_sqlite_file_is_the_file_sqlalchemy_opens(uri, want, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     got = tracking.sqlite_file(uri)
     assert got == (None if want is None else (tmp_path / want).resolve())
+
+
+@pytest.mark.parametrize(("uri", "memory"), [
+    pytest.param("sqlite://", True, id="short"),
+    pytest.param("sqlite:///:memory:", True, id="memory"),
+    pytest.param("sqlite+pysqlite:///:memory:?cache=shared", True, id="driver-query"),
+    pytest.param("sqlite:///store.db", False, id="file"),
+    pytest.param("sqlite:////abs/:memory:", False, id="file-named-memory"),
+    pytest.param("postgresql://u@h/db", False, id="other"),
+])
+def test_in_memory_sqlite_uris(uri, memory) -> None:
+    assert tracking.sqlite_in_memory(uri) is memory
+    if memory:  # left as given: no file to resolve
+        assert tracking.resolve_uri(uri) == uri
