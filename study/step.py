@@ -40,6 +40,11 @@ def lr_lambda(total: int, warmup_frac: float) -> Callable[[int], float]:
     return f
 
 
+# devices with a fused AdamW kernel (one kernel per parameter, not ~10 elementwise ops): on the
+# CPU a training step of the default model measured ~11% faster with it (8.7 -> 7.8 ms)
+FUSED_ADAMW = ("cuda", "cpu")
+
+
 def make_optimizer(
     model: AttentionModel, cfg: TrialConfig, total_steps: int, capturable: bool = False
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
@@ -54,15 +59,16 @@ def make_optimizer(
 
 def adamw(
     decay: Sequence[torch.Tensor], no_decay: Sequence[torch.Tensor], cfg: TrialConfig,
-    total_steps: int, capturable: bool = False,
+    total_steps: int, capturable: bool = False, fused: tuple[str, ...] = FUSED_ADAMW,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """`make_optimizer` over given tensors: weight decay on `decay` only (`study.replicas`
-    passes parameters stacked over replicates, whose matrices it picks itself)."""
+    passes parameters stacked over replicates, whose matrices it picks itself); the fused
+    kernel on the device types in `fused`."""
     device = [*decay, *no_decay][0].device
     lr: float | torch.Tensor = torch.tensor(cfg.lr, device=device) if capturable else cfg.lr
     opt = torch.optim.AdamW([{"params": list(decay), "weight_decay": cfg.weight_decay},
                              {"params": list(no_decay), "weight_decay": 0.0}], lr=lr,
-                            betas=(0.9, 0.98), fused=device.type == "cuda",
+                            betas=(0.9, 0.98), fused=device.type in fused,
                             capturable=capturable)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_frac))
     if capturable and opt.param_groups[0]["lr"] is not lr:
