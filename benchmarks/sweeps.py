@@ -8,7 +8,8 @@
   path (`seed_batching: lockstep`) and the default, wall time of the whole command.
 - `search_epochs`: TPE + ASHA (the defaults) against random search without early stopping on a
   small space, 3 searcher seeds each: epochs trained until random search's best val_acc is
-  reached.
+  reached (random search's: the mean over the orders its independent trials could have run
+  in, `simulated_order_epochs`; TPE + ASHA's: as its reports came).
 
 The pure parts (`overhead_frac`, `epochs_to_reach`, `search_ratio`, ...) are tested in
 tests/test_bench.py.
@@ -23,6 +24,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from benchmarks import diskio
 
@@ -91,25 +94,80 @@ def epochs_to_reach(points: Sequence[tuple[float, float]], target: float) -> tup
     return len(ordered), False
 
 
-def search_ratio(pairs: Sequence[tuple[Sequence[tuple[float, float]],
-                                      Sequence[tuple[float, float]]]]) -> dict[str, Any]:
-    """For each searcher seed a pair (random points, TPE+ASHA points), as `epochs_to_reach`
-    takes them: the target is the best val_acc random search reached; the ratio is TPE+ASHA's
-    epochs to reach it over random search's, summed over seeds (a TPE+ASHA run that never
-    reached it counts all its epochs, and is listed in `not_reached`)."""
-    rows, rand_total, tpe_total, missed = [], 0, 0, []
-    for s, (rand, tpe) in enumerate(pairs):
+def random_order_epochs(curves: Sequence[Sequence[float]], target: float) -> float:
+    """Expected epochs trained until `target` is reached when the trials of `curves` (each
+    trial's val_acc per epoch, all of them trained to the end: no early stopping) run one
+    after the other in a uniformly random order. Random search draws its trials independently,
+    so every order was as likely as the one the sweep happened to run; this is the mean over
+    all of them, not one order's luck. A trial that never reaches it precedes the first that
+    does with probability 1/(r+1) (r: the trials that reach it), and each of those is first
+    with probability 1/r, so the mean is sum(len of the others) / (r+1) + mean(the epoch
+    where each of the r first reaches it)."""
+    first = [next((e for e, a in enumerate(c, 1) if a >= target), None) for c in curves]
+    hits = [e for e in first if e is not None]
+    if not hits:
+        raise ValueError(f"no trial reaches {target}")
+    misses = sum(len(c) for c, e in zip(curves, first) if e is None)
+    return misses / (len(hits) + 1) + sum(hits) / len(hits)
+
+
+def simulated_order_epochs(curves: Sequence[Sequence[float]], target: float, slots: int,
+                           draws: int = 2000, seed: int = 0) -> float:
+    """`random_order_epochs` with `slots` trials running at once (a sweep's `max_concurrent`),
+    by simulation: each draw runs the trials in a random order, each epoch one time unit, a
+    trial starting on the first free slot; epochs are counted in time order (ties in random
+    order) until one reaches `target`, as `epochs_to_reach` counts a real sweep's reports. The
+    mean over `draws` draws (with one slot it converges to `random_order_epochs`)."""
+    rng = np.random.default_rng(seed)
+    total = 0
+    for _ in range(draws):
+        free = [0] * slots
+        events = []
+        for i in rng.permutation(len(curves)):
+            s = int(np.argmin(free))
+            events += [(free[s] + e, rng.random(), a) for e, a in enumerate(curves[i], 1)]
+            free[s] += len(curves[i])
+        events.sort()
+        total += next(n for n, (_, _, a) in enumerate(events, 1) if a >= target)
+    return total / draws
+
+
+def search_ratio(pairs: Sequence[tuple[Sequence[Sequence[tuple[float, float]]],
+                                      Sequence[tuple[float, float]]]],
+                 slots: int = 1) -> dict[str, Any]:
+    """For each searcher seed a pair (random search's trials, each its (time, val_acc) per
+    epoch; TPE+ASHA's (time, val_acc) of every epoch of every trial): the target is the best
+    val_acc random search reached; random search's epochs to reach it are the mean over the
+    orders its independent trials could have run in (`simulated_order_epochs` with `slots` at
+    once; the order it did run in is kept as `random_epochs_observed`), TPE+ASHA's are counted
+    in the order its reports came (`epochs_to_reach`: its trials depend on those before). The
+    ratio is TPE+ASHA's epochs over random search's, summed over seeds (each seed's own ratio
+    in its row: with a few seeds they are the spread to read, no interval is claimed). A
+    TPE+ASHA run that never reached the target counts all its epochs and is listed in
+    `not_reached`: the ratio is then a lower bound (`censored`)."""
+    rows, rand_total, tpe_total, missed, observed = [], 0.0, 0, [], 0
+    for s, (trials, tpe) in enumerate(pairs):
+        rand = [p for t in trials for p in t]
         target = max(acc for _, acc in rand)
-        e_rand, _ = epochs_to_reach(rand, target)
+        curves = [[acc for _, acc in sorted(t)] for t in trials]
+        e_rand = simulated_order_epochs(curves, target, slots, seed=s)
+        e_seen, _ = epochs_to_reach(rand, target)
         e_tpe, reached = epochs_to_reach(tpe, target)
-        rand_total, tpe_total = rand_total + e_rand, tpe_total + e_tpe
+        rand_total, tpe_total, observed = rand_total + e_rand, tpe_total + e_tpe, \
+            observed + e_seen
         if not reached:
             missed.append(s)
         rows.append({"seed": s, "target_val_acc": target, "random_epochs": e_rand,
-                     "random_epochs_total": len(rand), "tpe_asha_epochs": e_tpe,
-                     "tpe_asha_epochs_total": len(tpe), "tpe_asha_reached": reached,
+                     "random_epochs_observed": e_seen, "random_epochs_total": len(rand),
+                     "random_trials_reaching": sum(any(a >= target for a in c)
+                                                   for c in curves),
+                     "tpe_asha_epochs": e_tpe, "ratio": e_tpe / e_rand,
+                     "tpe_asha_epochs_total": len(tpe),
+                     "tpe_asha_reached": reached,
                      "tpe_asha_best": max(acc for _, acc in tpe)})
-    return {"ratio": tpe_total / rand_total, "per_seed": rows, "not_reached": missed}
+    return {"ratio": tpe_total / rand_total, "ratio_observed_order": tpe_total / observed,
+            "per_seed": rows, "not_reached": missed, "censored": bool(missed),
+            "random_slots": slots}
 
 
 # --- runs ----------------------------------------------------------------------------------
@@ -123,15 +181,17 @@ def _create_store(uri: str) -> None:
     checkpoint_sqlite(uri)
 
 
-def _points(uri: str, parent: str, metric: str = "val_acc") -> list[tuple[float, float]]:
-    """(timestamp, value) of every epoch's `metric` of every child run of `parent`."""
+def _curves(uri: str, parent: str, metric: str = "val_acc"
+            ) -> list[list[tuple[float, float]]]:
+    """Per child run of `parent`, (timestamp, value) of every epoch's `metric`."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_run(parent).info.experiment_id
     runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'", max_results=5000)
-    return [(m.timestamp / 1e3, m.value) for r in runs
-            for m in client.get_metric_history(r.info.run_id, metric)]
+    return [[(m.timestamp / 1e3, m.value) for m in client.get_metric_history(r.info.run_id,
+                                                                             metric)]
+            for r in runs]
 
 
 def harness(tmp: Path, trials: int = 32, epochs: int = 2) -> dict[str, Any]:
@@ -313,11 +373,14 @@ def study_speedup(tmp: Path, trials: int = 6, epochs: int = 3,
 
 
 def search_epochs(tmp: Path, seeds: Sequence[int] = (0, 1, 2), trials: int = 16,
-                  epochs: int = 6) -> dict[str, Any]:
-    """Random search (no early stopping) and TPE + ASHA as a `search` design runs them by
-    default (ASHA's grace period and reduction factor: `SweepSpec`'s defaults), `trials`
-    trials of at most `epochs` epochs each, per searcher seed, in one Ray session."""
+                  epochs: int = 6, tpe_trials: int = 32) -> dict[str, Any]:
+    """Random search (no early stopping, `trials` trials) and TPE + ASHA as a `search` design
+    runs them by default (ASHA's grace period and reduction factor: `SweepSpec`'s defaults;
+    `tpe_trials` trials, so that its early-stopped trials spend about the epochs random
+    search spends and a miss is a real one), at most `epochs` epochs a trial, per searcher
+    seed, in one Ray session; `search_ratio` compares them."""
     from study.records import SweepSpec
+    from study.spaces import load_space
     from study.sweep.lifecycle import init_ray, run_sweep, sweep_environment
     from study.sweep.searcher import tpe_startup
 
@@ -326,25 +389,30 @@ def search_epochs(tmp: Path, seeds: Sequence[int] = (0, 1, 2), trials: int = 16,
     asha = {"grace_period": SweepSpec.grace_period,
             "reduction_factor": SweepSpec.reduction_factor}
     pairs = []
+    slots = 1
     # MLflow puts a new store's artifacts under ./mlruns: keep them in `tmp`
     with contextlib.chdir(tmp), sweep_environment():
         init_ray(None)
         for seed in seeds:
-            pts = []
-            for kind, design in (("random", "design: random"), ("tpe_asha", "searcher: tpe")):
+            runs = []
+            for kind, design, n in (("random", "design: random", trials),
+                                    ("tpe_asha", "searcher: tpe", tpe_trials)):
                 space = tmp / f"{kind}_{seed}.yaml"
                 space.write_text(SEARCH_SPACE % {"epochs": epochs, "design": design,
-                                                 "seed": seed, "trials": trials})
+                                                 "seed": seed, "trials": n})
                 res = run_sweep(space, name=f"{kind}_{seed}", tracking_uri=uri,
                                 storage=tmp / "ray")
-                pts.append(_points(uri, res["parent_run_id"]))
-            pairs.append((pts[0], pts[1]))
-    out = search_ratio(pairs)
-    out.update({"task": "digits", "trials_per_sweep": trials, "max_epochs": epochs,
-                "searcher_seeds": list(seeds), "asha": asha,
-                "sizing": f"{trials} trials x {epochs} epochs of a 1-layer d_model 16/32 model "
-                          "on digits per sweep (a few seconds per trial on 2 CPU cores), "
-                          f"TPE's {tpe_startup(trials)} random start-up trials included; "
-                          f"ASHA grace {asha['grace_period']}, reduction factor "
-                          f"{asha['reduction_factor']} (the defaults)"})
+                runs.append(_curves(uri, res["parent_run_id"]))
+                slots = load_space(space).max_concurrent
+            pairs.append((runs[0], [p for t in runs[1] for p in t]))
+    out = search_ratio(pairs, slots)
+    out.update({"task": "digits", "trials_per_sweep": {"random": trials, "tpe_asha": tpe_trials},
+                "max_epochs": epochs, "searcher_seeds": list(seeds), "asha": asha,
+                "sizing": f"random search: {trials} trials x {epochs} epochs; TPE+ASHA: "
+                          f"{tpe_trials} trials of at most {epochs} epochs (early-stopped, so "
+                          "about as many epochs in all); a 1-layer d_model 16/32 model on "
+                          "digits (a few seconds per trial on 2 CPU cores), TPE's "
+                          f"{tpe_startup(tpe_trials)} random start-up trials included; ASHA "
+                          f"grace {asha['grace_period']}, reduction factor "
+                          f"{asha['reduction_factor']} (the defaults); {slots} trials at once"})
     return out

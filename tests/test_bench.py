@@ -1,7 +1,9 @@
 """The benchmark's pure helpers (no timing, no sweeps: `make bench` runs those)."""
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,15 +50,57 @@ def test_epochs_to_reach_counts_reports_in_time_order() -> None:
     assert sweeps.epochs_to_reach(pts, 0.95) == (4, False)
 
 
+def _orders_mean(curves: list[list[float]], target: float) -> float:
+    """Epochs to reach `target` averaged over every order of the trials, run one at a time."""
+    counts = []
+    for order in itertools.permutations(curves):
+        flat = [a for c in order for a in c]
+        counts.append(next(i for i, a in enumerate(flat, 1) if a >= target))
+    return float(np.mean(counts))
+
+
+@pytest.mark.parametrize("curves,target", [
+    pytest.param([[0.1, 0.9], [0.2, 0.3, 0.4], [0.5], [0.95, 0.2]], 0.9, id="two_reach"),
+    pytest.param([[0.1, 0.2], [0.3, 0.8, 0.9], [0.5], [0.6, 0.7]], 0.9, id="one_reaches"),
+    pytest.param([[0.9], [0.9, 0.1], [0.95]], 0.9, id="all_reach"),
+])
+def test_random_order_epochs_is_the_mean_over_every_order(curves, target) -> None:
+    exact = _orders_mean(curves, target)
+    assert sweeps.random_order_epochs(curves, target) == pytest.approx(exact)
+    # the simulation with one slot estimates the same mean
+    sim = sweeps.simulated_order_epochs(curves, target, slots=1, draws=4000)
+    assert sim == pytest.approx(exact, abs=0.1)
+
+
+def test_simulated_order_counts_concurrent_epochs_in_time_order() -> None:
+    # two slots, both trials start at once: both first epochs end together (2 reports), then
+    # the target comes with trial a's second epoch, before or after trial b's (ties: random)
+    a, b = [0.0, 1.0], [0.0, 0.0]
+    assert sweeps.simulated_order_epochs([a, b], 1.0, slots=2, draws=4000) == pytest.approx(
+        3.5, abs=0.05)
+    # one slot: a first (2 epochs) or b first (2 + 2), each half the time
+    assert sweeps.simulated_order_epochs([a, b], 1.0, slots=1, draws=4000) == pytest.approx(
+        3.0, abs=0.1)
+    with pytest.raises(ValueError, match="no trial reaches"):
+        sweeps.random_order_epochs([a, b], 2.0)
+
+
 def test_search_ratio_against_random_search_best() -> None:
-    rand = [(1.0, 0.3), (2.0, 0.8), (3.0, 0.5), (4.0, 0.6)]  # best 0.8, after 2 epochs
+    # random search: one trial reaches its best (0.8) at its 2nd epoch; one never does
+    rand = [[(1.0, 0.3), (2.0, 0.8)], [(1.5, 0.5), (3.0, 0.6)]]
     fast = [(1.0, 0.85)]  # reaches it at once
     never = [(1.0, 0.1), (2.0, 0.2), (3.0, 0.3)]  # never: all 3 epochs count
     out = sweeps.search_ratio([(rand, fast), (rand, never)])
-    assert out["ratio"] == pytest.approx((1 + 3) / (2 + 2))
-    assert out["not_reached"] == [1]
+    expected = 2 / 2 + 2  # the other trial first half the time, then 2 epochs
+    assert out["per_seed"][0]["random_epochs"] == pytest.approx(expected, abs=0.1)
+    assert out["per_seed"][0]["random_epochs_observed"] == 3  # 0.3, 0.5, then 0.8
+    assert out["ratio"] == pytest.approx((1 + 3) / (2 * expected), rel=0.05)
+    assert out["ratio_observed_order"] == pytest.approx((1 + 3) / (3 + 3))
+    assert out["not_reached"] == [1] and out["censored"] is True
     assert out["per_seed"][0]["target_val_acc"] == 0.8
+    assert out["per_seed"][0]["random_trials_reaching"] == 1
     assert out["per_seed"][1]["tpe_asha_reached"] is False
+    assert out["per_seed"][1]["ratio"] == pytest.approx(3 / expected, rel=0.05)
 
 
 def test_summary_has_exactly_the_goal_keys_and_nulls_when_missing() -> None:
