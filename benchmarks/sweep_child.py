@@ -2,8 +2,8 @@
 NAME STORAGE URI OUT.json [TRIALS EPOCHS]` (the last two, when not 0, override the space's).
 The process tree is what `benchmarks.diskio` measures; OUT.json
 gets the Tuner's fit window, every result's `time_this_iter_s` (the trial's own time for that
-epoch: training, evaluation, and for the first one the model and data set-up) and the command's
-own wall time."""
+epoch: training, evaluation, and for the first one the model and data set-up), every result's
+arrival (time, worker pid, trial id, `time_this_iter_s`) and the command's own wall time."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def main(argv: list[str]) -> None:
         def __init__(self) -> None:
             self.fit_start = self.fit_end = 0.0
             self.iter_s: list[float] = []
+            self.results: list[tuple[float, str, str, float]] = []
 
         def setup(self, **info: Any) -> None:
             self.fit_start = time.time()
@@ -37,6 +38,9 @@ def main(argv: list[str]) -> None:
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                             **info: Any) -> None:
             self.iter_s.append(float(result.get("time_this_iter_s", 0.0)))
+            # when it came, from which worker process (a slot: actors are reused) and trial
+            self.results.append((time.time(), str(result.get("pid")), str(trial.trial_id),
+                                 self.iter_s[-1]))
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             self.fit_end = time.time()
@@ -46,6 +50,7 @@ def main(argv: list[str]) -> None:
                         overrides={"epochs": epochs}, callbacks=[timer])
     Path(out).write_text(json.dumps({
         "fit_start": timer.fit_start, "fit_end": timer.fit_end, "iter_s": timer.iter_s,
+        "results": timer.results,
         "command_start": t0, "command_end": time.time(), "done": summary["done"]}))
 
 

@@ -79,6 +79,33 @@ def overhead_frac(own_s: float, wall_s: float, concurrency: int) -> float:
     return 1.0 - own_s / (wall_s * concurrency)
 
 
+def trial_spans(results: Sequence[Sequence[Any]]) -> list[tuple[str, float, float]]:
+    """(slot, start, end) of each trial from its results (time, worker pid, trial id,
+    time_this_iter_s): it starts its first epoch's `time_this_iter_s` before its first result
+    and ends with its last; a slot is a worker process (Ray reuses them for later trials)."""
+    spans: dict[str, tuple[str, float, float]] = {}
+    for t, pid, trial, iter_s in sorted(results):
+        if trial not in spans:
+            spans[trial] = (str(pid), float(t) - float(iter_s), float(t))
+        else:
+            slot, start, _ = spans[trial]
+            spans[trial] = (slot, start, float(t))
+    return list(spans.values())
+
+
+def tail_idle_s(spans: Sequence[tuple[str, float, float]]) -> float:
+    """Slot-seconds idle at a sweep's end for lack of trials: once the last trial to start has
+    started, every other slot waits from its last trial's end (or that start, if later) until
+    the last trial ends. No harness makes this shorter (it is not harness overhead); a gap
+    before the last trial starts is the harness's, and stays counted."""
+    last_start = max(s for _, s, _ in spans)
+    end = max(e for _, _, e in spans)
+    slot_end: dict[str, float] = {}
+    for slot, _, e in spans:
+        slot_end[slot] = max(slot_end.get(slot, e), e)
+    return sum(end - max(e, last_start) for e in slot_end.values())
+
+
 def mb_per_trial(write_bytes: int, trials: int) -> float:
     return write_bytes / 1e6 / trials
 
@@ -202,9 +229,11 @@ def harness(tmp: Path, trials: int = 32, epochs: int = 2) -> dict[str, Any]:
       2 seeds and 10 epochs), as `make sweep` runs them:
       `overhead_frac` (`harness_overhead_frac`) over the whole command's wall time.
     The trials' own time is the sum of every result's `time_this_iter_s` less what each
-    worker process did once before its first trial could train (`worker_setup_s`: imports and
-    building the data, which it then caches), which the first trial on a worker counts as its
-    own but is harness overhead."""
+    worker process did once before its first trial could train (`worker_setup_s`: imports, the
+    first optimizer and building the data, which it then caches), which the first trial on a
+    worker counts as its own but is harness overhead. `overhead_frac` is 1 - (the trials' own
+    time + `tail_idle_s`, the slots idle at the end with no trial left to start) / (wall time
+    x slots); `overhead_frac_with_tail` counts that idle time as overhead too."""
     tmp.mkdir(parents=True, exist_ok=True)
     space = tmp / "tiny.yaml"
     space.write_text(TINY_SPACE % {"trials": trials, "epochs": epochs})
@@ -216,7 +245,9 @@ def harness(tmp: Path, trials: int = 32, epochs: int = 2) -> dict[str, Any]:
         "overhead_frac": default["overhead_frac"], "disk": tiny["disk"],
         "tiny": tiny, "default": default,
         "note": "overhead_frac: the default study's trials, over the whole command (Ray's "
-                "start and stop included); disk: the tiny trials (the most bytes per epoch)"}
+                "start and stop included), the slots' idle time at the end with no trial left "
+                "to start not counted (overhead_frac_with_tail counts it); disk: the tiny "
+                "trials (the most bytes per epoch)"}
 
 
 def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
@@ -240,10 +271,12 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
     t = json.loads(out.read_text())
     workers = _worker_pids(uri)
     setup = setup or {}
-    once = setup.get("imports_s", 0.0) + sum(setup.get("data_build_s", {}).values())
+    once = (setup.get("imports_s", 0.0) + setup.get("first_optimizer_s", 0.0)
+            + sum(setup.get("data_build_s", {}).values()))
     own = sum(t["iter_s"]) - once * len(workers)
     fit, cmd = t["fit_end"] - t["fit_start"], t["command_end"] - t["command_start"]
     slots = spec.max_concurrent
+    tail = tail_idle_s(trial_spans(t["results"]))
     run_epochs = epochs or spec.epochs
     return {
         "space": space.name, "trials": trials, "epochs": run_epochs, "seeds": spec.seeds,
@@ -252,9 +285,11 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
         "fit_wall_s": fit, "command_wall_s": cmd,
         "before_fit_s": t["fit_start"] - t["command_start"],
         "after_fit_s": t["command_end"] - t["fit_end"],
-        "overhead_frac": overhead_frac(own, cmd, slots),
-        "overhead_frac_fit": overhead_frac(own, fit, slots),
-        "overhead_s_per_trial_in_fit": (fit * slots - own) / trials,
+        "tail_idle_s": tail,
+        "overhead_frac": overhead_frac(own + tail, cmd, slots),
+        "overhead_frac_with_tail": overhead_frac(own, cmd, slots),
+        "overhead_frac_fit": overhead_frac(own + tail, fit, slots),
+        "overhead_s_per_trial_in_fit": (fit * slots - own - tail) / trials,
         "disk": _disk(res, trials, run_epochs, diskio.dir_bytes(tmp / "ray" / "sweep"))}
 
 
@@ -271,6 +306,9 @@ from study.tasks import get_task
 from study.trainable import replicate
 imports = time.perf_counter() - t0
 torch.set_num_threads(1)
+t0 = time.perf_counter()
+torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # the first one imports torch._dynamo
+first_optimizer = time.perf_counter() - t0
 spec = load_space(sys.argv[1])
 cfg = make_config({**spec.fixed, "epochs": 1})
 data = {}
@@ -279,14 +317,17 @@ for k in range(spec.seeds):
     t = time.perf_counter()
     get_task(r)
     data[str(r.data_seed)] = time.perf_counter() - t
-print(json.dumps({"imports_s": imports, "data_build_s": data}))
+print(json.dumps({"imports_s": imports, "first_optimizer_s": first_optimizer,
+                  "data_build_s": data}))
 """
 
 
 def worker_setup_s(space: Path) -> dict[str, Any]:
-    """Seconds a fresh worker spends importing the trial code (`imports_s`) and building each
-    replicate's data of `space`'s trials (`data_build_s`, data seed -> s; the data differs
-    between trials only in fields a space rarely varies), timed in a fresh process."""
+    """Seconds a fresh worker spends importing the trial code (`imports_s`), making its first
+    optimizer (`first_optimizer_s`: torch imports `torch._dynamo` then, about a second) and
+    building each replicate's data of `space`'s trials (`data_build_s`, data seed -> s; the
+    data differs between trials only in fields a space rarely varies), timed in a fresh
+    process."""
     import subprocess
 
     res = subprocess.run([sys.executable, "-c", _SETUP, str(space)], capture_output=True,

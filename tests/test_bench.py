@@ -43,6 +43,20 @@ def test_overhead_and_disk_per_trial() -> None:
     assert sweeps.mb_per_trial(3_000_000, 6) == pytest.approx(0.5)
 
 
+def test_trial_spans_and_the_idle_tail() -> None:
+    # (time, worker pid, trial, time_this_iter_s); slot "a" runs t1 then t3, slot "b" runs t2
+    results = [(2.0, 1, "t1", 2.0), (4.0, 1, "t1", 2.0), (3.0, 2, "t2", 3.0),
+               (9.0, 2, "t2", 6.0), (6.0, 1, "t3", 1.5), (12.0, 1, "t3", 6.0)]
+    spans = sorted(sweeps.trial_spans(results), key=lambda s: s[1])
+    assert spans == [("1", 0.0, 4.0), ("2", 0.0, 9.0), ("1", 4.5, 12.0)]
+    # the last trial (t3) started at 4.5 and ends at 12; slot 2 idles from 9 to 12
+    assert sweeps.tail_idle_s(spans) == pytest.approx(3.0)
+    # a slot that ended before the last start idles from that start only (the gap before it
+    # is the harness's)
+    assert sweeps.tail_idle_s([("a", 0.0, 2.0), ("b", 3.0, 10.0)]) == pytest.approx(7.0)
+    assert sweeps.tail_idle_s([("a", 0.0, 10.0)]) == 0.0  # one slot: never idle
+
+
 def test_epochs_to_reach_counts_reports_in_time_order() -> None:
     pts = [(3.0, 0.5), (1.0, 0.2), (2.0, 0.6), (4.0, 0.9)]
     assert sweeps.epochs_to_reach(pts, 0.6) == (2, True)  # t=1 then t=2 reaches it
