@@ -341,9 +341,9 @@ class Replicas:
         self.graphs: dict[tuple, Any] = {}
         decay = [p for p in self.params.values() if p.dim() - 1 >= 2]  # matrices per replicate
         no_decay = [p for p in self.params.values() if p.dim() - 1 < 2]
-        # not the CPU's fused AdamW over stacked tensors: it rounds an element differently
-        # depending on where it lies in the flat tensor (identical replicates, identical
-        # gradients: their weights differed after 2 steps)
+        # not the CPU's fused AdamW over stacked tensors: with it, identical replicates with
+        # identical gradients had different weights after 2 steps (cause not pinned down:
+        # plain stacked tensors did not reproduce it)
         self.opt, self.sched = adamw(decay, no_decay, cfg, cfg.epochs * self.steps_per_epoch,
                                      capturable=self.mode == "graph", fused=("cuda",))
         # Menon et al. 2020: train on logits + tau log pi, with each replicate's own prior

@@ -44,17 +44,24 @@ def test_overhead_and_disk_per_trial() -> None:
 
 
 def test_trial_spans_and_the_idle_tail() -> None:
-    # (time, worker pid, trial, time_this_iter_s); slot "a" runs t1 then t3, slot "b" runs t2
+    # (time, worker pid, trial, time_this_iter_s); slot "1" runs t1 then t3, slot "2" runs t2
     results = [(2.0, 1, "t1", 2.0), (4.0, 1, "t1", 2.0), (3.0, 2, "t2", 3.0),
                (9.0, 2, "t2", 6.0), (6.0, 1, "t3", 1.5), (12.0, 1, "t3", 6.0)]
     spans = sorted(sweeps.trial_spans(results), key=lambda s: s[1])
     assert spans == [("1", 0.0, 4.0), ("2", 0.0, 9.0), ("1", 4.5, 12.0)]
     # the last trial (t3) started at 4.5 and ends at 12; slot 2 idles from 9 to 12
-    assert sweeps.tail_idle_s(spans) == pytest.approx(3.0)
+    assert sweeps.tail_idle_s(spans, slots=2) == pytest.approx(3.0)
     # a slot that ended before the last start idles from that start only (the gap before it
     # is the harness's)
-    assert sweeps.tail_idle_s([("a", 0.0, 2.0), ("b", 3.0, 10.0)]) == pytest.approx(7.0)
-    assert sweeps.tail_idle_s([("a", 0.0, 10.0)]) == 0.0  # one slot: never idle
+    assert sweeps.tail_idle_s([("a", 0.0, 2.0), ("b", 3.0, 10.0)], 2) == pytest.approx(7.0)
+    assert sweeps.tail_idle_s([("a", 0.0, 10.0)], 1) == 0.0  # one slot: never idle
+    assert sweeps.tail_idle_s([], 2) == 0.0
+    # a trial retried on another worker: one span per attempt, the retry's own start counts;
+    # the dead worker's pid is no extra slot (slots come from the sweep)
+    retried = sweeps.trial_spans([(2.0, 1, "t1", 2.0), (8.0, 3, "t1", 3.0), (9.0, 3, "t1", 1.0),
+                                  (9.5, 2, "t2", 9.5)])
+    assert sorted(retried) == [("1", 0.0, 2.0), ("2", 0.0, 9.5), ("3", 5.0, 9.0)]
+    assert sweeps.tail_idle_s(retried, slots=2) == pytest.approx(2 * 4.5 - (4.0 + 4.5))
 
 
 def test_epochs_to_reach_counts_reports_in_time_order() -> None:
@@ -86,6 +93,39 @@ def test_random_order_epochs_is_the_mean_over_every_order(curves, target) -> Non
     assert sim == pytest.approx(exact, abs=0.1)
 
 
+def _orders_mean_slots(curves: list[list[float]], target: float, slots: int) -> float:
+    """`simulated_order_epochs`' model computed exactly: every order of the trials, each epoch
+    one time unit, a trial on the first free slot, reports at the same time in random order
+    (the first report reaching `target` within such a group of g, q of them reaching it, comes
+    at position (g + 1) / (q + 1) on average)."""
+    counts = []
+    for order in itertools.permutations(range(len(curves))):
+        free, events = [0] * slots, []
+        for i in order:
+            s = int(np.argmin(free))
+            events += [(free[s] + e, a) for e, a in enumerate(curves[i], 1)]
+            free[s] += len(curves[i])
+        before = 0
+        for t in sorted({t for t, _ in events}):
+            group = [a for u, a in events if u == t]
+            q = sum(a >= target for a in group)
+            if q:
+                counts.append(before + (len(group) + 1) / (q + 1))
+                break
+            before += len(group)
+    return float(np.mean(counts))
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_simulated_order_epochs_is_the_mean_over_orders_with_slots(slots) -> None:
+    curves = [[0.1, 0.5, 0.9], [0.2], [0.95, 0.3], [0.4, 0.6], [0.1, 0.2, 0.3, 0.4]]
+    exact = _orders_mean_slots(curves, 0.9, slots)
+    assert sweeps.simulated_order_epochs(curves, 0.9, slots, draws=6000) == pytest.approx(
+        exact, rel=0.03)
+    if slots == 1:
+        assert sweeps.random_order_epochs(curves, 0.9) == pytest.approx(exact)
+
+
 def test_simulated_order_counts_concurrent_epochs_in_time_order() -> None:
     # two slots, both trials start at once: both first epochs end together (2 reports), then
     # the target comes with trial a's second epoch, before or after trial b's (ties: random)
@@ -95,8 +135,10 @@ def test_simulated_order_counts_concurrent_epochs_in_time_order() -> None:
     # one slot: a first (2 epochs) or b first (2 + 2), each half the time
     assert sweeps.simulated_order_epochs([a, b], 1.0, slots=1, draws=4000) == pytest.approx(
         3.0, abs=0.1)
-    with pytest.raises(ValueError, match="no trial reaches"):
-        sweeps.random_order_epochs([a, b], 2.0)
+    for estimate in (sweeps.random_order_epochs,
+                     lambda c, t: sweeps.simulated_order_epochs(c, t, slots=2, draws=5)):
+        with pytest.raises(ValueError, match="no trial reaches"):
+            estimate([a, b], 2.0)
 
 
 def test_search_ratio_against_random_search_best() -> None:
