@@ -13,6 +13,7 @@ Names here are read by other parts and by users' scripts: keep them exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -117,6 +118,11 @@ NODE_TAGS = (TAG_NODE_ID, TAG_HOSTNAME, TAG_DEVICE, TAG_WORKER_PID)
 TAG_RETRY_OF = "retry_of"  # the run of the trial's previous attempt
 TAG_RETRIES = "retries"  # how many earlier attempts (runs) the trial had: 0 for most
 TAG_ATTEMPT = "study.attempt"  # the driver's id of the attempt (re-sent writes stay idempotent)
+# the attempt's config (its MLflow params as JSON), written with the run itself: a driver killed
+# between creating the run and logging its params leaves a run whose config is still known (a
+# resumed sweep links the trial's next attempt to it by that config)
+TAG_CONFIG = "study.config"
+MAX_TAG_CHARS = 8000  # MLflow's longest tag value
 # a finished run whose trial the resumed sweep's saved state does not know (it finished after
 # the last save that reached the disk): kept, left out of the analysis and of the trial count
 TAG_ORPHAN = "study.orphan"
@@ -521,8 +527,15 @@ def mlflow_params(config: dict[str, Any]) -> dict[str, str]:
             for k, v in config.items()}
 
 
-def child_tags(parent_id: str, trial_id: str, seeds: int) -> dict[str, str]:
-    return {TAG_PARENT: parent_id, TAG_TRIAL: trial_id, TAG_SEEDS: str(seeds)}
+def child_tags(parent_id: str, trial_id: str, seeds: int,
+               params: dict[str, str] | None = None) -> dict[str, str]:
+    """A child run's tags at creation; with `params`, also `TAG_CONFIG` (left out where it would
+    pass MLflow's 8000-character tag limit: the params alone then say the config)."""
+    tags = {TAG_PARENT: parent_id, TAG_TRIAL: trial_id, TAG_SEEDS: str(seeds)}
+    config = json.dumps(params, sort_keys=True) if params else ""
+    if config and len(config) <= MAX_TAG_CHARS:
+        tags[TAG_CONFIG] = config
+    return tags
 
 
 def outcome_tags(outcome: Outcome, message: str) -> dict[str, str]:
@@ -569,7 +582,10 @@ class TrialRecord:
         """Decode an MLflow run (an `mlflow.entities.Run`)."""
         from study.config import FIELD_NAMES, ConfigError, coerce, field_defaults
 
-        tags, raw = run.data.tags, run.data.params
+        tags, raw = run.data.tags, dict(run.data.params)
+        if TAG_CONFIG in tags:  # params not logged (a driver killed in between): from the tag
+            with contextlib.suppress(ValueError, TypeError):
+                raw = {**json.loads(tags[TAG_CONFIG]), **raw}
         config = field_defaults()
         for name in FIELD_NAMES:
             if name in raw:

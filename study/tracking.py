@@ -358,10 +358,11 @@ class Tracker:
     def start_child(self, parent_id: str, trial_id: str, config: dict[str, Any],
                     seeds: int, tags: dict[str, str] | None = None) -> str:
         attempt = uuid.uuid4().hex
+        params = mlflow_params(config)
         self.outbox.submit({"op": "create", "ref": attempt, "parent": parent_id,
-                            "trial": trial_id, "params": mlflow_params(config),
-                            "tags": {**child_tags(parent_id, trial_id, seeds), **(tags or {}),
-                                     TAG_ATTEMPT: attempt}})
+                            "trial": trial_id, "params": params,
+                            "tags": {**child_tags(parent_id, trial_id, seeds, params),
+                                     **(tags or {}), TAG_ATTEMPT: attempt}})
         return self.run_id(attempt)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int,

@@ -649,3 +649,41 @@ def test_a_spool_begun_after_delivered_creates_still_finds_their_runs(tmp_path) 
     steps = [m.step for m in MlflowClient(live).get_metric_history(run_id, "val_acc")]
     assert sorted(steps) == [1, 2, 3]
     tracking._OUTBOXES.clear()
+
+
+def test_a_run_created_without_its_params_still_says_its_config(tmp_path) -> None:
+    """A driver killed between creating a trial's run and logging its params (seen once in the
+    killed-driver test): the run carries its config from its first write (tag `study.config`),
+    so the analysis reads it and a resumed sweep links the trial's next attempt by it."""
+    from mlflow.tracking import MlflowClient
+
+    from study import tracking
+    from study.config import make_config
+    from study.records import TAG_CONFIG, SweepSpec, mlflow_params
+    from study.sweep.callbacks import _config_key
+
+    live = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = SweepSpec(name="noparams", path="", text="name: noparams\n", fixed={}, params=())
+    tracking._OUTBOXES.clear()
+    tr = tracking.Tracker(live)
+    parent = tr.start_parent("noparams", "sweep_noparams", spec, {})
+    config = make_config({"task": "digits", "attn_temperature": 1.0700120234, "n_heads": 2,
+                          "d_model": 16}).to_dict()
+
+    def killed(*args, **kwargs):  # the driver dies before the params reach the store
+        raise KeyboardInterrupt
+
+    tr._log_params = killed
+    with pytest.raises(KeyboardInterrupt):
+        tr.start_child(parent, "t1", config, seeds=2)
+        tr.flush()
+    tracking._OUTBOXES.clear()
+    (run,) = tracking.Tracker(live).child_runs(parent)
+    assert MlflowClient(live).get_run(run.run_id).data.params == {}  # no param arrived
+    assert TAG_CONFIG in MlflowClient(live).get_run(run.run_id).data.tags
+    assert run.config["attn_temperature"] == config["attn_temperature"]
+    assert run.config["n_heads"] == 2 and run.config["task"] == "digits"
+    assert _config_key(run.config) == _config_key(config)  # what links the next attempt
+    # the tag holds exactly the params the run would have had
+    assert json.loads(MlflowClient(live).get_run(run.run_id).data.tags[TAG_CONFIG]) == \
+        mlflow_params(config)
