@@ -171,8 +171,9 @@ def search_ratio(pairs: Sequence[tuple[Sequence[Sequence[tuple[float, float]]],
     """For each searcher seed a pair (random search's trials, each its (time, val_acc) per
     epoch; TPE+ASHA's (time, val_acc) of every epoch of every trial): the target is the best
     val_acc random search reached; random search's epochs to reach it are the mean over the
-    orders its independent trials could have run in (`simulated_order_epochs` with `slots` at
-    once; the order it did run in is kept as `random_epochs_observed`), TPE+ASHA's are counted
+    orders its independent trials could have run in (`random_order_epochs` with one slot,
+    exact; `simulated_order_epochs` with `slots` at once; the order it did run in is kept as
+    `random_epochs_observed`), TPE+ASHA's are counted
     in the order its reports came (`epochs_to_reach`: its trials depend on those before). The
     ratio is TPE+ASHA's epochs over random search's, summed over seeds (each seed's own ratio
     in its row: with a few seeds they are the spread to read, no interval is claimed). A
@@ -186,7 +187,8 @@ def search_ratio(pairs: Sequence[tuple[Sequence[Sequence[tuple[float, float]]],
         # the simulation's draws do not depend on the order the store returned them in
         curves = [[acc for _, acc in t] for t in sorted(trials, key=lambda t: t[0] if t else
                                                          (0.0, 0.0))]
-        e_rand = simulated_order_epochs(curves, target, slots, seed=s)
+        e_rand = (random_order_epochs(curves, target) if slots == 1 else
+                  simulated_order_epochs(curves, target, slots, seed=s))
         e_seen, _ = epochs_to_reach(rand, target)
         e_tpe, reached = epochs_to_reach(tpe, target)
         rand_total, tpe_total, observed = rand_total + e_rand, tpe_total + e_tpe, \
