@@ -11,9 +11,11 @@ dashes. On the CPU every measurement runs with one PyTorch thread (on a shared 2
 two threads are several times slower, and less repeatable). 11 to 15 minutes on 2 CPU cores,
 7 to 9 of them the harness section's 32 trials of the default study.
 
-`python -m benchmarks.run [--only NAME ...] [--keep]` runs some sections only (attention,
-trials, study, harness, search, gpu; the others' keys are null in the summary) and keeps the
-sweeps' temp dir. `gpu` (MFU and packed trials, `benchmarks.gpu`) runs on CUDA only; on a GPU
+`python -m benchmarks.run [--only NAME ...] [--keep] [--search-seeds N ...] [--results DIR]`
+runs some sections only (attention, trials, study, harness, search, gpu; the others' keys are
+null in the summary), keeps the sweeps' temp dir, runs the search comparison with other
+searcher seeds (`make bench`: 0 1 2) and writes the JSON files to DIR instead. `gpu` (MFU
+and packed trials, `benchmarks.gpu`) runs on CUDA only; on a GPU
 the study comparison packs 8 trials per GPU (`--gpu 0.125 --max-concurrent 8`).
 """
 
@@ -161,7 +163,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--keep", action="store_true",
                         help="keep the sweeps' stores and logs (the temp dir is printed)")
+    parser.add_argument("--search-seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="searcher seeds of the search comparison (default 0 1 2)")
+    parser.add_argument("--results", type=Path, default=OUT,
+                        help=f"where the JSON files go (default {OUT})")
     args = parser.parse_args(argv)
+    out_dir: Path = args.results
     from benchmarks import attention, gpu, sweeps, trials
 
     cuda = torch.cuda.is_available()
@@ -180,15 +187,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def save() -> dict[str, Any]:
         summary = summarize(detail, device)
-        OUT.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(detail.get("attention"), dict) and "error" not in detail["attention"]:
             att = {"device": torch.cuda.get_device_name() if cuda else "cpu",
                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                    **detail["attention"]}
-            (OUT / f"attention_{'cuda' if cuda else 'cpu'}.json").write_text(
+            (out_dir / f"attention_{'cuda' if cuda else 'cpu'}.json").write_text(
                 json.dumps(att, indent=1))
-        (OUT / f"bench-{device}.json").write_text(json.dumps(detail, indent=1))
-        (OUT / f"summary-{device}.json").write_text(json.dumps(summary, indent=1))
+        (out_dir / f"bench-{device}.json").write_text(json.dumps(detail, indent=1))
+        (out_dir / f"summary-{device}.json").write_text(json.dumps(summary, indent=1))
         return summary
 
     def section(name: str, fn: Callable[[], Any]) -> None:
@@ -212,6 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         section("seeds", lambda: trials.seeds_cost(ks=(4, 16) if cuda else (4,), epochs=epochs))
         if not cuda:  # 16 seeds cost 16 of one on the CPU, as 4 cost 4: a minute saved
             detail["seeds"]["seeds16"] = {"cost_ratio": None, "reason": SEEDS16_CPU}
+        # a training step's operations, one seed and batched (about one kernel each: what a
+        # launch-bound device pays per step; the same counts on any device)
+        section("step_kernels", lambda: {f"seeds{k}": sum(trials.step_kernels(
+            trials.default_trial(epochs), k).values()) for k in (1, 4, 16)})
         # where those trials' time goes (training, per-epoch evaluation, robustness sets)
         section("time_split", lambda: {f"seeds{k}": trials.time_split(
             trials.default_trial(epochs), k) for k in ((1, 4, 16) if cuda else (1, 4))})
@@ -223,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "harness" in args.only:
         section("harness", lambda: sweeps.harness(tmp / "harness"))
     if "search" in args.only:
-        section("search", lambda: sweeps.search_epochs(tmp / "search"))
+        section("search", lambda: sweeps.search_epochs(tmp / "search",
+                                                               seeds=args.search_seeds))
     if cuda and "gpu" in args.only:
         section("mfu", gpu.mfu_gpt2_small)
         section("packing", gpu.packing)
@@ -235,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = save()
     print(table(summary, detail))
-    print(f"wrote {OUT / f'summary-{device}.json'} and {OUT / f'bench-{device}.json'} "
+    print(f"wrote {out_dir / f'summary-{device}.json'} and {out_dir / f'bench-{device}.json'} "
           f"(load average {detail['load_at_start'][0]:.1f} at start, "
           f"{detail['load_at_end'][0]:.1f} at end, on {os.cpu_count()} CPUs)")
     failed = [k for k, v in detail.items() if isinstance(v, dict) and "error" in v]

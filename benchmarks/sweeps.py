@@ -461,6 +461,9 @@ def search_epochs(tmp: Path, seeds: Sequence[int] = (0, 1, 2), trials: int = 16,
                 slots = load_space(space).max_concurrent
             pairs.append((runs[0], [p for t in runs[1] for p in t]))
     out = search_ratio(pairs, slots)
+    for row, seed in zip(out["per_seed"], seeds):  # search_ratio numbers its pairs from 0
+        row["seed"] = seed
+    out["not_reached"] = [list(seeds)[i] for i in out["not_reached"]]
     out.update({"task": "digits", "trials_per_sweep": {"random": trials, "tpe_asha": tpe_trials},
                 "max_epochs": epochs, "searcher_seeds": list(seeds), "asha": asha,
                 "sizing": f"random search: {trials} trials x {epochs} epochs; TPE+ASHA: "

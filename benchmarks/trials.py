@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import time
 from collections.abc import Callable, Iterator
@@ -205,6 +206,65 @@ class _Dispatches(TorchDispatchMode):
                            kwargs: Any = None) -> Any:
         self.counts[self.phase] += 1
         return func(*args, **(kwargs or {}))
+
+
+# operations that make a view, read a scalar to the host or only mark or choose: no kernel
+NO_KERNEL = frozenset({
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "alias", "as_strided", "t", "transpose",
+    "permute", "expand", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes",
+    "unbind", "detach", "lift_fresh", "_local_scalar_dense", "_fused_sdp_choice",
+    "_record_function_enter_new", "_record_function_exit"})
+
+
+class _Kernels(TorchDispatchMode):
+    """Counts the dispatched ATen operations that compute something (`NO_KERNEL` left out),
+    by name: on a device, about one kernel launch each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name not in NO_KERNEL:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
+    """The operations (`_Kernels`) of one training step of `cfg` with k replicates, by name,
+    after 2 steps of warm-up, the optimizer fused as on CUDA (AdamW's fused kernel): k = 1 is a
+    trial's step (`step.train_step`), k > 1 the batched replicates' (`Replicas.train_step`), on
+    the first batch of each replicate's training split. A launch-bound device's step costs
+    about what these counts say; they do not depend on the device (the CPU counts them)."""
+    from study import replicas
+    from study.model import build_model
+    from study.step import FUSED_ADAMW, train_state, train_step
+    from study.trainable import replicate
+
+    cfgs = [replicate(cfg.replace(step_mode="eager"), r, vary_data_seed=False)
+            for r in range(k)]
+    datas = [get_task(c) for c in cfgs]
+    step: Callable[[], Any]
+    if k == 1:
+        data, rows = datas[0], slice(0, cfg.batch_size)
+        state, _ = train_state(build_model(cfgs[0], data.spec), cfgs[0], 100)
+        batch = (data.train.x[rows], data.train.y[rows], data.train.mask[rows])
+        step = functools.partial(train_step, state, *batch)
+    else:
+        adamw = replicas.adamw
+        with mock.patch.object(replicas, "adamw", lambda *a, **kw: adamw(*a, **{
+                **kw, "fused": FUSED_ADAMW})):
+            reps = replicas.Replicas(cfgs, datas)
+        step = functools.partial(reps.train_step,
+                                 *reps.gather(torch.arange(cfg.batch_size).repeat(k, 1)))
+    for _ in range(2):
+        step()
+    counter = _Kernels()
+    with counter:
+        step()
+    return counter.counts
 
 
 def _phases() -> Targets:

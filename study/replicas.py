@@ -397,10 +397,10 @@ class Replicas:
         # replicates are independent: d(sum)/d(replicate r's params) = d(loss_r)/d(...)
         loss.sum().backward()
         grads = [p.grad for p in self.params.values() if p.grad is not None]
-        # clip_grad_norm_ per replicate: the global norm over each replicate's own slice
-        norms = torch.stack([torch.linalg.vector_norm(g.reshape(self.k, -1), dim=1)
-                             for g in grads])  # (n_params, k)
-        gn = torch.linalg.vector_norm(norms, dim=0)  # (k,)
+        # clip_grad_norm_ per replicate: the global norm over each replicate's own slice, as
+        # one norm over all gradients side by side (2 kernels, not one per parameter)
+        gn = torch.linalg.vector_norm(torch.cat([g.reshape(self.k, -1) for g in grads], 1),
+                                      dim=1)  # (k,)
         coef = (self.clip / (gn + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))

@@ -275,3 +275,21 @@ def test_profile_of_a_trial_names_its_phases_and_operators() -> None:
     assert "phase:eval: 1 calls" in text and "phase:robustness: 1 calls" in text
     table = text.split("phase:robustness: 1 calls")[1]
     assert table.count("aten::") >= 3 and "Self CPU time total" in table
+
+
+def test_the_batched_step_launches_as_many_kernels_for_any_number_of_seeds() -> None:
+    """One batched step of 2 or 8 replicates computes the same operations (no loop over
+    replicates: the cost a launch-bound device pays per step does not grow with k); it has
+    more than one seed's step (vmap's decompositions) and no view among them."""
+    from benchmarks.trials import NO_KERNEL, step_kernels
+    from study.config import TrialConfig
+
+    cfg = TrialConfig(task="digits", d_model=16, d_ff=32, n_layers=1, n_heads=2, epochs=1)
+    one, two, eight = (step_kernels(cfg, k) for k in (1, 2, 8))
+    assert two == eight
+    assert sum(two.values()) > sum(one.values()) > 20
+    assert {"_fused_adamw_", "mm"} <= set(one) and "bmm" in two
+    assert two["_fused_adamw_"] == one["_fused_adamw_"]  # fused as on CUDA, both sides
+    assert not NO_KERNEL & (set(one) | set(two))
+    # the per-replicate gradient norms are one norm over all gradients, not one per parameter
+    assert two["linalg_vector_norm"] == 1
