@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not cuda:  # 16 seeds cost 16 of one on the CPU, as 4 cost 4: a minute saved
             detail["seeds"]["seeds16"] = {"cost_ratio": None, "reason": SEEDS16_CPU}
         # a training step's operations, one seed and batched (about one kernel each: what a
-        # launch-bound device pays per step; the same counts on any device)
+        # launch-bound device pays per step; on a GPU its autocast's casts besides)
         section("step_kernels", lambda: {f"seeds{k}": sum(trials.step_kernels(
             trials.default_trial(epochs), k).values()) for k in (1, 4, 16)})
         # where those trials' time goes (training, per-epoch evaluation, robustness sets)

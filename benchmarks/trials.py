@@ -236,9 +236,11 @@ def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
     """The operations (`_Kernels`) of one training step of `cfg` with k replicates, by name,
     after 2 steps of warm-up, the optimizer fused as on CUDA (AdamW's fused kernel): k = 1 is a
     trial's step (`step.train_step`), k > 1 the batched replicates' (`Replicas.train_step`), on
-    the first batch of each replicate's training split. A launch-bound device's step costs
-    about what these counts say; they do not depend on the device (the CPU counts them)."""
+    the first batch of each replicate's training split, both on the device the trial would use.
+    A launch-bound device's step costs about what these counts say; the CPU counts what a GPU
+    would launch but for the casts of CUDA's bf16 autocast."""
     from study import replicas
+    from study.device import resolve_device
     from study.model import build_model
     from study.step import FUSED_ADAMW, train_state, train_step
     from study.trainable import replicate
@@ -249,8 +251,10 @@ def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
     step: Callable[[], Any]
     if k == 1:
         data, rows = datas[0], slice(0, cfg.batch_size)
-        state, _ = train_state(build_model(cfgs[0], data.spec), cfgs[0], 100)
-        batch = (data.train.x[rows], data.train.y[rows], data.train.mask[rows])
+        device = resolve_device(cfgs[0])  # where the batched replicates run too
+        state, _ = train_state(build_model(cfgs[0], data.spec).to(device), cfgs[0], 100)
+        batch = tuple(t[rows].to(device) for t in (data.train.x, data.train.y,
+                                                    data.train.mask))
         step = functools.partial(train_step, state, *batch)
     else:
         adamw = replicas.adamw
