@@ -234,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "harness" in args.only:
         section("harness", lambda: sweeps.harness(tmp / "harness"))
     if "search" in args.only:
-        section("search", lambda: sweeps.search_epochs(tmp / "search",
-                                                               seeds=args.search_seeds))
+        section("search", lambda: sweeps.search_epochs(tmp / "search", args.search_seeds))
     if cuda and "gpu" in args.only:
         section("mfu", gpu.mfu_gpt2_small)
         section("packing", gpu.packing)

@@ -167,8 +167,9 @@ def simulated_order_epochs(curves: Sequence[Sequence[float]], target: float, slo
 
 def search_ratio(pairs: Sequence[tuple[Sequence[Sequence[tuple[float, float]]],
                                       Sequence[tuple[float, float]]]],
-                 slots: int = 1) -> dict[str, Any]:
-    """For each searcher seed a pair (random search's trials, each its (time, val_acc) per
+                 slots: int = 1, seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """For each searcher seed (`seeds`, default 0, 1, ...: the labels of the rows and of
+    `not_reached`) a pair (random search's trials, each its (time, val_acc) per
     epoch; TPE+ASHA's (time, val_acc) of every epoch of every trial): the target is the best
     val_acc random search reached; random search's epochs to reach it are the mean over the
     orders its independent trials could have run in (`random_order_epochs` with one slot,
@@ -180,7 +181,8 @@ def search_ratio(pairs: Sequence[tuple[Sequence[Sequence[tuple[float, float]]],
     TPE+ASHA run that never reached the target counts all its epochs and is listed in
     `not_reached`: the ratio is then a lower bound (`censored`)."""
     rows, rand_total, tpe_total, missed, observed = [], 0.0, 0, [], 0
-    for s, (trials, tpe) in enumerate(pairs):
+    labels = list(seeds) if seeds is not None else list(range(len(pairs)))
+    for s, (label, (trials, tpe)) in enumerate(zip(labels, pairs, strict=True)):
         rand = [p for t in trials for p in t]
         target = max(acc for _, acc in rand)
         # each trial's epochs in their order; trials in a fixed order (by first report), so
@@ -194,8 +196,8 @@ def search_ratio(pairs: Sequence[tuple[Sequence[Sequence[tuple[float, float]]],
         rand_total, tpe_total, observed = rand_total + e_rand, tpe_total + e_tpe, \
             observed + e_seen
         if not reached:
-            missed.append(s)
-        rows.append({"seed": s, "target_val_acc": target, "random_epochs": e_rand,
+            missed.append(label)
+        rows.append({"seed": label, "target_val_acc": target, "random_epochs": e_rand,
                      "random_epochs_observed": e_seen, "random_epochs_total": len(rand),
                      "random_trials_reaching": sum(any(a >= target for a in c)
                                                    for c in curves),
@@ -245,8 +247,7 @@ def harness(tmp: Path, trials: int = 32, epochs: int = 2) -> dict[str, Any]:
     first optimizer and building the data, which it then caches), which the first trial on a
     worker counts as its own but is harness overhead. `overhead_frac` is 1 - (the trials' own
     time + `tail_idle_s`, the slots idle at the end with no trial left to start) / (wall time
-    x slots); `overhead_frac_with_tail` counts that idle time as overhead too (the latest run:
-    0.046 without it, 0.051 with it)."""
+    x slots); `overhead_frac_with_tail` counts that idle time as overhead too."""
     tmp.mkdir(parents=True, exist_ok=True)
     space = tmp / "tiny.yaml"
     space.write_text(TINY_SPACE % {"trials": trials, "epochs": epochs})
@@ -460,10 +461,7 @@ def search_epochs(tmp: Path, seeds: Sequence[int] = (0, 1, 2), trials: int = 16,
                 runs.append(_curves(uri, res["parent_run_id"]))
                 slots = load_space(space).max_concurrent
             pairs.append((runs[0], [p for t in runs[1] for p in t]))
-    out = search_ratio(pairs, slots)
-    for row, seed in zip(out["per_seed"], seeds):  # search_ratio numbers its pairs from 0
-        row["seed"] = seed
-    out["not_reached"] = [list(seeds)[i] for i in out["not_reached"]]
+    out = search_ratio(pairs, slots, seeds)
     out.update({"task": "digits", "trials_per_sweep": {"random": trials, "tpe_asha": tpe_trials},
                 "max_epochs": epochs, "searcher_seeds": list(seeds), "asha": asha,
                 "sizing": f"random search: {trials} trials x {epochs} epochs; TPE+ASHA: "

@@ -195,16 +195,20 @@ def _timed(targets: Targets) -> Iterator[dict[str, float]]:
 
 class _Dispatches(TorchDispatchMode):
     """Counts the ATen operations dispatched (after vmap's batching rules: the physical
-    operations), by the phase `phase` names."""
+    operations) under the key `key` gives each one's name (None: not counted); by default
+    all of them, under the phase `phase` names."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: Callable[[str], str | None] | None = None) -> None:
         super().__init__()
         self.phase = "train_ops"
-        self.counts = {"train_ops": 0, "eval_ops": 0, "robustness_ops": 0}
+        self.counts: dict[str, int] = {}
+        self.key = key or (lambda _: self.phase)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
-        self.counts[self.phase] += 1
+        key = self.key(func.overloadpacket.__name__)
+        if key is not None:
+            self.counts[key] = self.counts.get(key, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
@@ -216,24 +220,9 @@ NO_KERNEL = frozenset({
     "_record_function_enter_new", "_record_function_exit"})
 
 
-class _Kernels(TorchDispatchMode):
-    """Counts the dispatched ATen operations that compute something (`NO_KERNEL` left out),
-    by name: on a device, about one kernel launch each."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                           kwargs: Any = None) -> Any:
-        name = func.overloadpacket.__name__
-        if name not in NO_KERNEL:
-            self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
-    """The operations (`_Kernels`) of one training step of `cfg` with k replicates, by name,
+    """The operations that compute something (`NO_KERNEL` left out: on a device, about one
+    kernel launch each) of one training step of `cfg` with k replicates, by name,
     after 2 steps of warm-up, the optimizer fused as on CUDA (AdamW's fused kernel): k = 1 is a
     trial's step (`step.train_step`), k > 1 the batched replicates' (`Replicas.train_step`), on
     the first batch of each replicate's training split, both on the device the trial would use.
@@ -265,7 +254,7 @@ def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
                                  *reps.gather(torch.arange(cfg.batch_size).repeat(k, 1)))
     for _ in range(2):
         step()
-    counter = _Kernels()
+    counter = _Dispatches(lambda name: None if name in NO_KERNEL else name)
     with counter:
         step()
     return counter.counts
@@ -313,7 +302,7 @@ def dispatch_split(cfg: TrialConfig, k: int, as_cuda: bool = False) -> dict[str,
                 stack.enter_context(mock.patch.object(module, "eval_rows", cuda_rows))
         with counter:
             seeds_time(cfg, k, vmap_eval=True if as_cuda else None)
-    return counter.counts
+    return {p: counter.counts.get(p, 0) for p in ("train_ops", "eval_ops", "robustness_ops")}
 
 
 def time_split(cfg: TrialConfig, k: int) -> dict[str, Any]:

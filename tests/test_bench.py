@@ -157,6 +157,10 @@ def test_search_ratio_against_random_search_best() -> None:
     assert out["per_seed"][0]["random_trials_reaching"] == 1
     assert out["per_seed"][1]["tpe_asha_reached"] is False
     assert out["per_seed"][1]["ratio"] == pytest.approx(3 / expected)
+    # rows and misses are labelled with the searcher seeds given
+    labelled = sweeps.search_ratio([(rand, fast), (rand, never)], seeds=(10, 11))
+    assert [r["seed"] for r in labelled["per_seed"]] == [10, 11]
+    assert labelled["not_reached"] == [11] and labelled["ratio"] == out["ratio"]
 
 
 def test_summary_has_exactly_the_goal_keys_and_nulls_when_missing() -> None:
