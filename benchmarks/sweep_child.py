@@ -1,9 +1,10 @@
 """One sweep in its own process, timed from inside: `python -m benchmarks.sweep_child SPACE
 NAME STORAGE URI OUT.json [TRIALS EPOCHS]` (the last two, when not 0, override the space's).
 The process tree is what `benchmarks.diskio` measures; OUT.json
-gets the Tuner's fit window, every result's `time_this_iter_s` (the trial's own time for that
-epoch: training, evaluation, and for the first one the model and data set-up), every result's
-arrival (time, worker pid, trial id, `time_this_iter_s`) and the command's own wall time."""
+gets the Tuner's fit window, every result's own seconds (`compute_s`, what the trial measured
+computing that epoch: training, evaluation, and for the first one the model and data set-up;
+Ray's `time_this_iter_s` counts only the wait once epochs are computed ahead), every result's
+arrival (time, worker pid, trial id, own seconds) and the command's own wall time."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def main(argv: list[str]) -> None:
     os.environ.update({k: v for k, v in RAY_ENV.items() if k not in os.environ})
     from ray.tune import Callback
 
+    from study.records import REPORT_COMPUTE_S
     from study.sweep.lifecycle import run_sweep
 
     class Timer(Callback):
@@ -37,7 +39,10 @@ def main(argv: list[str]) -> None:
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                             **info: Any) -> None:
-            self.iter_s.append(float(result.get("time_this_iter_s", 0.0)))
+            # the trial's own seconds for the epoch: what it measured computing it (epochs
+            # are computed one ahead, so Ray's time_this_iter_s counts only the wait)
+            own = result.get(REPORT_COMPUTE_S) or result.get("time_this_iter_s", 0.0)
+            self.iter_s.append(float(own))
             # when it came, from which worker process (a slot: actors are reused) and trial
             self.results.append((time.time(), str(result.get("pid")), str(trial.trial_id),
                                  self.iter_s[-1]))

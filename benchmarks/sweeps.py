@@ -3,7 +3,8 @@
 - `harness`: two 32-trial sweeps, each in its own process (`benchmarks.sweep_child`) under
   `benchmarks.diskio`: tiny trials (the bytes its process tree wrote per trial) and the default
   study's trials (the harness overhead: 1 - the trials' own time / (the command's wall time x
-  concurrency)).
+  concurrency)); and `report_ahead`, tiny trials one at a time with synchronous reports and
+  with epochs computed ahead (`study.ahead`).
 - `study_speedup`: a reduced default study run both ways, each a `study sweep` command: today's
   path (`seed_batching: lockstep`) and the default, wall time of the whole command.
 - `search_epochs`: TPE + ASHA (the defaults) against random search without early stopping on a
@@ -81,7 +82,7 @@ def overhead_frac(own_s: float, wall_s: float, concurrency: int) -> float:
 
 def trial_spans(results: Sequence[Sequence[Any]]) -> list[tuple[str, float, float]]:
     """(slot, start, end) of each attempt of each trial from its results (time, worker pid,
-    trial id, time_this_iter_s): it starts its first epoch's `time_this_iter_s` before its
+    trial id, the epoch's own seconds): it starts its first epoch's own seconds before its
     first result and ends with its last; a slot is a worker process (Ray reuses them for later
     trials), and a trial retried on another worker is one span per worker."""
     spans: dict[tuple[str, str], tuple[str, float, float]] = {}
@@ -242,7 +243,8 @@ def harness(tmp: Path, trials: int = 32, epochs: int = 2) -> dict[str, Any]:
     - `default`: the default study's own trials (search_spaces/default.yaml: its model, task,
       2 seeds and 10 epochs), as `make sweep` runs them:
       `overhead_frac` (`harness_overhead_frac`) over the whole command's wall time.
-    The trials' own time is the sum of every result's `time_this_iter_s` less what each
+    The trials' own time is the sum of every result's own seconds (`compute_s`: what the
+    trial measured computing the epoch, the first from the trial's start) less what each
     worker process did once before its first trial could train (`worker_setup_s`: imports, the
     first optimizer and building the data, which it then caches), which the first trial on a
     worker counts as its own but is harness overhead. `overhead_frac` is 1 - (the trials' own
@@ -257,17 +259,39 @@ def harness(tmp: Path, trials: int = 32, epochs: int = 2) -> dict[str, Any]:
     return {
         "trials": trials, "epochs": epochs, "max_concurrent": tiny["max_concurrent"],
         "overhead_frac": default["overhead_frac"], "disk": tiny["disk"],
-        "tiny": tiny, "default": default,
+        "tiny": tiny, "default": default, "report_ahead": report_ahead(tmp / "ahead"),
         "note": "overhead_frac: the default study's trials, over the whole command (Ray's "
                 "start and stop included), the slots' idle time at the end with no trial left "
                 "to start not counted (overhead_frac_with_tail counts it); disk: the tiny "
                 "trials (the most bytes per epoch)"}
 
 
+def report_ahead(tmp: Path, trials: int = 12, epochs: int = 5) -> dict[str, Any]:
+    """The Tuner's wall time for `trials` tiny trials of `epochs` epochs, one at a time (the
+    driver keeps a core of its own, as on a GPU machine), with each trial's reports sent
+    synchronously (`STUDY_EPOCHS_AHEAD=0`: every epoch waits for the driver's round trip)
+    over the same with epochs computed one ahead (`study.ahead`, the default): one run each,
+    synchronous first."""
+    from study.ahead import AHEAD_ENV
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    space = tmp / "tiny1.yaml"
+    space.write_text(TINY_SPACE.replace("max_concurrent: 2", "max_concurrent: 1")
+                     % {"trials": trials, "epochs": epochs})
+    runs = {name: _timed_sweep(tmp / name, space, trials, epochs, env={AHEAD_ENV: flag})
+            for name, flag in (("synchronous", "0"), ("ahead", "1"))}
+    fit = {name: r["fit_wall_s"] for name, r in runs.items()}
+    return {"trials": trials, "epochs": epochs, "max_concurrent": 1, "fit_wall_s": fit,
+            "trials_own_s": {name: r["trials_own_s"] for name, r in runs.items()},
+            "speedup": fit["synchronous"] / fit["ahead"]}
+
+
 def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
-                 setup: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One sweep of `space` (`trials`, `epochs` overriding it) in its own process: its
-    timing, the harness overhead and its disk writes (`harness`)."""
+                 setup: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One sweep of `space` (`trials`, `epochs` overriding it) in its own process, with `env`
+    added to its environment: its timing, the harness overhead and its disk writes
+    (`harness`)."""
     tmp.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     _create_store(uri)
@@ -275,7 +299,7 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
     budget = [str(trials), str(epochs or 0)]
     res = diskio.measure([sys.executable, "-m", "benchmarks.sweep_child", str(space), "sweep",
                           str(tmp / "ray"), uri, str(out), *budget], cwd=tmp,
-                         log=tmp / "log.txt", env=_env())
+                         log=tmp / "log.txt", env={**_env(), **(env or {})})
     if res.returncode != 0 or not out.exists():
         raise RuntimeError(f"sweep of {space.name} failed ({res.returncode}): see "
                            f"{tmp / 'log.txt'}")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from study import metrics as M
+from study.ahead import check_cancelled
 from study.config import TrialConfig
 from study.device import autocast
 from study.model import AttentionModel
@@ -109,6 +110,7 @@ def outputs(model: AttentionModel, split: Split, device: torch.device) -> Output
     rows = eval_rows(model, split.x.shape[1], device)
     parts = []
     for i in range(0, len(split), rows):
+        check_cancelled()
         x, y, m = (t[i:i + rows].to(device, non_blocking=True)
                    for t in (split.x, split.y, split.mask))
         with autocast(device):

@@ -105,6 +105,9 @@ REPORT_MESSAGE = TAG_MESSAGE
 REPORT_TABLES = "artifacts_json"
 REPORT_TRACEBACK = "traceback"
 REPORT_NODE = "node_json"  # an attempt's first report: where it runs (the NODE_TAGS, as JSON)
+# seconds the trial spent computing the epoch (its first: since the trial began), in its own
+# thread: with epochs computed ahead (`study.ahead`) Ray's time_this_iter_s counts only the wait
+REPORT_COMPUTE_S = "compute_s"
 
 # a child run: where its attempt ran, set once from the attempt's first report
 TAG_NODE_ID = "node_id"  # Ray's node id
@@ -452,6 +455,7 @@ class TrialReport:
     tables: dict[int, dict[str, Table]] = field(default_factory=dict)
     traceback: str = ""
     node: dict[str, str] = field(default_factory=dict)  # NODE_TAGS: an attempt's first report
+    compute_s: float = 0.0  # REPORT_COMPUTE_S; 0: not measured
 
     def __post_init__(self) -> None:
         self.metrics = {k: v for k, v in self.metrics.items() if not is_constant_series(k)}
@@ -470,6 +474,8 @@ class TrialReport:
             out[REPORT_TRACEBACK] = self.traceback
         if self.node:
             out[REPORT_NODE] = json.dumps(self.node)
+        if self.compute_s:
+            out[REPORT_COMPUTE_S] = float(self.compute_s)
         return out
 
     @classmethod
@@ -490,7 +496,8 @@ class TrialReport:
         return cls(epoch=int(epoch) if isinstance(epoch, int | float) else 0, metrics=metrics,
                    outcome=parse_outcome(result.get(REPORT_OUTCOME)),
                    message=str(result.get(REPORT_MESSAGE) or ""), tables=tables,
-                   traceback=str(result.get(REPORT_TRACEBACK) or ""), node=node)
+                   traceback=str(result.get(REPORT_TRACEBACK) or ""), node=node,
+                   compute_s=float(result.get(REPORT_COMPUTE_S) or 0.0))
 
     def mean_metrics(self) -> dict[str, float]:
         """Seed means and their std."""

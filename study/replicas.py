@@ -80,6 +80,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.attention import SDPBackend
 
 from study import metrics as M
+from study.ahead import check_cancelled
 from study.config import TrialConfig
 from study.device import autocast, resolve_device
 from study.evaluation import (
@@ -444,6 +445,7 @@ class Replicas:
         rows = eval_rows(self.models[0], seq_len, self.device, self.k)
         parts = []
         for i in range(0, len(split), rows):
+            check_cancelled()
             x, y, m = split.rows(i, i + rows)
             (logits,) = self._forward(x, m, split.shared)
             parts.append(chunk_outputs(logits, y.expand(self.k, *y.shape) if split.shared

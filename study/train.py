@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from study import metrics as M
+from study.ahead import check_cancelled
 from study.config import TrialConfig
 from study.device import resolve_device
 from study.evaluation import epoch_metrics, robustness_metrics
@@ -86,6 +87,7 @@ def device_batches(batches: Sequence[np.ndarray], device: torch.device
     flat = torch.from_numpy(np.concatenate(batches, axis=-1)).to(device, non_blocking=True)
     start = 0
     for idx_np in batches:
+        check_cancelled()  # an epoch computed ahead of a trial that was stopped
         end = start + idx_np.shape[-1]
         yield idx_np, flat[..., start:end]
         start = end

@@ -7,7 +7,9 @@ values `seed_<k>/<name>`. Replicate k uses `seed + k`, and with `vary_data_seed`
 `data_seed + k` (its own generated data, split and test set, so the spread across seeds includes
 test-set sampling noise). The last report of a trial that ends by itself carries its outcome
 (completed, diverged or error); a trial stopped by ASHA never sends one. The first report of
-each attempt also says where it runs (`node_info`: node, host, device, worker pid).
+each attempt also says where it runs (`node_info`: node, host, device, worker pid), and every
+report what computing its epoch took (`compute_s`). The epochs are computed one ahead of the
+driver (`study.ahead`): epoch e + 1 trains while epoch e's report waits for the driver.
 
 How the replicates train (`batching`, the space's `seed_batching`): `vmap` trains them as one
 batched computation (`study.replicas`: stacked parameters, `torch.vmap`), falling back to
@@ -188,11 +190,20 @@ def trainable(config: dict[str, Any], seeds: int = 1, vary_data_seed: bool = Fal
               gpu: float | None = None) -> None:
     """Entry point run by Ray Tune workers (`tune.with_parameters` passes the space's `seeds`,
     `vary_data_seed`, `seed_batching`, the trial's `cpus` and its GPU fraction `gpu`)."""
+    import time
+
     from ray import tune
 
+    from study.ahead import ahead_enabled, one_ahead
+
+    start = time.perf_counter()
     trial_threads(cpus)
     gpu_memory_cap(gpu)
     node = node_info(config)
-    for report in lockstep(config, seeds, vary_data_seed, seed_batching):
-        report.node, node = node, {}  # where it runs: in the attempt's first report only
-        tune.report(report.to_ray())
+    # the next epoch trains while the driver takes this one's report (`study.ahead`)
+    with one_ahead(lockstep(config, seeds, vary_data_seed, seed_batching), start,
+                   ahead_enabled()) as reports:
+        for report, seconds in reports:
+            report.node, node = node, {}  # where it runs: in the attempt's first report only
+            report.compute_s = seconds
+            tune.report(report.to_ray())

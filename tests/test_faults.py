@@ -542,7 +542,8 @@ def test_spool_left_by_a_dead_driver_is_delivered_once(tmp_path, monkeypatch) ->
 
 def test_resume_keeps_every_run_and_links_restarts(tmp_path) -> None:
     """`TrackingCallback._sync` on a resume whose saved state is older than MLflow: a run
-    closed halfway is closed, a finished run of a trial Ray does not know is kept as an orphan
+    closed halfway is closed, a finished run of a trial Ray does not know, or knows as not
+    finished (it ended after the last saved state: Ray runs it again), is kept as an orphan
     (left out of counts), unfinished runs are marked interrupted, and the new runs of the
     restarted trials (the same trial id, or the same configuration) link to them."""
     from analysis.load import load_sweep
@@ -554,21 +555,24 @@ def test_resume_keeps_every_run_and_links_restarts(tmp_path) -> None:
     spec = SweepSpec(name="sync", path="", text="name: sync\n", fixed={}, params=(), seeds=1)
     tr = tracking.Tracker(uri)
     parent = tr.start_parent("sync", "sweep_sync", spec, {"objective": '[["val_acc", "max"]]'})
-    cfg = {h: {"n_heads": h, "epochs": 2} for h in (1, 2, 4, 8)}
+    cfg = {h: {"n_heads": h, "epochs": 2} for h in (1, 2, 4, 8, 16)}
     runs = {}
-    for tid, h in (("done", 1), ("half", 2), ("orphan", 4), ("lost", 8), ("restart", 2)):
+    for tid, h in (("done", 1), ("half", 2), ("orphan", 4), ("lost", 8), ("restart", 2),
+                   ("stale", 16)):
         runs[tid] = tr.start_child(parent, tid, cfg[h], 1)
         for epoch in (1, 2):
             tr.log_metrics(runs[tid], {"val_acc": 0.1 * epoch, "seed_0/val_acc": 0.1 * epoch},
                            epoch)
     tr.finish_child(runs["done"], Outcome.COMPLETED, "completed 2 epochs")
     tr.finish_child(runs["orphan"], Outcome.COMPLETED, "completed 2 epochs")
+    tr.finish_child(runs["stale"], Outcome.EARLY_STOPPED, "stopped by ASHA at epoch 2")
     tr._set_tags(runs["half"], {"stop_reason": "completed", "stop_message": "completed 2 "
                                 "epochs"})  # a driver killed while closing it
     last = TrialReport(2, {"val_acc": 0.2}, Outcome.COMPLETED, "completed 2 epochs").to_ray()
     trials = [FakeTrial("done", cfg[1], "TERMINATED", last),
               FakeTrial("half", cfg[2], "TERMINATED", last),
-              FakeTrial("restart", cfg[2], "PENDING")]  # "orphan", "lost": unknown to Ray
+              FakeTrial("restart", cfg[2], "PENDING"),
+              FakeTrial("stale", cfg[16], "RUNNING")]  # "orphan", "lost": unknown to Ray
     cb = TrackingCallback(tr, parent, spec)
     cb.on_step_begin(0, trials)
     client = tr.client
@@ -576,26 +580,30 @@ def test_resume_keeps_every_run_and_links_restarts(tmp_path) -> None:
     assert all(r.info.lifecycle_stage == "active" for r in get.values())
     assert get["half"].info.status == "FINISHED" and get["done"].info.status == "FINISHED"
     assert "study.orphan" in get["orphan"].data.tags and get["orphan"].info.status == "FINISHED"
+    assert "study.orphan" in get["stale"].data.tags  # its run as it ended, and kept
+    assert get["stale"].data.tags["stop_reason"] == "early_stopped"
     for tid in ("lost", "restart"):
         assert get[tid].info.status == "KILLED"
         assert get[tid].data.tags["stop_reason"] == "interrupted"
     assert "does not know the trial" in get["lost"].data.tags["stop_message"]
     assert cb.runs == {"done": runs["done"], "half": runs["half"]}
-    # Ray restarts "restart"; the resumed searcher suggests "lost"'s configuration again
-    for trial in (FakeTrial("restart", cfg[2], "RUNNING"), FakeTrial("again", cfg[8], "RUNNING")):
+    # Ray restarts "restart" and "stale"; the resumed searcher suggests "lost"'s configuration
+    for trial in (FakeTrial("restart", cfg[2], "RUNNING"), FakeTrial("stale", cfg[16], "RUNNING"),
+                  FakeTrial("again", cfg[8], "RUNNING")):
         cb.on_trial_start(0, trials, trial)
         new = client.get_run(cb.runs[trial.trial_id]).data.tags
         assert new["retries"] == "1"
-        assert new["retry_of"] == runs["restart" if trial.trial_id == "restart" else "lost"]
+        assert new["retry_of"] == runs["lost" if trial.trial_id == "again" else trial.trial_id]
         for epoch in (1, 2):
             cb.on_trial_result(0, trials, trial, TrialReport(
                 epoch, {"val_acc": 0.3, "seed_0/val_acc": 0.3}).to_ray())
         trial.last_result = last
         cb.on_trial_complete(0, trials, trial)
     loaded = load_sweep(uri, experiment="sync")
-    assert loaded.used == 4 and loaded.skipped.get("orphaned") == 1  # done, half, restart, again
-    assert sorted(loaded.trial_table["trial_id"]) == ["again", "done", "half", "restart"]
-    assert len(loaded.runs) == 7  # every run kept
+    # done, half, restart, stale (its new run: the orphaned one is an earlier attempt), again
+    assert loaded.used == 5 and loaded.skipped.get("orphaned") == 1
+    assert sorted(loaded.trial_table["trial_id"]) == ["again", "done", "half", "restart", "stale"]
+    assert len(loaded.runs) == 9  # every run kept
     tracking._OUTBOXES.clear()
 
 

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from study.config import FIELD_NAMES
 from study.metrics import CORE_METRICS, SEED_INVARIANT_METRICS
-from study.records import TAG_ORPHAN
+from study.records import REPORT_COMPUTE_S, TAG_ORPHAN
 from tests.helpers import render_images, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,9 +99,15 @@ def test_smoke_sweep_end_to_end(cli, tmp_path: Path) -> None:
         assert r.data.metrics["flops_per_sample"] > r.data.metrics["n_params"]
         mean = (r.data.metrics["seed_0/val_acc"] + r.data.metrics["seed_1/val_acc"]) / 2
         assert r.data.metrics["val_acc"] == pytest.approx(mean)
-        for bookkeeping in ("pid", "timestamp", "time_this_iter_s", "training_iteration"):
+        for bookkeeping in ("pid", "timestamp", "time_this_iter_s", "training_iteration",
+                            REPORT_COMPUTE_S):
             assert bookkeeping not in r.data.metrics
     assert any(r.data.tags["stop_reason"] == "completed" for r in children)
+    # each result says what its epoch took to compute (the trials' own time, which Ray's
+    # time_this_iter_s no longer is with epochs computed ahead: `study.ahead`)
+    state = sorted((tmp_path / "ray" / "smoke_e2e").glob("experiment_state-*.json"))[-1]
+    for _, run_json in json.loads(state.read_text())["trial_data"]:
+        assert json.loads(run_json)["last_result"][REPORT_COMPUTE_S] > 0
 
     # the report on this real sweep: every file exists and is non-empty, the page renders
     out = tmp_path / "report"

@@ -137,7 +137,8 @@ class TrackingCallback(Callback):
         finished keeps its finished run (an unfinished one is closed with Ray's record of
         its end); every other unfinished run (its driver was stopped or killed) is marked
         `interrupted`, and its trial, which Ray restarts from scratch, gets a new run linked
-        to it."""
+        to it. A finished run whose trial Ray does not have as finished (it ended after the
+        last saved state) is tagged an orphan: Ray runs that trial again."""
         self._synced = True
         ray = {t.trial_id: t for t in trials}
         attempts: dict[str, list[TrialRecord]] = defaultdict(list)
@@ -154,10 +155,15 @@ class TrackingCallback(Callback):
                     self.tracker.finish_child(r.run_id, r.outcome, r.message)
             trial = ray.get(tid)
             done = trial is not None and trial.status in RAY_DONE
-            if trial is None:  # started after the last state that reached the disk
+            if not done:
+                # finished after the last state that reached the disk (the driver killed
+                # between closing the run and saving): Ray runs the trial again from scratch,
+                # or, if that state never knew the trial, the searcher may suggest its
+                # configuration again; the finished run stays, left out of counts
                 for r in runs:
                     if _finished(r) and not r.orphan:
                         self.tracker.set_tags(r.run_id, {TAG_ORPHAN: ORPHAN_NOTE})
+            if trial is None:  # started after the last state that reached the disk
                 self.unclaimed[_config_key(runs[-1].config)] = (runs[-1].run_id, len(runs))
             unfinished = [r for r in runs if r.outcome is None]
             if trial is not None and done and unfinished and not any(map(_finished, runs)):
