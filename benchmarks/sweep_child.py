@@ -3,7 +3,8 @@ NAME STORAGE URI OUT.json [TRIALS EPOCHS]` (the last two, when not 0, override t
 The process tree is what `benchmarks.diskio` measures; OUT.json
 gets the Tuner's fit window, every result's own seconds (`compute_s`, what the trial measured
 computing that epoch: training, evaluation, and for the first one the model and data set-up;
-Ray's `time_this_iter_s` counts only the wait once epochs are computed ahead), every result's
+Ray's `time_this_iter_s` leaves out what was computed ahead, during the previous report's
+round trip), every result's
 arrival (time, worker pid, trial id, own seconds) and the command's own wall time."""
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main(argv: list[str]) -> None:
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                             **info: Any) -> None:
             # the trial's own seconds for the epoch: what it measured computing it (epochs
-            # are computed one ahead, so Ray's time_this_iter_s counts only the wait)
+            # are computed one ahead: Ray's time_this_iter_s leaves out what was computed
+            # during the previous report's round trip)
             own = result.get(REPORT_COMPUTE_S) or result.get("time_this_iter_s", 0.0)
             self.iter_s.append(float(own))
             # when it came, from which worker process (a slot: actors are reused) and trial

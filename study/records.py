@@ -106,7 +106,8 @@ REPORT_TABLES = "artifacts_json"
 REPORT_TRACEBACK = "traceback"
 REPORT_NODE = "node_json"  # an attempt's first report: where it runs (the NODE_TAGS, as JSON)
 # seconds the trial spent computing the epoch (its first: since the trial began), in its own
-# thread: with epochs computed ahead (`study.ahead`) Ray's time_this_iter_s counts only the wait
+# thread: with epochs computed ahead (`study.ahead`) Ray's time_this_iter_s leaves out the part
+# of the epoch computed while the previous report waited for the driver
 REPORT_COMPUTE_S = "compute_s"
 
 # a child run: where its attempt ran, set once from the attempt's first report
@@ -622,8 +623,10 @@ def current_runs(records: Iterable[TrialRecord]) -> dict[str, TrialRecord]:
     """One run per trial, by trial id. A trial Ray restarted (a retry after its worker died, a
     resume after its driver stopped) has one run per attempt: its run is the newest finished
     one (an outcome other than `interrupted`), else the newest one still running, else its
-    newest run. A trial the resumed sweep ran again under a new trial id (its saved state did
-    not know it) has the new trial's run as its retry (`retry_of`): it counts as that trial."""
+    newest run; an orphan (it finished after the saved state the resume ran from, and Ray ran
+    its trial again) only when it is the trial's only run. A trial the resumed sweep ran again
+    under a new trial id (its saved state did not know it) has the new trial's run as its retry
+    (`retry_of`): it counts as that trial."""
     records = list(records)
     out: dict[str, TrialRecord] = {}
     for r in records:
@@ -634,6 +637,7 @@ def current_runs(records: Iterable[TrialRecord]) -> dict[str, TrialRecord]:
     return {tid: r for tid, r in out.items() if retried.get(r.run_id, tid) == tid}
 
 
-def _run_rank(r: TrialRecord) -> tuple[bool, bool, int, str]:
+def _run_rank(r: TrialRecord) -> tuple[bool, bool, bool, int, str]:
     finished = r.outcome is not None and r.outcome is not Outcome.INTERRUPTED
-    return finished, r.outcome is not Outcome.INTERRUPTED, r.start_time or 0, r.run_id
+    return (not r.orphan, finished, r.outcome is not Outcome.INTERRUPTED, r.start_time or 0,
+            r.run_id)

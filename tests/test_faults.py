@@ -607,6 +607,28 @@ def test_resume_keeps_every_run_and_links_restarts(tmp_path) -> None:
     tracking._OUTBOXES.clear()
 
 
+@pytest.mark.parametrize("rerun", [pytest.param(None, id="rerun-running"),
+                                   pytest.param("interrupted", id="rerun-interrupted"),
+                                   pytest.param("completed", id="rerun-completed")])
+def test_a_trial_ran_again_counts_its_new_run_not_its_orphan(rerun) -> None:
+    """A trial that finished after the saved state a resume ran from keeps its run as an orphan
+    and runs again under the same trial id: the new run is the trial's, whatever its state
+    (so a sweep stopped again closes it, and a report counts it as running or interrupted)."""
+    from study.records import Outcome, TrialRecord, current_runs
+
+    def rec(run_id: str, outcome: str | None, start: int, orphan: bool = False,
+            retry_of: str | None = None) -> TrialRecord:
+        return TrialRecord(run_id, "t1", "RUNNING" if outcome is None else "FINISHED",
+                           None if outcome is None else Outcome(outcome), "", {}, {}, {},
+                           start_time=start, orphan=orphan, retry_of=retry_of)
+
+    orphan = rec("old", "early_stopped", 1, orphan=True)
+    new = rec("new", rerun, 2, retry_of="old")
+    assert current_runs([orphan, new])["t1"] is new
+    assert current_runs([new, orphan])["t1"] is new
+    assert current_runs([orphan])["t1"] is orphan  # alone, it is still the trial's record
+
+
 def test_a_spool_begun_after_delivered_creates_still_finds_their_runs(tmp_path) -> None:
     """A run created while the store was up, whose later write waits in a new spool (the old
     one was removed when the queue emptied): the new spool names the run, so a new driver
