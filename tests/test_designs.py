@@ -455,7 +455,23 @@ max_concurrent: 2
     path = write(tmp_path, text)
     spec = load_space(path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = run_sweep(path, tracking_uri=uri, storage=tmp_path / "ray")
+    from ray.tune import Callback
+
+    from study.records import REPORT_COMPUTE_S
+
+    class Seconds(Callback):
+        """What each result says its epoch took to compute (the trials' own time: Ray's
+        time_this_iter_s leaves out what was computed ahead, `study.ahead`)."""
+
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            self.seen.append(result[REPORT_COMPUTE_S])
+
+    seconds = Seconds()
+    summary = run_sweep(path, tracking_uri=uri, storage=tmp_path / "ray", callbacks=[seconds])
+    assert len(seconds.seen) == 4 * 3 and all(s > 0 for s in seconds.seen)
     assert summary["complete"] and summary["done"] == 4
     assert summary["counts"]["completed"] == 4 and summary["counts"]["early_stopped"] == 0
     client = MlflowClient(uri)

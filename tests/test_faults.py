@@ -149,8 +149,10 @@ def audit(sweep: Sweep) -> dict[str, int]:
     children = sweep.children()
     live = [r for r in children if r["stage"] == "active"]
     # finished after the last state that reached the disk: kept, not counted (the resumed
-    # sweep may run the configuration again as another trial)
-    orphans = {r["tags"]["ray_trial_id"] for r in live if "study.orphan" in r["tags"]}
+    # sweep runs the trial again, in a new run under the same trial id where the state knew
+    # the trial, which counts; or may run the configuration again as another trial)
+    orphans = ({r["tags"]["ray_trial_id"] for r in live if "study.orphan" in r["tags"]}
+               - {r["tags"]["ray_trial_id"] for r in live if "study.orphan" not in r["tags"]})
     # a trial the resumed sweep ran again under a new trial id (the state never knew it): its
     # run is the retry_of of the new trial's run, which counts for both
     trial_of = {r["run_id"]: r["tags"]["ray_trial_id"] for r in live}

@@ -103,11 +103,12 @@ def test_smoke_sweep_end_to_end(cli, tmp_path: Path) -> None:
                             REPORT_COMPUTE_S):
             assert bookkeeping not in r.data.metrics
     assert any(r.data.tags["stop_reason"] == "completed" for r in children)
-    # each result says what its epoch took to compute (the trials' own time, which Ray's
-    # time_this_iter_s no longer is with epochs computed ahead: `study.ahead`)
+    # a result's compute_s (tests/test_designs.py sees it arrive) stays out of Ray's saved
+    # record of the trial, which keeps only what a resume reads
     state = sorted((tmp_path / "ray" / "smoke_e2e").glob("experiment_state-*.json"))[-1]
     for _, run_json in json.loads(state.read_text())["trial_data"]:
-        assert json.loads(run_json)["last_result"][REPORT_COMPUTE_S] > 0
+        assert "val_acc" in json.loads(run_json)["last_result"]
+        assert REPORT_COMPUTE_S not in run_json
 
     # the report on this real sweep: every file exists and is non-empty, the page renders
     out = tmp_path / "report"

@@ -185,7 +185,8 @@ def run_sweep(space_path: str | Path, name: str | None = None, trials: int | Non
               callbacks: list[Any] | None = None, verbose: bool = False) -> dict:
     """Start a sweep; returns its summary (see `finish`). `overrides` may set `epochs`, `gpu`
     and `max_concurrent` of the space (None leaves a value as the file has it); `callbacks`
-    are more Ray Tune callbacks (the benchmarks' timers), called after the sweep's own;
+    are more Ray Tune callbacks (the benchmarks' timers), called after the sweep's tracking
+    and progress, before its results are compacted (so they see every key of a result);
     `verbose` shows Ray's own output (`init_ray`)."""
     cli_values = {"num_trials": trials, **(overrides or {})}
     spec = override(load_space(space_path), cli_values)
@@ -417,9 +418,10 @@ def _tuner(spec: SweepSpec, name: str, store: Path, tracker: Tracker, parent: st
 
     search = ConcurrencyLimiter(_study_search(spec), max_concurrent=spec.max_concurrent)
     saver = _ray_class("SaveOnTrialEnd")(_scheduler(spec))
-    # CompactResults comes after every callback that reads a result's per-seed values
+    # CompactResults comes after every callback that reads a result's per-seed values or
+    # `compute_s` (the extra ones: the benchmarks' timers)
     callbacks = [TrackingCallback(tracker, parent, spec, beat), ProgressView(spec),
-                 _ray_class("CompactResults")(spec), saver.callback, *(extra or [])]
+                 *(extra or []), _ray_class("CompactResults")(spec), saver.callback]
     return tune.Tuner(
         _trainable(spec),
         tune_config=tune.TuneConfig(search_alg=search, scheduler=saver,
@@ -470,10 +472,13 @@ def kept_in_state(key: str, spec: SweepSpec, finished: bool = True) -> bool:
     does the progress view on resume), `epoch` and the outcome; not the other metrics, their
     seed std and per-seed values (MLflow has them once the result was logged), nor the tables
     once the trial is `finished` (the tracking callback logs them from the last result when
-    the trial ends)."""
-    from study.records import REPORT_TABLES, is_logged_metric
+    the trial ends), nor `compute_s` (the benchmarks' callbacks read it before; Ray would keep
+    its statistics in every trial's record)."""
+    from study.records import REPORT_COMPUTE_S, REPORT_TABLES, is_logged_metric
     if key == REPORT_TABLES:
         return not finished
+    if key == REPORT_COMPUTE_S:
+        return False
     return not is_logged_metric(key) or key == "epoch" or key in dict(spec.objectives)
 
 
