@@ -6,7 +6,8 @@
   concurrency)); and `report_ahead`, tiny trials one at a time with synchronous reports and
   with epochs computed ahead (`study.ahead`).
 - `study_speedup`: a reduced default study run both ways, each a `study sweep` command: today's
-  path (`seed_batching: lockstep`) and the default, wall time of the whole command.
+  path (the eager step, `seed_batching: lockstep`, synchronous reports) and the default, wall
+  time of the whole command.
 - `search_epochs`: TPE + ASHA (the defaults) against random search without early stopping on a
   small space, 3 searcher seeds each: epochs trained until random search's best val_acc is
   reached (random search's: the mean over the orders its independent trials could have run
@@ -400,9 +401,17 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
+def todays_env() -> dict[str, str]:
+    """The environment today's path runs in: reports synchronous, as Ray makes them by
+    itself (`study.ahead`: no epoch computed ahead of the driver)."""
+    from study.ahead import AHEAD_ENV
+    return {AHEAD_ENV: "0"}
+
+
 def todays_path(text: str) -> str:
     """A space file run the way trials ran before the fast paths: the eager step
-    (`step_mode: eager`) and seeds in lockstep (`seed_batching: lockstep`)."""
+    (`step_mode: eager`) and seeds in lockstep (`seed_batching: lockstep`); run it in
+    `todays_env()`."""
     import yaml
 
     raw = yaml.safe_load(text)
@@ -427,14 +436,15 @@ def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
     bench` under 15 minutes: there both paths run the same computation (the README says why)."""
     tmp.mkdir(parents=True, exist_ok=True)
     text = DEFAULT_SPACE.read_text()
-    variants = {"lockstep": todays_path(text), "default": text}
+    variants = {"lockstep": (todays_path(text), todays_env()), "default": (text, {})}
     out: dict[str, Any] = {"space": "search_spaces/default.yaml", "trials": trials,
                            "epochs": epochs, "seed_batching_key": True,
-                           "todays_path": "step_mode: eager, seed_batching: lockstep",
+                           "todays_path": "step_mode: eager, seed_batching: lockstep, "
+                                          "reports synchronous (STUDY_EPOCHS_AHEAD=0)",
                            "packed": packed}
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     _create_store(uri)
-    for name, body in variants.items():
+    for name, (body, env) in variants.items():
         space = tmp / f"{name}.yaml"
         space.write_text(body)
         t0 = time.perf_counter()
@@ -442,7 +452,8 @@ def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
         res = diskio.measure([sys.executable, "-m", "study.cli", "sweep", str(space),
                               "--name", name, "--trials", str(trials), "--epochs", str(epochs),
                               "--storage", str(tmp / "ray"), "--tracking-uri", uri, *pack],
-                             cwd=tmp, log=tmp / f"{name}.log", env=_env(), interval=0.5)
+                             cwd=tmp, log=tmp / f"{name}.log", env={**_env(), **env},
+                             interval=0.5)
         wall = time.perf_counter() - t0
         if res.returncode != 0:
             raise RuntimeError(f"sweep {name} failed: see {tmp / f'{name}.log'}")

@@ -224,11 +224,16 @@ def test_mfu_formula_and_peaks() -> None:
     assert peak_flops("Some CPU") is None
 
 
-def test_todays_path_is_eager_and_lockstep() -> None:
+def test_todays_path_is_eager_and_lockstep(monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 
-    from benchmarks.sweeps import DEFAULT_SPACE, todays_path
+    from benchmarks.sweeps import DEFAULT_SPACE, todays_env, todays_path
+    from study.ahead import ahead_enabled
     from study.spaces import parse_space
+
+    for k, v in todays_env().items():  # its reports synchronous: no epoch computed ahead
+        monkeypatch.setenv(k, v)
+    assert not ahead_enabled()
 
     spec = parse_space(todays_path(DEFAULT_SPACE.read_text()), "today.yaml")
     assert spec.seed_batching == "lockstep" and spec.fixed["step_mode"] == "eager"
