@@ -123,8 +123,8 @@ class Attention(nn.Module):
     folded into q, so the fused SDPA kernel still runs. `low_rank` is Linformer (Wang et al. 2020):
     keys and values are projected along the sequence to `attn_rank` slots.
 
-    `kernel` is the fused attention call, `F.scaled_dot_product_attention` (same signature);
-    `study.replicas` swaps in one that folds a vmapped replicate axis into the batch axis.
+    `kernel` is the attention call, `attend` (`F.scaled_dot_product_attention`'s signature and
+    result); `study.replicas` swaps in one that folds a vmapped replicate axis into the batch axis.
     """
 
     def __init__(self, cfg: TrialConfig, max_tokens: int) -> None:
@@ -134,7 +134,7 @@ class Attention(nn.Module):
         self.qkv = with_role(nn.Linear(d, 3 * d), "qkv")
         self.proj = with_role(nn.Linear(d, d), "resid_out")
         self.dropout = cfg.attn_dropout
-        self.kernel: Callable[..., torch.Tensor] = F.scaled_dot_product_attention
+        self.kernel: Callable[..., torch.Tensor] = attend
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "layernorm":
             self.q_ln, self.k_ln = nn.LayerNorm(self.hs), nn.LayerNorm(self.hs)
@@ -197,13 +197,65 @@ class Attention(nn.Module):
         return self.proj(y), info
 
 
+# The CPU's softmax kernels take a scalar path when a row is shorter than 16 floats (one AVX-512
+# vector): at 11 keys ~10x the time per element of a 16-key row. SDPA's CPU kernels pay it too
+# (the math path, which dropout takes) or pay per (batch, head) costs that dominate at such
+# lengths (the flash kernel): see the README's performance section for the measurements.
+CPU_ROW = 16
+
+
+def row_softmax(x: torch.Tensor, log: bool = False) -> torch.Tensor:
+    """`softmax` (or `log_softmax`) over the last dim; on the CPU a shorter row than `CPU_ROW`
+    is padded with -inf to `CPU_ROW` first and cut back after (same values, faster)."""
+    fn = torch.log_softmax if log else torch.softmax
+    n = x.shape[-1]
+    if x.device.type != "cpu" or n >= CPU_ROW:
+        return fn(x, dim=-1)
+    return fn(F.pad(x, (0, CPU_ROW - n), value=float("-inf")), dim=-1)[..., :n]
+
+
+def attention_logits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """`(q @ k^T) * scale` `(B, nh, T, S)` with `mask` applied: a bool mask (True = attend)
+    sets the blocked logits to -inf, a float mask is added (a positional bias)."""
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if mask is None:
+        return logits
+    if mask.dtype == torch.bool:
+        return logits.masked_fill(~mask, float("-inf"))
+    return logits + mask
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0, scale: float | None = None,
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` (no causal flag), written out on the CPU where that is
+    faster: with dropout (SDPA's own path there is this computation with the slow short-row
+    softmax) or with fewer than `CPU_ROW` keys (its flash kernel is slower at such lengths).
+    As SDPA does, a query row whose keys are all masked attends to nothing (zeros)."""
+    S = k.shape[-2]
+    if q.device.type != "cpu" or (dropout_p == 0.0 and S >= CPU_ROW):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              scale=scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = attention_logits(q, k, attn_mask, scale)  # (B, nh, T, S)
+    p = row_softmax(logits)
+    if attn_mask is not None:
+        blocked = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == float("-inf")
+        p = p.masked_fill(blocked.all(-1, keepdim=True), 0.0)  # rows with no key: NaN -> 0
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    return p @ v  # (B, nh, T, hs)
+
+
 def softmax_entropy(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of `p = softmax(logits)` over the last dim, with a finite gradient.
 
     `xlogy(p, p)` has derivative log(p) + 1 = -inf where p = 0 (masked keys), and the softmax
     backward turns 0 * inf into NaN; here entries with p = 0 add 0 to the value and the gradient.
     """
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = row_softmax(logits, log=True)
     return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
 
 
@@ -216,13 +268,8 @@ def explicit_attention(
     Returns the output and this layer's `AttnStats`: over real query positions, the per-head mean
     entropy `(B, 1, nh)` in nats and the largest logit.
     """
-    logits = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, S)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        else:
-            logits = logits + mask
-    p = torch.softmax(logits.float(), dim=-1)
+    logits = attention_logits(q, k, mask, scale)  # (B, nh, T, S)
+    p = row_softmax(logits.float())
     ent = softmax_entropy(logits.float(), p)  # (B, nh, T)
     qv = valid[:, None, :].to(ent.dtype)  # (B, 1, T)
     entropy = (ent * qv).sum(-1) / qv.sum(-1).clamp_min(1.0)  # (B, nh)

@@ -389,3 +389,74 @@ def test_init_statistics_per_role():
         q, k, v = block.attn.qkv.weight.split(d)
         assert v.std().item() / q.std().item() == pytest.approx(beta, rel=0.05)
         assert k.std().item() / q.std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def _masks(B: int, nh: int, T: int) -> list:
+    """The masks `Attention` passes: none, padding (bool), a row with no key at all, local
+    attention with an ALiBi bias (float, -inf where blocked)."""
+    lengths = torch.tensor([T, max(1, T // 2)])[:B]
+    valid = torch.arange(T)[None] < lengths[:, None]  # (B, T)
+    pad = (valid[:, None, :] | ~valid[:, :, None])[:, None]  # (B, 1, T, T)
+    dead = pad.clone()
+    dead[0, 0, 0] = False
+    dist = (torch.arange(T)[None] - torch.arange(T)[:, None]).abs().float()
+    alibi = (-0.5 * dist).masked_fill(dist > 3, float("-inf")).expand(1, nh, T, T)
+    return [None, pad, dead, alibi]
+
+
+@pytest.mark.parametrize("T", [1, 5, 11, 15, 16, 40])
+@pytest.mark.parametrize("mask_kind", range(4), ids=["none", "padding", "dead_row", "alibi"])
+def test_attend_matches_sdpa(T, mask_kind):
+    """`study.model.attend` (written out on the CPU below 16 keys or with dropout) computes
+    what `F.scaled_dot_product_attention` computes, values and gradients, a query with no key
+    left included (zeros, as SDPA gives)."""
+    gen = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    mask = _masks(2, 3, T)[mask_kind]
+    mask = mask.double() if mask is not None and mask.is_floating_point() else mask
+    for scale in (None, 0.3):
+        ours = study.model.attend(q, k, v, attn_mask=mask, scale=scale)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                scale=scale)
+        torch.testing.assert_close(ours, want, atol=1e-10, rtol=1e-8)
+        g = torch.randn(ours.shape, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(torch.autograd.grad(ours, (q, k, v), g),
+                                   torch.autograd.grad(want, (q, k, v), g),
+                                   atol=1e-10, rtol=1e-8)
+    if mask_kind == 2:
+        assert (ours[0, :, 0] == 0).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 11, 15, 16, 17, 33])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_row_softmax_matches_torch(n, log):
+    """The short-row padding of `row_softmax` changes neither values nor gradients, -inf
+    entries (masked keys) included."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(4, 3, n, generator=gen, dtype=torch.float64)
+    x[0, 0, : n // 2] = float("-inf")
+    x.requires_grad_()
+    ours = study.model.row_softmax(x, log=log)
+    want = (torch.log_softmax if log else torch.softmax)(x, dim=-1)
+    torch.testing.assert_close(ours, want, atol=1e-12, rtol=0)
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    if log:  # -inf outputs: only their (zero) cotangent is meaningful
+        g = g.masked_fill(~torch.isfinite(want), 0.0)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0],
+                               torch.autograd.grad(want, x, g)[0], atol=1e-12, rtol=0)
+
+
+def test_attend_dropout_keeps_the_expectation():
+    """With dropout `attend` drops attention weights at rate p and rescales the rest: over many
+    draws the mean output is the output without dropout (within 5 standard errors), and a
+    single draw differs from it."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 11, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    exact = study.model.attend(q, k, v, scale=0.5)
+    torch.manual_seed(0)
+    draws = torch.stack([study.model.attend(q, k, v, dropout_p=0.3, scale=0.5)
+                         for _ in range(4000)])
+    assert not torch.allclose(draws[0], exact)
+    se = draws.std(0) / math.sqrt(len(draws))
+    assert ((draws.mean(0) - exact).abs() <= 5 * se + 1e-12).all()
