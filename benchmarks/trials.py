@@ -220,6 +220,19 @@ NO_KERNEL = frozenset({
     "_record_function_enter_new", "_record_function_exit"})
 
 
+@contextlib.contextmanager
+def attention_as_on_cuda() -> Iterator[None]:
+    """Attention through SDPA wherever the trial runs, as `study.model.attend` calls it on
+    CUDA (on the CPU it writes some attention out, several operations where CUDA launches one
+    kernel), so a CPU counts the operations a GPU would launch."""
+    from study import model, replicas
+
+    with contextlib.ExitStack() as stack:
+        for owner in (model, replicas):
+            stack.enter_context(mock.patch.object(owner, "written_out", lambda *a: False))
+        yield
+
+
 def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
     """The operations that compute something (`NO_KERNEL` left out: on a device, about one
     kernel launch each) of one training step of `cfg` with k replicates, by name,
@@ -227,7 +240,8 @@ def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
     trial's step (`step.train_step`), k > 1 the batched replicates' (`Replicas.train_step`), on
     the first batch of each replicate's training split, both on the device the trial would use.
     A launch-bound device's step costs about what these counts say; the CPU counts what a GPU
-    would launch but for the casts of CUDA's bf16 autocast."""
+    would launch but for the casts of CUDA's bf16 autocast (attention as on CUDA:
+    `attention_as_on_cuda`)."""
     from study import replicas
     from study.device import resolve_device
     from study.model import build_model
@@ -252,11 +266,12 @@ def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
             reps = replicas.Replicas(cfgs, datas)
         step = functools.partial(reps.train_step,
                                  *reps.gather(torch.arange(cfg.batch_size).repeat(k, 1)))
-    for _ in range(2):
-        step()
     counter = _Dispatches(lambda name: None if name in NO_KERNEL else name)
-    with counter:
-        step()
+    with attention_as_on_cuda():
+        for _ in range(2):
+            step()
+        with counter:
+            step()
     return counter.counts
 
 
@@ -276,8 +291,8 @@ def dispatch_split(cfg: TrialConfig, k: int, as_cuda: bool = False) -> dict[str,
     """Operations dispatched by a trial of `cfg` with k replicates (`seeds_time`'s trial) in
     training (the rest), the per-epoch evaluation and the robustness sets. `as_cuda`: the
     evaluation runs as it does on CUDA wherever the trial runs (CUDA's chunk sizes,
-    `evaluation.eval_rows`, and the batched replicate evaluation), so a CPU counts what a GPU
-    would launch there."""
+    `evaluation.eval_rows`, and the batched replicate evaluation) and attention too
+    (`attention_as_on_cuda`), so a CPU counts what a GPU would launch there."""
     from study import evaluation, replicas
 
     counter = _Dispatches()
@@ -300,6 +315,7 @@ def dispatch_split(cfg: TrialConfig, k: int, as_cuda: bool = False) -> dict[str,
         if as_cuda:
             for module in (evaluation, replicas):
                 stack.enter_context(mock.patch.object(module, "eval_rows", cuda_rows))
+            stack.enter_context(attention_as_on_cuda())
         with counter:
             seeds_time(cfg, k, vmap_eval=True if as_cuda else None)
     return {p: counter.counts.get(p, 0) for p in ("train_ops", "eval_ops", "robustness_ops")}

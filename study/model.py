@@ -226,6 +226,12 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
     return logits + mask
 
 
+def written_out(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
+    """Whether `attend` writes attention out (else it calls SDPA): on the CPU, with dropout or
+    fewer than `CPU_ROW` keys."""
+    return q.device.type == "cpu" and (dropout_p > 0.0 or k.shape[-2] < CPU_ROW)
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0, scale: float | None = None,
@@ -234,8 +240,7 @@ def attend(
     faster: with dropout (SDPA's own path there is this computation with the slow short-row
     softmax) or with fewer than `CPU_ROW` keys (its flash kernel is slower at such lengths).
     As SDPA does, a query row whose keys are all masked attends to nothing (zeros)."""
-    S = k.shape[-2]
-    if q.device.type != "cpu" or (dropout_p == 0.0 and S >= CPU_ROW):
+    if not written_out(q, k, dropout_p):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               scale=scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

@@ -49,11 +49,13 @@ into the batch axis, `(k, B, nh, T, hs) -> (k*B, nh, T, hs)` (the mask likewise)
 kernel SDPA itself picks once (on the CPU the flash kernel, whose logsumexp it keeps for the
 kernel's own backward: the same kernels as the unbatched path) and unfolds the output; autograd
 differentiates that one physical call. Other backends (CUDA) run SDPA itself and recompute its
-forward in the backward. With dropout it passes through to SDPA's math path (a recomputed
-dropout would draw another mask). Measured on two CPU cores (one thread, the default MNIST-1D
-model, 4 replicates), a training epoch takes the same time with the fold and with vmap's
-fallback loop, within noise: the flash kernel's cost is linear in its batch, so one call over
-k*B rows costs what k calls over B rows do. The fold keeps one kernel call per layer (no
+forward in the backward. With dropout, and where `study.model.attend` writes attention out (on
+the CPU: dropout or fewer than 16 keys), it passes through to `attend` (SDPA's math path or the
+written-out one, which vmap batches; a recomputed dropout would draw another mask). Measured
+on two CPU cores before `attend` (one thread, the default MNIST-1D model, 4 replicates), a
+training epoch took the same time with the fold and with vmap's fallback loop, within noise:
+the flash kernel's cost is linear in its batch, so one call over k*B rows costs what k calls
+over B rows do. The fold keeps one kernel call per layer (no
 warning, no loop over replicates) for larger k and devices where calls cost more.
 
 Fallbacks (`fallback_reason`; the trial then trains the replicates in lockstep, one model after
@@ -91,7 +93,7 @@ from study.evaluation import (
     epoch_metrics,
     eval_rows,
 )
-from study.model import Attention, AttentionModel, AttnStats, build_model
+from study.model import Attention, AttentionModel, AttnStats, attend, build_model, written_out
 from study.step import adamw, apply_step, graph_step, optimizer_step, resolve_step_mode, trial_loss
 from study.tasks.base import IGNORE, Split, TaskData
 from study.train import (
@@ -195,12 +197,12 @@ class _SDPA(torch.autograd.Function):
 def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                 scale: float | None = None) -> torch.Tensor:
-    """`F.scaled_dot_product_attention` for `Attention.kernel` under `torch.vmap`: without
-    dropout one fused call over replicates x batch; with dropout SDPA itself (its math path,
-    which vmap batches, drawing each replicate's own dropout mask)."""
-    if dropout_p > 0.0:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              scale=scale)
+    """`F.scaled_dot_product_attention` for `Attention.kernel` under `torch.vmap`: one fused
+    call over replicates x batch; with dropout, or where `study.model.attend` writes attention
+    out (the CPU), `attend` itself (SDPA's math path or the written-out one, which vmap
+    batches, drawing each replicate's own dropout mask)."""
+    if dropout_p > 0.0 or written_out(q, k, dropout_p):
+        return attend(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     out: torch.Tensor = _SDPA.apply(q, k, v, attn_mask, scale)[0]
     return out
 

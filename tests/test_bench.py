@@ -302,3 +302,9 @@ def test_the_batched_step_launches_as_many_kernels_for_any_number_of_seeds() -> 
     assert not NO_KERNEL & (set(one) | set(two))
     # the per-replicate gradient norms are one norm over all gradients, not one per parameter
     assert two["linalg_vector_norm"] == 1
+
+    # attention counted as CUDA runs it (one SDPA kernel), not as the CPU writes out attention
+    # over fewer than 16 keys (MNIST-1D: 10 tokens)
+    short = step_kernels(cfg.replace(task="mnist1d", patch_size=4), 1)
+    assert not {"_softmax", "bmm"} & set(short)
+    assert any("scaled_dot_product" in name for name in short)
