@@ -245,10 +245,13 @@ def attend(
                                               scale=scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = attention_logits(q, k, attn_mask, scale)  # (B, nh, T, S)
-    p = row_softmax(logits)
-    if attn_mask is not None:
+    if attn_mask is None:
+        p = row_softmax(logits)
+    else:  # a row with no key gets zeros, its softmax taken over zeros so no NaN reaches the
+        # gradients (a float mask's -inf rows would pass it back through the addition)
         blocked = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == float("-inf")
-        p = p.masked_fill(blocked.all(-1, keepdim=True), 0.0)  # rows with no key: NaN -> 0
+        dead = blocked.all(-1, keepdim=True)  # (B|1, 1|nh, T, 1)
+        p = row_softmax(logits.masked_fill(dead, 0.0)).masked_fill(dead, 0.0)
     if dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
     return p @ v  # (B, nh, T, hs)

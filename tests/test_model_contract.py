@@ -393,7 +393,8 @@ def test_init_statistics_per_role():
 
 def _masks(B: int, nh: int, T: int) -> list:
     """The masks `Attention` passes: none, padding (bool), a row with no key at all, local
-    attention with an ALiBi bias (float, -inf where blocked)."""
+    attention with an ALiBi bias (float, -inf where blocked), and an ALiBi bias with a row
+    with no key (float)."""
     lengths = torch.tensor([T, max(1, T // 2)])[:B]
     valid = torch.arange(T)[None] < lengths[:, None]  # (B, T)
     pad = (valid[:, None, :] | ~valid[:, :, None])[:, None]  # (B, 1, T, T)
@@ -401,11 +402,12 @@ def _masks(B: int, nh: int, T: int) -> list:
     dead[0, 0, 0] = False
     dist = (torch.arange(T)[None] - torch.arange(T)[:, None]).abs().float()
     alibi = (-0.5 * dist).masked_fill(dist > 3, float("-inf")).expand(1, nh, T, T)
-    return [None, pad, dead, alibi]
+    return [None, pad, dead, alibi, (-0.5 * dist).masked_fill(~dead, float("-inf"))]
 
 
 @pytest.mark.parametrize("T", [1, 5, 11, 15, 16, 40])
-@pytest.mark.parametrize("mask_kind", range(4), ids=["none", "padding", "dead_row", "alibi"])
+@pytest.mark.parametrize("mask_kind", range(5),
+                         ids=["none", "padding", "dead_row", "alibi", "alibi_dead_row"])
 def test_attend_matches_sdpa(T, mask_kind):
     """`study.model.attend` (written out on the CPU below 16 keys or with dropout) computes
     what `F.scaled_dot_product_attention` computes, values and gradients, a query with no key
@@ -424,7 +426,7 @@ def test_attend_matches_sdpa(T, mask_kind):
         torch.testing.assert_close(torch.autograd.grad(ours, (q, k, v), g),
                                    torch.autograd.grad(want, (q, k, v), g),
                                    atol=1e-10, rtol=1e-8)
-    if mask_kind == 2:
+    if mask_kind in (2, 4):
         assert (ours[0, :, 0] == 0).all()
 
 
