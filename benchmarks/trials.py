@@ -223,8 +223,10 @@ NO_KERNEL = frozenset({
 @contextlib.contextmanager
 def attention_as_on_cuda() -> Iterator[None]:
     """Attention through SDPA wherever the trial runs, as `study.model.attend` calls it on
-    CUDA (on the CPU it writes some attention out, several operations where CUDA launches one
-    kernel), so a CPU counts the operations a GPU would launch."""
+    CUDA (on the CPU it writes some attention out), so a CPU counts the operations a GPU would
+    launch. Without dropout that is one fused kernel; with dropout SDPA's CPU math path still
+    counts its own operations (bmm, softmax, dropout), which CUDA's fused kernels do not
+    launch separately."""
     from study import model, replicas
 
     with contextlib.ExitStack() as stack:

@@ -408,10 +408,13 @@ def _masks(B: int, nh: int, T: int) -> list:
 @pytest.mark.parametrize("T", [1, 5, 11, 15, 16, 40])
 @pytest.mark.parametrize("mask_kind", range(5),
                          ids=["none", "padding", "dead_row", "alibi", "alibi_dead_row"])
-def test_attend_matches_sdpa(T, mask_kind):
+@pytest.mark.parametrize("forced", [False, True], ids=["as_dispatched", "written_out"])
+def test_attend_matches_sdpa(T, mask_kind, forced, monkeypatch):
     """`study.model.attend` (written out on the CPU below 16 keys or with dropout) computes
     what `F.scaled_dot_product_attention` computes, values and gradients, a query with no key
-    left included (zeros, as SDPA gives)."""
+    left included (zeros, as SDPA gives); `written_out`: the written-out path at every length."""
+    if forced:
+        monkeypatch.setattr(study.model, "written_out", lambda *a: True)
     gen = torch.Generator().manual_seed(T)
     q, k, v = (torch.randn(2, 3, T, 8, generator=gen, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
