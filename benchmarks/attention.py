@@ -8,6 +8,9 @@
   the same model: same shapes, same training step. Time per step and peak memory of tensors
   allocated during one step (`peak_step_bytes`: CUDA's allocator statistics on a GPU; on the
   CPU a dispatch mode that follows every tensor storage an operator creates until it is freed).
+- `short_rows` (CPU): the default study's model (MNIST-1D, 10 tokens, attention dropout 0.1)
+  with `study.model.attend` (written out with the padded softmax) against plain SDPA, a
+  training step and an evaluation forward, alternated in one process.
 """
 
 from __future__ import annotations
@@ -232,3 +235,52 @@ def textbook_comparison(device: torch.device, rounds: int = 3) -> dict[str, Any]
                               if device.type == "cuda" else
                               "peak bytes of tensor storages created during one step "
                               "(dispatch mode + storage finalizers)")}
+
+
+def short_rows(device: torch.device, rounds: int = 5, steps: int = 30,
+               dropout: float = 0.1) -> dict[str, Any]:
+    """On the CPU, the default study's model (`benchmarks.trials.DEFAULT_TRIAL`, attention
+    dropout `dropout`, its MNIST-1D data) with `study.model.attend` against the same model
+    with `F.scaled_dot_product_attention` swapped in: ms per training step (batch 64, mean of
+    `steps`) and per evaluation forward (512 rows, no grad), each the median of `rounds`
+    alternated measurements, and the two kernels' first losses (the same model and batch both
+    ways: they agree within float rounding). On CUDA `attend` is SDPA: nothing to compare."""
+    from benchmarks.trials import DEFAULT_TRIAL
+    from study.tasks import get_task
+
+    if device.type == "cuda":
+        return {"skipped": "on CUDA study.model.attend calls SDPA itself"}
+    cfg = TrialConfig(**{**DEFAULT_TRIAL, "attn_dropout": dropout})
+    data = get_task(cfg)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(data.train), (cfg.batch_size,), generator=g)
+    batch = (data.train.x[idx], data.train.y[idx], data.train.mask[idx])
+    rows = torch.arange(min(512, len(data.train)))
+    kernels = {"attend": None, "sdpa": F.scaled_dot_product_attention}
+    states = {name: _state(cfg, data.spec, device, rounds * steps + 1) for name in kernels}
+    first = {}
+    for name, state in states.items():
+        with use_kernel(state.model, kernels[name]):
+            torch.manual_seed(0)  # the same dropout draws both ways
+            first[name] = float(train_step(state, *batch))
+    step_ms: dict[str, list[float]] = {name: [] for name in kernels}
+    eval_ms: dict[str, list[float]] = {name: [] for name in kernels}
+    for _ in range(rounds):  # alternated, so a change in machine load hits both alike
+        for name, state in states.items():
+            with use_kernel(state.model, kernels[name]):
+                state.model.train()
+                step_ms[name].append(timed_steps(state, batch, device, 1, steps) * 1e3)
+                state.model.eval()
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    state.model(data.train.x[rows], data.train.mask[rows])
+                    eval_ms[name].append((time.perf_counter() - t0) * 1e3)
+    med = {k: {n: sorted(v)[len(v) // 2] for n, v in d.items()}
+           for k, d in (("step", step_ms), ("eval", eval_ms))}
+    return {"config": {**DEFAULT_TRIAL, "attn_dropout": dropout}, "tokens": data.spec.max_len
+            // cfg.patch_size, "rounds": rounds, "steps": steps,
+            "attend_step_ms": med["step"]["attend"], "sdpa_step_ms": med["step"]["sdpa"],
+            "step_speedup": med["step"]["sdpa"] / med["step"]["attend"],
+            "attend_eval_ms": med["eval"]["attend"], "sdpa_eval_ms": med["eval"]["sdpa"],
+            "eval_speedup": med["eval"]["sdpa"] / med["eval"]["attend"],
+            "first_loss": first}

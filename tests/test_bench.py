@@ -308,3 +308,16 @@ def test_the_batched_step_launches_as_many_kernels_for_any_number_of_seeds() -> 
     short = step_kernels(cfg.replace(task="mnist1d", patch_size=4), 1)
     assert not {"_softmax", "bmm"} & set(short)
     assert any("scaled_dot_product" in name for name in short)
+
+
+def test_short_rows_compares_the_same_model_both_ways() -> None:
+    """`attention.short_rows` times the default study's model with `attend` and with SDPA: the
+    same model, batch and dropout draws both ways (first losses within float rounding), on
+    MNIST-1D's 10 tokens, every timing measured."""
+    from benchmarks.attention import short_rows
+
+    out = short_rows(torch.device("cpu"), rounds=1, steps=2)
+    assert out["tokens"] == 10 and out["config"]["attn_dropout"] == 0.1
+    assert math.isclose(out["first_loss"]["attend"], out["first_loss"]["sdpa"], rel_tol=1e-5)
+    assert all(out[k] > 0 for k in ("attend_step_ms", "sdpa_step_ms", "attend_eval_ms",
+                                     "sdpa_eval_ms", "step_speedup", "eval_speedup"))
