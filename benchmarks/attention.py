@@ -257,7 +257,7 @@ def short_rows(device: torch.device, rounds: int = 5, steps: int = 30,
     batch = (data.train.x[idx], data.train.y[idx], data.train.mask[idx])
     rows = torch.arange(min(512, len(data.train)))
     kernels = {"attend": None, "sdpa": F.scaled_dot_product_attention}
-    states = {name: _state(cfg, data.spec, device, rounds * steps + 1) for name in kernels}
+    states = {name: _state(cfg, data.spec, device, 1 + rounds * (1 + steps)) for name in kernels}
     first = {}
     for name, state in states.items():
         with use_kernel(state.model, kernels[name]):

@@ -20,6 +20,7 @@ batched computation (`study.replicas`: stacked parameters, `torch.vmap`), fallin
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -190,8 +191,6 @@ def trainable(config: dict[str, Any], seeds: int = 1, vary_data_seed: bool = Fal
               gpu: float | None = None) -> None:
     """Entry point run by Ray Tune workers (`tune.with_parameters` passes the space's `seeds`,
     `vary_data_seed`, `seed_batching`, the trial's `cpus` and its GPU fraction `gpu`)."""
-    import time
-
     from ray import tune
 
     from study.ahead import ahead_enabled, one_ahead
