@@ -45,22 +45,24 @@ def mfu(tokens_per_s: float, n_matmul: float, n_layers: int, d_model: int, seq_l
     return tokens_per_s * flops_per_token(n_matmul, n_layers, d_model, seq_len) / peak
 
 
-def mfu_gpt2_small(batches: tuple[int, ...] = (8, 16, 32)) -> dict[str, Any]:
-    """`mfu_at` each batch size (sequences of 1024 tokens); the value is the best of them."""
+def mfu_gpt2_small(batches: tuple[int, ...] = (32, 16, 8)) -> dict[str, Any]:
+    """`mfu_at` the first batch size (sequences of 1024 tokens) that fits, trying `batches` in
+    order: on an H100 batch 32 gave the best MFU in both runs that measured 8, 16 and 32
+    (0.227 against 0.218 and 0.202; 0.340 against 0.322 and 0.301), and each size costs about
+    30 s of compilation and timing."""
     import torch
 
-    runs, by_batch = [], {}
+    tried: dict[int, Any] = {}
     for b in batches:
         try:
-            runs.append(mfu_at(b))
-            by_batch[b] = runs[-1]["value"]
-        except torch.cuda.OutOfMemoryError as e:  # a larger batch may not fit: the others count
-            by_batch[b] = f"out of memory: {str(e).splitlines()[0][:200]}"
+            run = mfu_at(b)
+        except torch.cuda.OutOfMemoryError as e:  # too large for this device: the next size
+            tried[b] = f"out of memory: {str(e).splitlines()[0][:200]}"
             torch.cuda.empty_cache()
-    if not runs:
-        raise RuntimeError(f"no batch size fitted: {by_batch}")
-    best = max(runs, key=lambda r: r["value"] or 0.0)
-    return {**best, "by_batch": by_batch}
+            continue
+        tried[b] = run["value"]
+        return {**run, "by_batch": tried}
+    raise RuntimeError(f"no batch size fitted: {tried}")
 
 
 def mfu_at(batch: int, warmup: int = 5, steps: int = 20) -> dict[str, Any]:

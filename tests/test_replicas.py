@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from study import metrics as M
 from study.config import TrialConfig, make_config
@@ -87,10 +88,12 @@ def without_speed(results: list[list[EpochResult]]) -> list[list[dict[str, float
 
 # --- attention: the replicate axis folded into the batch axis ---------------------------------
 
+# on the CPU, 6 keys go to `attend` (written out) and 20 to the fold itself (`_SDPA`)
+@pytest.mark.parametrize("T", [pytest.param(6, id="T6_attend"), pytest.param(20, id="T20_fold")])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "shared_bool"])
-def test_folded_sdpa_is_sdpa_per_replicate_with_its_gradients(mask_kind: str) -> None:
+def test_folded_sdpa_is_sdpa_per_replicate_with_its_gradients(mask_kind: str, T: int) -> None:
     g = torch.Generator().manual_seed(0)
-    R, B, H, T, D = 3, 4, 2, 6, 8
+    R, B, H, D = 3, 4, 2, 8
     q, k, v = (torch.randn(R, B, H, T, D, generator=g, requires_grad=True) for _ in range(3))
     masks = {"none": None,
              "bool": (torch.rand(R, B, 1, T, T, generator=g) > 0.3) | torch.eye(T).bool(),
@@ -111,6 +114,48 @@ def test_folded_sdpa_is_sdpa_per_replicate_with_its_gradients(mask_kind: str) ->
         want_grads = torch.autograd.grad((want * w[r]).sum(), (q, k, v))
         for got_g, want_g in zip(grads, want_grads):
             torch.testing.assert_close(got_g[r], want_g[r])
+
+
+class _AttentionDtypes(TorchDispatchMode):
+    """The dtype of q at every SDPA-family operation dispatched (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if "scaled_dot_product" in func.name() or "flash_attention" in func.name():
+            self.seen.append((func.name(), args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "float"])
+def test_folded_sdpa_under_autocast_runs_in_its_dtype_forward_and_backward(mask_kind: str
+                                                                            ) -> None:
+    """fp32 q, k, v (RoPE or a learned temperature promote them) under autocast: the fold
+    computes attention in the autocast dtype both ways, as SDPA does for one model, and
+    matches it per replicate. (CUDA's bf16 autocast is what trials use; the CPU's stands in:
+    before the fix the backward recomputed in fp32 there, 3x slower on an H100.)"""
+    g = torch.Generator().manual_seed(3)
+    R, B, H, T, D = 2, 3, 2, 20, 8
+    q, k, v = (torch.randn(R, B, H, T, D, generator=g, requires_grad=True) for _ in range(3))
+    mask = None if mask_kind == "none" else torch.randn(R, B, H, T, T, generator=g)
+    w = torch.randn(R, B, H, T, D, generator=g)
+    with _AttentionDtypes() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.vmap(lambda q, k, v, m: folded_sdpa(q, k, v, attn_mask=m, scale=0.3),
+                         in_dims=(0, 0, 0, None if mask is None else 0))(q, k, v, mask)
+        grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+    assert out.dtype == torch.bfloat16
+    assert seen.seen and {dt for _, dt in seen.seen} == {torch.bfloat16}, seen.seen
+    assert {gr.dtype for gr in grads} == {torch.float32}  # autograd's cast back, as autocast's
+    for r in range(R):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = F.scaled_dot_product_attention(q[r], k[r], v[r], scale=0.3,
+                                                  attn_mask=None if mask is None else mask[r])
+            want_grads = torch.autograd.grad((want.float() * w[r]).sum(), (q, k, v))
+        torch.testing.assert_close(out[r], want, atol=2e-2, rtol=2e-2)
+        for got_g, want_g in zip(grads, want_grads):
+            torch.testing.assert_close(got_g[r], want_g[r], atol=5e-2, rtol=5e-2)
 
 
 def test_per_token_loss_under_vmap_is_the_trial_loss() -> None:
