@@ -58,6 +58,13 @@ the flash kernel's cost is linear in its batch, so one call over k*B rows costs 
 over B rows do. The fold keeps one kernel call per layer (no
 warning, no loop over replicates) for larger k and devices where calls cost more.
 
+Autocast (bf16 on CUDA) does not reach every operation under vmap: `F.linear` with a bias is
+decomposed before autocast sees it (the fp32 bias then made each projection's output fp32), and
+`_SDPA`'s CUDA backward recomputes attention outside autocast. So the stateless copy casts each
+`Linear`'s and each attention call's inputs to the autocast dtype itself (`autocast_linear`,
+`autocast_inputs`), as autocast casts them for one call: the batched step computes in the
+unbatched one's dtypes (on an H100 the fp32 recomputation had cost ~3x the bf16 kernels).
+
 Fallbacks (`fallback_reason`; the trial then trains the replicates in lockstep, one model after
 the other, exactly as `batching: lockstep`): one replicate; `length_mode: bucket` (each
 replicate's batches are trimmed to their own lengths, so batch shapes differ); `arch:
@@ -71,6 +78,7 @@ import copy
 import dataclasses
 import math
 import time
+import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -205,6 +213,17 @@ def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return attend(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     out: torch.Tensor = _SDPA.apply(*autocast_inputs(q, k, v, attn_mask), scale)[0]
     return out
+
+
+def autocast_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear.forward` for the stateless copy under vmap: the input, weight and bias cast
+    to the autocast dtype first, as autocast casts them for one `F.linear` call. Under vmap,
+    `F.linear` with a bias is decomposed (matmul, then the bias added) before autocast sees it:
+    the matmul ran in bf16 but adding the fp32 bias made every projection's output fp32, where
+    an unbatched trial's is bf16 (more casts a step, and not the same computation)."""
+    inp, weight, bias = autocast_inputs(x, self.weight, self.bias)
+    assert inp is not None and weight is not None
+    return F.linear(inp, weight, bias)
 
 
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -350,6 +369,8 @@ class Replicas:
         for mod in self.base.modules():
             if isinstance(mod, Attention):
                 mod.kernel = folded_sdpa
+            if isinstance(mod, torch.nn.Linear):
+                mod.forward = types.MethodType(autocast_linear, mod)  # type: ignore[method-assign]
         self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
         self.vmap_eval = vmap_eval if vmap_eval is not None else device.type == "cuda"
         # CUDA: the whole batched step captured in CUDA graphs (`step.graph_step`), as a

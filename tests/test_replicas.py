@@ -158,6 +158,27 @@ def test_folded_sdpa_under_autocast_runs_in_its_dtype_forward_and_backward(mask_
             torch.testing.assert_close(got_g[r], want_g[r], atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("changes", [pytest.param({}, id="default"),
+                                     pytest.param({"pos_encoding": "rope"}, id="rope")])
+def test_batched_forward_under_autocast_is_each_replicates_model(monkeypatch, changes) -> None:
+    """Under autocast (CUDA's bf16 in trials; the CPU's stands in) the batched forward
+    computes what each replicate's own module computes, in its dtype. Before, vmap decomposed
+    `F.linear` with a bias ahead of autocast, so every projection's output was fp32."""
+    cfgs, datas = replicas_of(changes, vary_data_seed=False)
+    reps = Replicas(cfgs, datas)
+    monkeypatch.setattr("study.replicas.autocast",
+                        lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    reps.base.eval()
+    x, _, m = reps.val.rows(0, 48)
+    (got,) = reps._forward(x, m, reps.val.shared)
+    for r in range(reps.k):
+        model = reps.model(r).eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want, _ = model(x, m)
+        assert got[r].dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got[r].float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
 def test_per_token_loss_under_vmap_is_the_trial_loss() -> None:
     g = torch.Generator().manual_seed(1)
     cfg = TrialConfig(label_smoothing=0.1, z_loss=1e-2)
