@@ -56,13 +56,29 @@ def mfu_gpt2_small(batches: tuple[int, ...] = (32, 16, 8)) -> dict[str, Any]:
     for b in batches:
         try:
             run = mfu_at(b)
-        except torch.cuda.OutOfMemoryError as e:  # too large for this device: the next size
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            # too large for this device: the next size
             tried[b] = f"out of memory: {str(e).splitlines()[0][:200]}"
             torch.cuda.empty_cache()
             continue
         tried[b] = run["value"]
         return {**run, "by_batch": tried}
     raise RuntimeError(f"no batch size fitted: {tried}")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is, or was raised from, a CUDA out-of-memory error (`torch.compile` wraps
+    one raised while it compiles or autotunes, e.g. in `BackendCompilerFailed`)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if type(cur).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def mfu_at(batch: int, warmup: int = 5, steps: int = 20) -> dict[str, Any]:

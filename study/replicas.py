@@ -59,11 +59,12 @@ over B rows do. The fold keeps one kernel call per layer (no
 warning, no loop over replicates) for larger k and devices where calls cost more.
 
 Autocast (bf16 on CUDA) does not reach every operation under vmap: `F.linear` with a bias is
-decomposed before autocast sees it (the fp32 bias then made each projection's output fp32), and
-`_SDPA`'s CUDA backward recomputes attention outside autocast. So the stateless copy casts each
-`Linear`'s and each attention call's inputs to the autocast dtype itself (`autocast_linear`,
-`autocast_inputs`), as autocast casts them for one call: the batched step computes in the
-unbatched one's dtypes (on an H100 the fp32 recomputation had cost ~3x the bf16 kernels).
+decomposed before autocast sees it (the fp32 bias then made each projection's output fp32),
+`F.conv1d` escapes it altogether, and `_SDPA`'s CUDA backward recomputes attention outside
+autocast. So the stateless copy casts each `Linear`'s, `Conv1d`'s and attention call's inputs
+to the autocast dtype itself (`AUTOCAST_FORWARD`, `autocast_inputs`), as autocast casts them
+for one call: the batched step computes in the unbatched one's dtypes (on an H100 the fp32
+recomputation had cost ~3x the bf16 kernels).
 
 Fallbacks (`fallback_reason`; the trial then trains the replicates in lockstep, one model after
 the other, exactly as `batching: lockstep`): one replicate; `length_mode: bucket` (each
@@ -76,9 +77,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
-import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -226,6 +227,19 @@ def autocast_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(inp, weight, bias)
 
 
+def autocast_conv1d(self: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """`nn.Conv1d.forward` for the stateless copy (`embed: conv`): under vmap the convolution
+    escapes autocast altogether (fp32 out, where an unbatched trial's is bf16)."""
+    inp, weight, bias = autocast_inputs(x, self.weight, self.bias)
+    assert inp is not None and weight is not None
+    return self._conv_forward(inp, weight, bias)
+
+
+# the modules whose forward `Replicas` replaces in its stateless copy, and with what
+AUTOCAST_FORWARD: dict[type, Any] = {torch.nn.Linear: autocast_linear,
+                                     torch.nn.Conv1d: autocast_conv1d}
+
+
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """The floating tensors cast to the autocast dtype where autocast is on (their device's),
     as SDPA's own autocast rule casts its inputs: `_SDPA` then saves and recomputes the
@@ -236,8 +250,8 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     if not torch.is_autocast_enabled(dev):
         return tensors
     dtype = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t
-                 for t in tensors)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)  # autocast keeps fp64
 
 
 # --- when the replicates cannot be batched ----------------------------------------------------
@@ -369,8 +383,8 @@ class Replicas:
         for mod in self.base.modules():
             if isinstance(mod, Attention):
                 mod.kernel = folded_sdpa
-            if isinstance(mod, torch.nn.Linear):
-                mod.forward = types.MethodType(autocast_linear, mod)  # type: ignore[method-assign]
+            if type(mod) in AUTOCAST_FORWARD:  # a partial, not a bound method: it pickles
+                mod.forward = functools.partial(AUTOCAST_FORWARD[type(mod)], mod)
         self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
         self.vmap_eval = vmap_eval if vmap_eval is not None else device.type == "cuda"
         # CUDA: the whole batched step captured in CUDA graphs (`step.graph_step`), as a

@@ -224,6 +224,36 @@ def test_mfu_formula_and_peaks() -> None:
     assert peak_flops("Some CPU") is None
 
 
+def test_mfu_takes_the_first_batch_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch 32 first; an out-of-memory error, raw or wrapped by the compiler, moves on to the
+    next size; any other error is raised."""
+    from benchmarks import gpu
+
+    class Wrapped(RuntimeError):  # as torch.compile wraps an error raised while compiling
+        pass
+
+    def fake(batch: int) -> dict:
+        if batch == 32:
+            try:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+            except torch.cuda.OutOfMemoryError as e:
+                raise Wrapped("backend compiler failed") from e
+        return {"value": batch / 100}
+
+    monkeypatch.setattr(gpu, "mfu_at", fake)
+    got = gpu.mfu_gpt2_small()
+    assert got["value"] == 0.16 and list(got["by_batch"]) == [32, 16]
+    assert got["by_batch"][32].startswith("out of memory")
+
+    def broken(batch: int) -> dict:
+        raise ValueError("not a memory problem")
+
+    monkeypatch.setattr(gpu, "mfu_at", broken)
+    with pytest.raises(ValueError):
+        gpu.mfu_gpt2_small()
+    assert not gpu.out_of_memory(ValueError("x"))
+
+
 def test_todays_path_is_eager_and_lockstep(monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 

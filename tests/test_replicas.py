@@ -116,17 +116,23 @@ def test_folded_sdpa_is_sdpa_per_replicate_with_its_gradients(mask_kind: str, T:
             torch.testing.assert_close(got_g[r], want_g[r])
 
 
-class _AttentionDtypes(TorchDispatchMode):
-    """The dtype of q at every SDPA-family operation dispatched (forward and backward)."""
+class _InputDtypes(TorchDispatchMode):
+    """The dtype of the first input of every operation dispatched (the physical operations,
+    forward and backward) whose name contains one of `names`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *names: str) -> None:
         super().__init__()
+        self.names = names
         self.seen: list[tuple[str, torch.dtype]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if "scaled_dot_product" in func.name() or "flash_attention" in func.name():
+        if any(n in func.name() for n in self.names):
             self.seen.append((func.name(), args[0].dtype))
         return func(*args, **(kwargs or {}))
+
+
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention")
+COMPUTE_OPS = ("mm", "convolution", *ATTENTION_OPS)  # mm, addmm, bmm, baddbmm too
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "float"])
@@ -141,7 +147,7 @@ def test_folded_sdpa_under_autocast_runs_in_its_dtype_forward_and_backward(mask_
     q, k, v = (torch.randn(R, B, H, T, D, generator=g, requires_grad=True) for _ in range(3))
     mask = None if mask_kind == "none" else torch.randn(R, B, H, T, T, generator=g)
     w = torch.randn(R, B, H, T, D, generator=g)
-    with _AttentionDtypes() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+    with _InputDtypes(*ATTENTION_OPS) as seen, torch.autocast("cpu", dtype=torch.bfloat16):
         out = torch.vmap(lambda q, k, v, m: folded_sdpa(q, k, v, attn_mask=m, scale=0.3),
                          in_dims=(0, 0, 0, None if mask is None else 0))(q, k, v, mask)
         grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
@@ -159,24 +165,36 @@ def test_folded_sdpa_under_autocast_runs_in_its_dtype_forward_and_backward(mask_
 
 
 @pytest.mark.parametrize("changes", [pytest.param({}, id="default"),
-                                     pytest.param({"pos_encoding": "rope"}, id="rope")])
-def test_batched_forward_under_autocast_is_each_replicates_model(monkeypatch, changes) -> None:
-    """Under autocast (CUDA's bf16 in trials; the CPU's stands in) the batched forward
-    computes what each replicate's own module computes, in its dtype. Before, vmap decomposed
-    `F.linear` with a bias ahead of autocast, so every projection's output was fp32."""
+                                     pytest.param({"pos_encoding": "rope"}, id="rope"),
+                                     pytest.param({"embed": "conv"}, id="conv_embed")])
+def test_batched_replicates_under_autocast_compute_as_each_replicates_model(
+        monkeypatch, changes) -> None:
+    """Under autocast (CUDA's bf16 in trials; the CPU's stands in) the batched forward and
+    training loss compute what each replicate's own module computes, every matmul and
+    convolution in bf16. Before, vmap decomposed `F.linear` with a bias ahead of autocast
+    (every projection's output fp32) and `F.conv1d` escaped it (the conv embedding in fp32)."""
     cfgs, datas = replicas_of(changes, vary_data_seed=False)
     reps = Replicas(cfgs, datas)
+    bf16 = torch.bfloat16
     monkeypatch.setattr("study.replicas.autocast",
-                        lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
-    reps.base.eval()
-    x, _, m = reps.val.rows(0, 48)
-    (got,) = reps._forward(x, m, reps.val.shared)
+                        lambda device: torch.autocast("cpu", dtype=bf16))
+    x, y, m = reps.val.rows(0, 48)
+    xs, ys, ms = (t.expand(reps.k, *t.shape) for t in (x, y, m))  # (k, B, ...)
+    with _InputDtypes(*COMPUTE_OPS) as ops, torch.no_grad():
+        reps.base.eval()
+        (got,) = reps._forward(x, m, reps.val.shared)
+        reps.base.train()  # SMALL has no dropout: the same function, in training mode
+        losses = reps._losses(reps.params, xs, ys, ms, reps.adjust)  # (k,)
+    assert ops.seen and {dt for _, dt in ops.seen} == {bf16}, sorted(set(ops.seen))
     for r in range(reps.k):
-        model = reps.model(r).eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            want, _ = model(x, m)
-        assert got[r].dtype == want.dtype == torch.bfloat16
+        model = reps.model(r)
+        with torch.no_grad(), torch.autocast("cpu", dtype=bf16):
+            want, _ = model.eval()(x, m)
+            logits, st = model.train()(x, m)
+            want_loss = trial_loss(logits, y, st, cfgs[r], reps.adjust[r])
+        assert got[r].dtype == want.dtype == bf16
         torch.testing.assert_close(got[r].float(), want.float(), atol=3e-2, rtol=3e-2)
+        assert losses[r].item() == pytest.approx(want_loss.item(), rel=1e-2)
 
 
 def test_per_token_loss_under_vmap_is_the_trial_loss() -> None:
