@@ -428,12 +428,28 @@ def default_study_budget() -> dict[str, int]:
     return {"trials": spec.num_trials, "epochs": spec.epochs}
 
 
+def packed_space(text: str, packed: tuple[float, int] | None) -> str:
+    """A space file with trials packed on a GPU: `packed` = (each trial's GPU fraction,
+    max_concurrent), as `study sweep --gpu F --max-concurrent K` sets them (None: as it is)."""
+    if packed is None:
+        return text
+    import yaml
+
+    raw = yaml.safe_load(text)
+    raw["resources"] = {**(raw.get("resources") or {}), "gpu": packed[0]}
+    raw["max_concurrent"] = packed[1]
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
 def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
                   packed: tuple[float, int] | None = None) -> dict[str, Any]:
-    """default.yaml with --trials/--epochs, both ways (today's path: `todays_path`; the new
-    path: the file as it is), each a `study sweep` command; `packed` = (gpu fraction,
-    max_concurrent) packs trials on a GPU. The CPU's default (4 trials, 3 epochs) keeps `make
-    bench` under 15 minutes: there both paths run the same computation (the README says why)."""
+    """default.yaml with `trials`/`epochs`, both ways (today's path: `todays_path`; the new
+    path: the file as it is), each sweep in its own process (`_timed_sweep`, as the harness
+    section runs one): the speedup of wall time, and per way where the time went (before and
+    after the Tuner's fit, the trials' own seconds, slots idle at the end, harness seconds per
+    trial). `packed` = (gpu fraction, max_concurrent) packs trials on a GPU. The CPU's default
+    (4 trials, 3 epochs) keeps `make bench` under 15 minutes: there both paths run the same
+    computation (the README says why)."""
     tmp.mkdir(parents=True, exist_ok=True)
     text = DEFAULT_SPACE.read_text()
     variants = {"lockstep": (todays_path(text), todays_env()), "default": (text, {})}
@@ -442,23 +458,13 @@ def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
                            "todays_path": "step_mode: eager, seed_batching: lockstep, "
                                           "reports synchronous (STUDY_EPOCHS_AHEAD=0)",
                            "packed": packed}
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    _create_store(uri)
+    setup = worker_setup_s(DEFAULT_SPACE)
     for name, (body, env) in variants.items():
         space = tmp / f"{name}.yaml"
-        space.write_text(body)
+        space.write_text(packed_space(body, packed))
         t0 = time.perf_counter()
-        pack = ["--gpu", str(packed[0]), "--max-concurrent", str(packed[1])] if packed else []
-        res = diskio.measure([sys.executable, "-m", "study.cli", "sweep", str(space),
-                              "--name", name, "--trials", str(trials), "--epochs", str(epochs),
-                              "--storage", str(tmp / "ray"), "--tracking-uri", uri, *pack],
-                             cwd=tmp, log=tmp / f"{name}.log", env={**_env(), **env},
-                             interval=0.5)
-        wall = time.perf_counter() - t0
-        if res.returncode != 0:
-            raise RuntimeError(f"sweep {name} failed: see {tmp / f'{name}.log'}")
-        out[name] = {"wall_s": wall, "disk": _disk(res, trials, epochs,
-                                                   diskio.dir_bytes(tmp / "ray" / name))}
+        run = _timed_sweep(tmp / name, space, trials, epochs, setup=setup, env=env)
+        out[name] = {"wall_s": time.perf_counter() - t0, **run}
     out["speedup"] = out["lockstep"]["wall_s"] / out["default"]["wall_s"]
     return out
 

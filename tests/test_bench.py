@@ -272,6 +272,23 @@ def test_todays_path_is_eager_and_lockstep(monkeypatch: pytest.MonkeyPatch) -> N
     assert base["fixed"].items() <= spec.fixed.items()
 
 
+def test_packed_space_packs_either_way() -> None:
+    """The GPU study's packing (`--gpu 0.125 --max-concurrent 8`) written into both ways'
+    space files, everything else as it was."""
+    from benchmarks.sweeps import DEFAULT_SPACE, packed_space, todays_path
+    from study.spaces import parse_space
+
+    text = DEFAULT_SPACE.read_text()
+    base = parse_space(text, "d.yaml")
+    assert packed_space(text, None) == text
+    # seed_batching auto: lockstep on the CPU, batched once trials hold a GPU
+    for body, batching in ((text, "vmap"), (todays_path(text), "lockstep")):
+        spec = parse_space(packed_space(body, (0.125, 8)), "p.yaml")
+        assert spec.gpu == 0.125 and spec.max_concurrent == 8
+        assert spec.cpu == base.cpu and spec.params == base.params
+        assert spec.seed_batching == batching
+
+
 def test_timed_counts_the_patched_functions_and_restores_them() -> None:
     import time
     import types
