@@ -6,6 +6,7 @@ module never imports `study.train` (training imports evaluation, not the other w
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -32,15 +33,31 @@ EVAL_MAX_ROWS = 2**15
 
 @dataclass
 class EvalOut:
-    """Evaluation of one split, all tensors on the device. `conf`, `pred` and `target` are over
-    labelled examples (per-token tasks: labelled positions)."""
+    """Evaluation of one split, all tensors on the device: loss and accuracy over labelled
+    examples (per-token tasks: labelled positions), ECE where asked for (else None), and each
+    row's outputs with `keep` marking the labelled ones. `conf`, `pred` and `target` select
+    the labelled ones: a host sync on a GPU, so per-epoch metrics never call them."""
 
     loss: torch.Tensor
     acc: torch.Tensor
-    conf: torch.Tensor
-    pred: torch.Tensor
-    target: torch.Tensor
+    ece: torch.Tensor | None
     example_correct: torch.Tensor  # (N,) fraction of an example's labels predicted correctly
+    all_conf: torch.Tensor  # (N[, T]) every row (position), labelled or not
+    all_pred: torch.Tensor
+    all_target: torch.Tensor
+    keep: torch.Tensor  # (N[, T]) bool: labelled
+
+    @property
+    def conf(self) -> torch.Tensor:
+        return self.all_conf[self.keep]
+
+    @property
+    def pred(self) -> torch.Tensor:
+        return self.all_pred[self.keep]
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.all_target[self.keep]
 
 
 def eval_rows(model: AttentionModel, seq_len: int, device: torch.device, k: int = 1) -> int:
@@ -80,17 +97,22 @@ class Outputs:
     def correct(self) -> torch.Tensor:
         return (self.pred == self.target) & self.labelled()
 
-    def eval_out(self, r: int) -> EvalOut:
-        """Replicate r's `EvalOut`, over its labelled examples or positions."""
-        keep, correct = self.labelled()[r], self.correct()[r]
-        if keep.dim() == 2:  # per-token
-            ex = correct.sum(1) / keep.sum(1).clamp_min(1)
-        else:
-            ex = correct.float()
-        loss, conf, pred, target = (t[r][keep] for t in (self.loss, self.conf, self.pred,
-                                                         self.target))
-        return EvalOut(loss.mean(), (pred == target).float().mean(), conf, pred, target,
-                       ex.float())
+    def eval_outs(self, ece: bool = False) -> list[EvalOut]:
+        """Each replicate's `EvalOut` (with its ECE if `ece`), computed for all k at once from
+        sums over the labelled mask: no selection of labelled rows, so no host sync on a GPU
+        and no operations per replicate (the k `EvalOut`s hold views)."""
+        keep, correct = self.labelled(), self.correct()  # (k, N[, T])
+        dims = tuple(range(1, keep.dim()))
+        n = keep.sum(dims)  # (k,)
+        loss = self.loss.sum(dims) / n  # unlabelled positions hold a loss of 0
+        acc = correct.sum(dims) / n
+        ex = (correct.sum(2) / keep.sum(2).clamp_min(1) if keep.dim() == 3  # per-token
+              else correct.float())
+        err = (M.expected_calibration_error(self.conf.flatten(1), correct.flatten(1),
+                                            weight=keep.flatten(1)) if ece else None)
+        return [EvalOut(loss[r], acc[r], None if err is None else err[r], ex[r].float(),
+                        self.conf[r], self.pred[r], self.target[r], keep[r])
+                for r in range(len(n))]
 
 
 def chunk_outputs(logits: torch.Tensor, y: torch.Tensor) -> Outputs:
@@ -119,8 +141,9 @@ def outputs(model: AttentionModel, split: Split, device: torch.device) -> Output
     return Outputs.cat(parts)
 
 
-def evaluate(model: AttentionModel, split: Split, device: torch.device) -> EvalOut:
-    return outputs(model, split, device).eval_out(0)
+def evaluate(model: AttentionModel, split: Split, device: torch.device,
+             ece: bool = False) -> EvalOut:
+    return outputs(model, split, device).eval_outs(ece)[0]
 
 
 def set_accuracies(model: AttentionModel, sets: dict[str, Split],
@@ -163,15 +186,21 @@ def attention_stats(model: AttentionModel, split: Split, device: torch.device) -
 def epoch_metrics(model: AttentionModel, data: TaskData, device: torch.device) -> dict:
     """Train (in eval mode), val and test loss/accuracy, ECE on test, attention statistics and
     the parameter norm, as device tensors."""
-    tr, va, te = (evaluate(model, s, device) for s in (data.train, data.val, data.test))
+    tr, va = (evaluate(model, s, device) for s in (data.train, data.val))
+    te = evaluate(model, data.test, device, ece=True)
     out = {M.TRAIN_LOSS: tr.loss, M.TRAIN_ACC: tr.acc, M.VAL_LOSS: va.loss, M.VAL_ACC: va.acc,
-           M.TEST_LOSS: te.loss, M.TEST_ACC: te.acc,
-           M.ECE: M.expected_calibration_error(te.conf, te.pred == te.target)}
+           M.TEST_LOSS: te.loss, M.TEST_ACC: te.acc, M.ECE: te.ece}
     out.update(attention_stats(model, data.val, device))
-    out[M.PARAM_NORM] = torch.sqrt(sum((p.detach().float().pow(2).sum()
-                                        for p in model.parameters()),
-                                       torch.zeros((), device=device)))
+    out[M.PARAM_NORM] = param_norm(model.parameters())
     return out
+
+
+def param_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of `params` in fp32, from one multi-tensor norm: three operations,
+    not three per parameter (on a GPU an epoch's evaluation is launch-bound, and the
+    per-parameter sum was a quarter of its operations)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+        [p.detach().float() for p in params])))
 
 
 def robustness_metrics(

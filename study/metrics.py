@@ -77,14 +77,23 @@ def training_flops_per_sample(matmul_params: float, tokens: float, attn_pairs: f
 
 
 def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor,
-                               n_bins: int = ECE_BINS) -> torch.Tensor:
-    """ECE with equal-width confidence bins (Guo et al. 2017): sum_b |B|/n |acc_b - conf_b|."""
+                               n_bins: int = ECE_BINS,
+                               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """ECE with equal-width confidence bins (Guo et al. 2017): sum_b |B|/n |acc_b - conf_b|,
+    over the last dim (leading dims: one ECE each, e.g. `(k, N)` for k replicates). `weight`
+    (0/1, conf's shape) counts only the rows it marks (the labelled ones) without selecting
+    them, which on a GPU would wait for the device."""
     import torch
 
-    conf = conf.float()
-    correct = correct.float()
-    # bin b holds confidences in (b/n, (b+1)/n]
+    conf, correct = conf.float(), correct.float()
+    w = torch.ones_like(conf) if weight is None else weight.float()
+    lead = conf.shape[:-1]
+    conf, correct, w = (t.reshape(-1, t.shape[-1]) for t in (conf, correct, w))  # (K, N)
+    K = conf.shape[0]
+    # bin b holds confidences in (b/n, (b+1)/n]; row r's bins are offset by r * n_bins
     bins = torch.clamp(torch.ceil(conf * n_bins).long() - 1, min=0, max=n_bins - 1)
-    s_conf = torch.zeros(n_bins, device=conf.device).index_add_(0, bins, conf)
-    s_acc = torch.zeros(n_bins, device=conf.device).index_add_(0, bins, correct)
-    return (s_acc - s_conf).abs().sum() / conf.numel()
+    bins = (bins + n_bins * torch.arange(K, device=conf.device)[:, None]).flatten()
+    s_conf = torch.zeros(K * n_bins, device=conf.device).index_add_(0, bins, (conf * w).flatten())
+    s_acc = torch.zeros(K * n_bins, device=conf.device).index_add_(
+        0, bins, (correct * w).flatten())
+    return ((s_acc - s_conf).view(K, n_bins).abs().sum(1) / w.sum(1)).view(lead)

@@ -80,9 +80,9 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -449,14 +449,18 @@ class Replicas:
         # replicates are independent: d(sum)/d(replicate r's params) = d(loss_r)/d(...)
         loss.sum().backward()
         grads = [p.grad for p in self.params.values() if p.grad is not None]
-        # clip_grad_norm_ per replicate: the global norm over each replicate's own slice, as
-        # one norm over all gradients side by side (2 kernels, not one per parameter)
-        gn = torch.linalg.vector_norm(torch.cat([g.reshape(self.k, -1) for g in grads], 1),
-                                      dim=1)  # (k,)
+        # clip_grad_norm_ per replicate: the global norm over each replicate's own slice
+        gn = self.norms(grads)  # (k,)
         coef = (self.clip / (gn + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
         return loss, gn
+
+    def norms(self, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+        """`(k,)` each replicate's global L2 norm over stacked `(k, ...)` tensors, as one norm
+        over them side by side (2 kernels, not one per tensor)."""
+        return torch.linalg.vector_norm(torch.cat([t.reshape(self.k, -1) for t in tensors], 1),
+                                        dim=1)
 
     def train_epoch(self) -> None:
         """One epoch: each replicate's own batch order, one batched step per batch."""
@@ -488,7 +492,7 @@ class Replicas:
         return out
 
     @torch.no_grad()
-    def evaluate(self, split: _Stacked) -> list[EvalOut]:
+    def evaluate(self, split: _Stacked, ece: bool = False) -> list[EvalOut]:
         """`evaluation.evaluate` of every replicate on its own split, in chunks of
         `eval_rows` rows per replicate."""
         self.base.eval()
@@ -501,8 +505,7 @@ class Replicas:
             (logits,) = self._forward(x, m, split.shared)
             parts.append(chunk_outputs(logits, y.expand(self.k, *y.shape) if split.shared
                                        else y))
-        out = Outputs.cat(parts)
-        return [out.eval_out(r) for r in range(self.k)]
+        return Outputs.cat(parts).eval_outs(ece)
 
     @torch.no_grad()
     def epoch_values(self) -> list[dict[str, torch.Tensor]]:
@@ -517,18 +520,21 @@ class Replicas:
                 values[M.GRAD_NORM] = gn[r]
                 out.append(values)
             return out
-        tr, va, te = (self.evaluate(s) for s in (self.train, self.val, self.test))
+        tr, va = (self.evaluate(s) for s in (self.train, self.val))
+        te = self.evaluate(self.test, ece=True)
         x, _, m = self.val.rows(0, STATS_BATCH)
         self.base.eval()
         _, entropy, max_logit = self._forward(x, m, self.val.shared, stats=True)
+        # every statistic for all k at once: the k dicts below hold views (no operations)
         per_head = entropy.float().mean(1)  # (k, L, nh)
-        sq = sum(p.float().pow(2).reshape(self.k, -1).sum(1) for p in self.params.values())
-        param_norm = torch.sqrt(torch.as_tensor(sq, device=self.device))
+        ent, ent_min = per_head.mean((1, 2)), per_head.amin((1, 2))  # (k,)
+        max_logit = max_logit.float()
+        param_norm = self.norms(p.float() for p in self.params.values())
         return [{M.TRAIN_LOSS: tr[r].loss, M.TRAIN_ACC: tr[r].acc, M.VAL_LOSS: va[r].loss,
                  M.VAL_ACC: va[r].acc, M.TEST_LOSS: te[r].loss, M.TEST_ACC: te[r].acc,
-                 M.ECE: M.expected_calibration_error(te[r].conf, te[r].pred == te[r].target),
-                 M.ATTN_ENTROPY: per_head[r].mean(), M.ATTN_ENTROPY_MIN: per_head[r].min(),
-                 M.ATTN_MAX_LOGIT: max_logit[r].float(), M.PARAM_NORM: param_norm[r],
+                 M.ECE: cast(torch.Tensor, te[r].ece),  # evaluated with ece=True
+                 M.ATTN_ENTROPY: ent[r], M.ATTN_ENTROPY_MIN: ent_min[r],
+                 M.ATTN_MAX_LOGIT: max_logit[r], M.PARAM_NORM: param_norm[r],
                  M.GRAD_NORM: gn[r]} for r in range(self.k)]
 
     def model(self, r: int) -> AttentionModel:

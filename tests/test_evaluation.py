@@ -143,3 +143,81 @@ def test_data_whose_spec_hides_its_padding_is_refused():
     hidden = dataclasses.replace(data, spec=dataclasses.replace(data.spec, padded=False))
     with pytest.raises(ValueError, match="padded=False"):
         next(run_trial(cfg, hidden))
+
+
+def test_param_norm_is_the_global_l2_norm():
+    """One multi-tensor norm gives the norm of all parameters side by side, as the sum of
+    squares over each parameter did; the batched replicates' per-replicate norm likewise."""
+    from study.replicas import Replicas
+    from study.trainable import replicate
+
+    model = build_model(make_config({"task": "digits", "d_model": 16, "n_layers": 2}),
+                        get_task(make_config({"task": "digits"})).spec)
+    params = list(model.parameters())
+    want = torch.cat([p.detach().flatten() for p in params]).double().norm()
+    assert E.param_norm(params).item() == pytest.approx(want.item(), rel=1e-6)
+    cfg = make_config({"task": "digits", "d_model": 16, "n_layers": 1, "device": "cpu"})
+    cfgs = [replicate(cfg, k, False) for k in range(3)]
+    reps = Replicas(cfgs, [get_task(c) for c in cfgs])
+    got = reps.norms(reps.params.values())
+    for r in range(3):
+        assert got[r].item() == pytest.approx(E.param_norm(reps.model(r).parameters()).item(),
+                                              rel=1e-6)
+
+
+def test_weighted_ece_is_the_ece_of_the_rows_it_marks():
+    """A 0/1 weight counts only the rows it marks, as selecting them would; leading dims give
+    one ECE each (replicates), the same as each row's own."""
+    from study import metrics as M
+
+    g = torch.Generator().manual_seed(0)
+    conf = torch.rand(3, 50, generator=g)
+    correct = torch.rand(3, 50, generator=g) < conf
+    keep = torch.rand(3, 50, generator=g) < 0.7
+    got = M.expected_calibration_error(conf, correct, weight=keep)
+    assert got.shape == (3,)
+    for r in range(3):
+        want = M.expected_calibration_error(conf[r][keep[r]], correct[r][keep[r]])
+        assert got[r].item() == pytest.approx(want.item(), rel=1e-6)
+        assert M.expected_calibration_error(conf[r], correct[r]).item() == pytest.approx(
+            M.expected_calibration_error(conf[r:r + 1], correct[r:r + 1])[0].item())
+
+
+class _Syncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that make the host wait for the device (on a GPU)."""
+
+    SYNCING = ("nonzero", "_local_scalar_dense", "masked_select", "unique")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        # indexing with a bool mask finds its True positions (`nonzero`) inside the kernel
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            t is not None and t.dtype == torch.bool for t in args[1])
+        if name in self.SYNCING or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("changes", TASKS)
+def test_an_epochs_evaluation_never_waits_for_the_device(changes):
+    """The per-epoch metrics (one model, and k batched replicates) select no labelled rows
+    and read no value to the host: on a GPU each would stall the host (before, 4 per split
+    per replicate, as `nonzero`)."""
+    from study.replicas import Replicas
+    from study.trainable import replicate
+
+    model, data = model_and_data(changes)
+    with _Syncs() as syncs:
+        E.epoch_metrics(model, data, CPU)
+    assert syncs.seen == []
+    cfg = make_config({"d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2, "seed": 1,
+                       "device": "cpu", **changes})
+    cfgs = [replicate(cfg, k, False) for k in range(2)]
+    reps = Replicas(cfgs, [get_task(c) for c in cfgs], vmap_eval=True)
+    with _Syncs() as syncs:
+        reps.epoch_values()
+    assert syncs.seen == []
