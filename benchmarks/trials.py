@@ -284,8 +284,9 @@ def _phases() -> Targets:
     reps = replicas_module()
     targets: Targets = {
         "eval": [(train, "epoch_metrics")], "robustness": [(train, "robustness_metrics")]}
-    if reps is not None:
+    if reps is not None:  # batched replicates: their batched evaluations too
         targets["eval"].append((reps.Replicas, "epoch_values"))
+        targets["robustness"].append((reps.Replicas, "robustness_accs"))
     return targets
 
 

@@ -6,7 +6,7 @@ module never imports `study.train` (training imports evaluation, not the other w
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -149,8 +149,17 @@ def evaluate(model: AttentionModel, split: Split, device: torch.device,
 def set_accuracies(model: AttentionModel, sets: dict[str, Split],
                    device: torch.device) -> dict[str, torch.Tensor]:
     """Accuracy (over labelled examples or positions) on each named set, as `evaluate` gives
-    it, in the order of `sets`; sets whose rows have the same shape are evaluated together, as
-    one split (the default study's 25 corruption sets: one chunk on CUDA, not 50)."""
+    it, in the order of `sets` (`sets_accuracy` for one model)."""
+    accs = sets_accuracy(lambda s: outputs(model, s, device), sets)
+    return {n: a[0] for n, a in accs.items()}
+
+
+def sets_accuracy(outputs_of: Callable[[Split], Outputs],
+                  sets: dict[str, Split]) -> dict[str, torch.Tensor]:
+    """`(k,)` accuracies on each named set of the k models whose `Outputs` `outputs_of` gives
+    (one model: `outputs`; batched replicates: theirs), in the order of `sets`; sets whose rows
+    have the same shape are evaluated together, as one split (the default study's 25
+    corruption sets: one chunk on CUDA, not 50)."""
     groups: dict[tuple, list[str]] = {}
     for name, s in sets.items():
         if len(s) == 0:
@@ -161,12 +170,13 @@ def set_accuracies(model: AttentionModel, sets: dict[str, Split],
     for names in groups.values():
         joined = Split(*(torch.cat([getattr(sets[n], f) for n in names])
                          for f in ("x", "y", "mask")))
-        out = outputs(model, joined, device)
-        correct, keep = out.correct()[0], out.labelled()[0]
+        out = outputs_of(joined)
+        correct, keep = out.correct(), out.labelled()  # (k, N[, T])
+        dims = tuple(range(1, keep.dim()))
         start = 0
         for n in names:
             end = start + len(sets[n])
-            accs[n] = correct[start:end].sum() / keep[start:end].sum()
+            accs[n] = correct[:, start:end].sum(dims) / keep[:, start:end].sum(dims)
             start = end
     return {n: accs[n] for n in sets}
 
@@ -204,14 +214,18 @@ def param_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 def robustness_metrics(
-    cfg: TrialConfig, data: TaskData, model: AttentionModel, device: torch.device,
-    metrics: dict[str, float],
+    cfg: TrialConfig, data: TaskData, model: Callable[[], AttentionModel],
+    device: torch.device, metrics: dict[str, float], accs: dict[str, float] | None = None,
 ) -> tuple[dict[str, float], dict[str, Table]]:
-    """Metrics that apply to this task (absent otherwise) and their artifact tables."""
+    """Metrics that apply to this task (absent otherwise) and their artifact tables, for the
+    trained model `model()` (called only where a metric needs it); `accs`: its accuracies on
+    `data.extra` where already computed (batched replicates), else `set_accuracies`."""
     out: dict[str, float] = {}
     tables: dict[str, Table] = {}
-    found = set_accuracies(model, data.extra, device)
-    accs = dict(zip(found, torch.stack(list(found.values())).float().tolist())) if found else {}
+    if accs is None:
+        found = set_accuracies(model(), data.extra, device)
+        accs = (dict(zip(found, torch.stack(list(found.values())).float().tolist()))
+                if found else {})
     by_len = {int(n.split(":")[1]): a for n, a in accs.items() if n.startswith("len:")}
     if by_len and data.id_lengths is not None:
         out.update(length_metrics(by_len, data.id_lengths))
@@ -225,7 +239,7 @@ def robustness_metrics(
         tables["per_corruption"] = [{"kind": k, "severity": s, "acc": a}
                                     for (k, s), a in sorted(by_kind.items())]
     if cfg.imbalance > 1 and data.train_counts is not None:
-        te = evaluate(model, data.test, device)
+        te = evaluate(model(), data.test, device)
         lt, table = long_tail_metrics(te.pred.cpu().numpy(), te.target.cpu().numpy(),
                                       data.train_counts, cfg.many_shot_thr, cfg.few_shot_thr)
         out.update(lt)

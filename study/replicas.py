@@ -26,8 +26,10 @@ backward or optimizer step whose overhead batching would save). The batched eval
 `evaluation.eval_rows` rows of every replicate per chunk (on CUDA as many as an activation
 budget allows, so the number of chunks does not grow with k) and turns the k replicates'
 logits into their metrics in one computation (`evaluation.chunk_outputs`), not one per
-replicate. After the final epoch each replicate's own module evaluates the robustness sets
-(`evaluation.robustness_metrics`, once per trial: those sets may differ between replicates).
+replicate. After the final epoch the robustness sets (`evaluation.robustness_metrics`, once
+per trial) go through the same batched forward where the replicates share them
+(`Replicas.robustness_accs`), else through each replicate's own module (those sets may differ
+between replicates), and every replicate's values are read to the host in one transfer.
 Every replicate's data is on the device for the whole trial (`TaskData.on`).
 
 Dropout, attention dropout and stochastic depth draw from one generator for all replicates
@@ -101,6 +103,7 @@ from study.evaluation import (
     chunk_outputs,
     epoch_metrics,
     eval_rows,
+    sets_accuracy,
 )
 from study.model import Attention, AttentionModel, AttnStats, attend, build_model, written_out
 from study.step import adamw, apply_step, graph_step, optimizer_step, resolve_step_mode, trial_loss
@@ -115,6 +118,7 @@ from study.train import (
     epoch_result,
     flops_per_sample,
     make_batches,
+    read_values,
 )
 
 # --- attention with the replicate axis folded into the batch axis ----------------------------
@@ -362,6 +366,7 @@ class Replicas:
         self.val = _Stacked.of([d.val for d in datas], device)
         self.test = _Stacked.of([d.test for d in datas], device)
         extras = {id(d): {n: s.to(device) for n, s in d.extra.items()} for d in datas}
+        self.shared_extra = len(extras) == 1
         self.cfgs = list(cfgs)
         self.datas = datas = [dataclasses.replace(
             d, train=self.train.split(r), val=self.val.split(r), test=self.test.split(r),
@@ -493,8 +498,13 @@ class Replicas:
 
     @torch.no_grad()
     def evaluate(self, split: _Stacked, ece: bool = False) -> list[EvalOut]:
-        """`evaluation.evaluate` of every replicate on its own split, in chunks of
-        `eval_rows` rows per replicate."""
+        """`evaluation.evaluate` of every replicate on its own split."""
+        return self.outputs(split).eval_outs(ece)
+
+    @torch.no_grad()
+    def outputs(self, split: _Stacked) -> Outputs:
+        """Every replicate's `Outputs` on its own split, in chunks of `eval_rows` rows per
+        replicate."""
         self.base.eval()
         seq_len = split.x.shape[1 if split.shared else 2]  # (k,) N, T (, C)
         rows = eval_rows(self.models[0], seq_len, self.device, self.k)
@@ -505,7 +515,21 @@ class Replicas:
             (logits,) = self._forward(x, m, split.shared)
             parts.append(chunk_outputs(logits, y.expand(self.k, *y.shape) if split.shared
                                        else y))
-        return Outputs.cat(parts).eval_outs(ece)
+        return Outputs.cat(parts)
+
+    def robustness_accs(self) -> list[dict[str, float]] | None:
+        """Each replicate's accuracies on the robustness sets (`evaluation.set_accuracies`),
+        by the batched forward and read in one transfer, where the replicates share those sets
+        and evaluate batched (`vmap_eval`); None otherwise (each replicate's own module then
+        evaluates them)."""
+        if not (self.vmap_eval and self.shared_extra):
+            return None
+        sets = self.datas[0].extra
+        if not sets:
+            return [{} for _ in range(self.k)]
+        accs = sets_accuracy(lambda s: self.outputs(_Stacked(s.x, s.y, s.mask, True)), sets)
+        host = torch.stack(list(accs.values())).float().T.tolist()  # (k, sets)
+        return [dict(zip(accs, row)) for row in host]
 
     @torch.no_grad()
     def epoch_values(self) -> list[dict[str, torch.Tensor]]:
@@ -570,7 +594,8 @@ def train_replicas(cfgs: Sequence[TrialConfig], datas: Sequence[TaskData],
         # each replicate trained on all its samples in this wall time (concurrently)
         samples_per_s = n_train / max(time.perf_counter() - t0, 1e-9)
         bad_steps = reps.first_bad.tolist()
-        values = reps.epoch_values()
+        values = read_values(reps.epoch_values(), device)  # one transfer for all k
+        accs = reps.robustness_accs() if epoch == cfg.epochs else None
         results = []
         for r, (c, d) in enumerate(zip(cfgs, reps.datas)):
             if bad_steps[r] >= 0:
@@ -578,9 +603,10 @@ def train_replicas(cfgs: Sequence[TrialConfig], datas: Sequence[TaskData],
                                                f"diverged at step {bad_steps[r]}"))
                 continue
             results.append(epoch_result(
-                c, d, device, epoch, dict(values[r]), n_params=n_params[r], flops=flops[r],
+                c, d, device, epoch, values[r], n_params=n_params[r], flops=flops[r],
                 samples_per_s=samples_per_s, steps=reps.step,
-                final_model=lambda r=r: reps.model(r)))  # type: ignore[misc]
+                final_model=lambda r=r: reps.model(r),  # type: ignore[misc]
+                accs=None if accs is None else accs[r]))
         yield results
         if any(res.diverged for res in results):
             return

@@ -207,7 +207,8 @@ def run_trial(cfg: TrialConfig, data: TaskData | None = None) -> Iterator[EpochR
             return
         values = epoch_metrics(model, data, device)
         values[M.GRAD_NORM] = state.gn_sum / len(batches)
-        result = epoch_result(cfg, data, device, epoch, values, n_params=n_params, flops=flops,
+        result = epoch_result(cfg, data, device, epoch, read_values([values], device)[0],
+                              n_params=n_params, flops=flops,
                               samples_per_s=len(train) / max(train_time, 1e-9),
                               steps=state.step, final_model=lambda: model)
         yield result
@@ -221,18 +222,28 @@ def diverged_result(epoch: int, n_params: int, why: str) -> EpochResult:
                        diverged=why)
 
 
+def read_values(values: Sequence[dict[str, Any]], device: torch.device
+                ) -> list[dict[str, float]]:
+    """The epoch's values of k models (device tensors or numbers, the same names in each) as
+    floats, read to the host in one transfer."""
+    names = list(values[0])
+    host = torch.stack([torch.as_tensor(v[n], device=device).float()
+                        for v in values for n in names]).view(len(values), -1).tolist()
+    return [dict(zip(names, row)) for row in host]
+
+
 def epoch_result(
     cfg: TrialConfig, data: TaskData, device: torch.device, epoch: int,
-    values: dict[str, Any], *, n_params: int, flops: float, samples_per_s: float, steps: int,
-    final_model: Callable[[], AttentionModel],
+    values: dict[str, float], *, n_params: int, flops: float, samples_per_s: float, steps: int,
+    final_model: Callable[[], AttentionModel], accs: dict[str, float] | None = None,
 ) -> EpochResult:
-    """The result of an epoch whose training steps were all finite: `values` (device tensors,
-    `epoch_metrics` and the grad norm, read in one transfer), the derived metrics and, after
-    the final epoch, the robustness metrics of `final_model()` (called then only). A
-    non-finite metric makes it a divergence at step `steps` (non-finite eval)."""
+    """The result of an epoch whose training steps were all finite: `values` (`epoch_metrics`
+    and the grad norm, `read_values`), the derived metrics and, after the final epoch, the
+    robustness metrics of `final_model()` (called then only, where they need it; `accs`: its
+    robustness-set accuracies where already computed). A non-finite metric makes it a
+    divergence at step `steps` (non-finite eval)."""
     final = epoch == cfg.epochs
-    metrics = {k: float(v) for k, v in zip(values, torch.stack(
-        [torch.as_tensor(v, device=device).float() for v in values.values()]).tolist())}
+    metrics = dict(values)
     metrics[M.GEN_GAP_ACC] = metrics[M.TRAIN_ACC] - metrics[M.TEST_ACC]
     metrics[M.GEN_GAP_LOSS] = metrics[M.TEST_LOSS] - metrics[M.TRAIN_LOSS]
     metrics[M.N_PARAMS] = float(n_params)
@@ -241,7 +252,7 @@ def epoch_result(
     metrics[M.EPOCH] = float(epoch)
     artifacts: dict[str, list[dict[str, Any]]] = {}
     if final:
-        extra, artifacts = robustness_metrics(cfg, data, final_model(), device, metrics)
+        extra, artifacts = robustness_metrics(cfg, data, final_model, device, metrics, accs)
         metrics.update(extra)
     if not all(math.isfinite(v) for v in metrics.values()):
         return diverged_result(epoch, n_params, f"diverged at step {steps} (non-finite eval)")

@@ -258,6 +258,28 @@ def test_per_token_task_matches(one_thread) -> None:
     assert_matches(list(train_replicas(cfgs, datas, vmap_eval=True)), unbatched(cfgs, datas))
 
 
+@pytest.mark.parametrize("changes", [pytest.param({}, id="classification"),
+                                     pytest.param({"task": "sort", "n_train": 256},
+                                                  id="per_token")])
+def test_robustness_sets_batched_are_each_replicates_own(changes, one_thread) -> None:
+    """Replicates sharing their data evaluate the robustness sets in one batched pass: each
+    replicate's accuracies are its own module's (`set_accuracies`); with their own data
+    (sets that may differ) each module evaluates its own."""
+    from study.evaluation import set_accuracies
+
+    cfgs, datas = replicas_of(changes, vary_data_seed=False)
+    reps = Replicas(cfgs, datas, vmap_eval=True)
+    got = reps.robustness_accs()
+    assert got is not None and len(got) == 2 and got[0].keys() == datas[0].extra.keys()
+    for r in range(2):
+        want = set_accuracies(reps.model(r), reps.datas[r].extra, torch.device("cpu"))
+        for name, acc in want.items():
+            assert got[r][name] == pytest.approx(float(acc), abs=1e-6), name
+    assert Replicas(*replicas_of(changes, vary_data_seed=True),
+                    vmap_eval=True).robustness_accs() is None
+    assert Replicas(cfgs, datas, vmap_eval=False).robustness_accs() is None
+
+
 # --- dropout: separate streams, same distribution, reproducible -------------------------------
 
 def test_dropout_streams_are_separate_per_replicate(one_thread) -> None:
