@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -298,9 +299,11 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
     _create_store(uri)
     out = tmp / "timing.json"
     budget = [str(trials), str(epochs or 0)]
+    t0 = time.perf_counter()
     res = diskio.measure([sys.executable, "-m", "benchmarks.sweep_child", str(space), "sweep",
                           str(tmp / "ray"), uri, str(out), *budget], cwd=tmp,
                          log=tmp / "log.txt", env={**_env(), **(env or {})})
+    process_wall = time.perf_counter() - t0  # the sweep's process alone, start to exit
     if res.returncode != 0 or not out.exists():
         raise RuntimeError(f"sweep of {space.name} failed ({res.returncode}): see "
                            f"{tmp / 'log.txt'}")
@@ -321,7 +324,7 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
         "space": space.name, "trials": trials, "epochs": run_epochs, "seeds": spec.seeds,
         "max_concurrent": slots, "trials_done": t["done"], "results": len(t["iter_s"]),
         "worker_processes": len(workers), "worker_setup_s": setup, "trials_own_s": own,
-        "fit_wall_s": fit, "command_wall_s": cmd,
+        "fit_wall_s": fit, "command_wall_s": cmd, "process_wall_s": process_wall,
         "before_fit_s": t["fit_start"] - t["command_start"],
         "after_fit_s": t["command_end"] - t["fit_end"],
         "tail_idle_s": tail,
@@ -441,15 +444,22 @@ def packed_space(text: str, packed: tuple[float, int] | None) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
+# what a sweep's driver and workers import, loaded once before timed sweeps (file cache)
+WARM_IMPORTS = ("import mlflow, optuna, ray, ray.tune, torch; "
+                "import study.sweep.lifecycle, study.trainable, study.replicas")
+
+
 def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
-                  packed: tuple[float, int] | None = None) -> dict[str, Any]:
+                  packed: tuple[float, int] | None = None, rounds: int = 2) -> dict[str, Any]:
     """default.yaml with `trials`/`epochs`, both ways (today's path: `todays_path`; the new
     path: the file as it is), each sweep in its own process (`_timed_sweep`, as the harness
-    section runs one): the speedup of wall time, and per way where the time went (before and
-    after the Tuner's fit, the trials' own seconds, slots idle at the end, harness seconds per
-    trial). `packed` = (gpu fraction, max_concurrent) packs trials on a GPU. The CPU's default
-    (4 trials, 3 epochs) keeps `make bench` under 15 minutes: there both paths run the same
-    computation (the README says why)."""
+    section runs one): the speedup of the sweeps' process wall times, and per way where the
+    time went (before and after the Tuner's fit, the trials' own seconds, slots idle at the
+    end, harness seconds per trial). With 2 `rounds` the ways run in the order A B B A and
+    each way's time is its mean, so what a first run pays (cold caches) or a drifting machine
+    load falls on both alike. `packed` = (gpu fraction, max_concurrent) packs trials on a GPU.
+    The CPU's default (4 trials, 3 epochs) keeps `make bench` under 15 minutes: there both
+    paths run the same computation (the README says why)."""
     tmp.mkdir(parents=True, exist_ok=True)
     text = DEFAULT_SPACE.read_text()
     variants = {"lockstep": (todays_path(text), todays_env()), "default": (text, {})}
@@ -457,14 +467,24 @@ def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
                            "epochs": epochs, "seed_batching_key": True,
                            "todays_path": "step_mode: eager, seed_batching: lockstep, "
                                           "reports synchronous (STUDY_EPOCHS_AHEAD=0)",
-                           "packed": packed}
+                           "packed": packed, "rounds": rounds}
     setup = worker_setup_s(DEFAULT_SPACE)
-    for name, (body, env) in variants.items():
+    # what every sweep imports, loaded once first (the file cache), so that no way pays it
+    subprocess.run([sys.executable, "-c", WARM_IMPORTS], cwd=tmp, env=_env(), check=True,
+                   capture_output=True)
+    order = [name for r in range(rounds) for name in (list(variants) if r % 2 == 0
+                                                      else list(variants)[::-1])]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for i, name in enumerate(order):
+        body, env = variants[name]
         space = tmp / f"{name}.yaml"
         space.write_text(packed_space(body, packed))
-        t0 = time.perf_counter()
-        run = _timed_sweep(tmp / name, space, trials, epochs, setup=setup, env=env)
-        out[name] = {"wall_s": time.perf_counter() - t0, **run}
+        runs[name].append(_timed_sweep(tmp / f"{name}{i}", space, trials, epochs, setup=setup,
+                                       env=env))
+    for name, rs in runs.items():
+        out[name] = {"wall_s": float(np.mean([r["process_wall_s"] for r in rs])),
+                     **rs[-1], "rounds": rs}
+    out["order"] = order
     out["speedup"] = out["lockstep"]["wall_s"] / out["default"]["wall_s"]
     return out
 
