@@ -70,7 +70,8 @@ class DiskWrites:
     """What `measure` saw: per process (pid, start) its command and last io counters."""
 
     returncode: int = 0
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # to the end of the measurement (daemons left behind followed)
+    exit_s: float = 0.0  # to the command's own exit (within the polling interval)
     procs: dict[tuple[int, int], dict] = field(default_factory=dict)
 
     @property
@@ -142,6 +143,7 @@ def measure(cmd: Sequence[str], interval: float = 0.2, timeout: float | None = N
             sink.close()  # type: ignore[union-attr]
     out.returncode = proc.returncode
     out.wall_s = time.monotonic() - t0
+    out.exit_s = (t_done or time.monotonic()) - t0
     return out
 
 

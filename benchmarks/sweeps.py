@@ -23,7 +23,6 @@ import contextlib
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -299,11 +298,9 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
     _create_store(uri)
     out = tmp / "timing.json"
     budget = [str(trials), str(epochs or 0)]
-    t0 = time.perf_counter()
     res = diskio.measure([sys.executable, "-m", "benchmarks.sweep_child", str(space), "sweep",
                           str(tmp / "ray"), uri, str(out), *budget], cwd=tmp,
                          log=tmp / "log.txt", env={**_env(), **(env or {})})
-    process_wall = time.perf_counter() - t0  # the sweep's process alone, start to exit
     if res.returncode != 0 or not out.exists():
         raise RuntimeError(f"sweep of {space.name} failed ({res.returncode}): see "
                            f"{tmp / 'log.txt'}")
@@ -324,7 +321,7 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
         "space": space.name, "trials": trials, "epochs": run_epochs, "seeds": spec.seeds,
         "max_concurrent": slots, "trials_done": t["done"], "results": len(t["iter_s"]),
         "worker_processes": len(workers), "worker_setup_s": setup, "trials_own_s": own,
-        "fit_wall_s": fit, "command_wall_s": cmd, "process_wall_s": process_wall,
+        "fit_wall_s": fit, "command_wall_s": cmd, "process_wall_s": res.exit_s,
         "before_fit_s": t["fit_start"] - t["command_start"],
         "after_fit_s": t["command_end"] - t["fit_end"],
         "tail_idle_s": tail,
@@ -453,9 +450,10 @@ def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
                   packed: tuple[float, int] | None = None, rounds: int = 2) -> dict[str, Any]:
     """default.yaml with `trials`/`epochs`, both ways (today's path: `todays_path`; the new
     path: the file as it is), each sweep in its own process (`_timed_sweep`, as the harness
-    section runs one): the speedup of the sweeps' process wall times, and per way where the
-    time went (before and after the Tuner's fit, the trials' own seconds, slots idle at the
-    end, harness seconds per trial). With 2 `rounds` the ways run in the order A B B A and
+    section runs one): the speedup of the sweeps' process wall times (start to the process's
+    exit), and per way where the time went (before and after the Tuner's fit, the trials' own
+    seconds, slots idle at the end, harness seconds per trial), each the mean over its rounds
+    (every round in `rounds`). With 2 `rounds` the ways run in the order A B B A and
     each way's time is its mean, so what a first run pays (cold caches) or a drifting machine
     load falls on both alike. `packed` = (gpu fraction, max_concurrent) packs trials on a GPU.
     The CPU's default (4 trials, 3 epochs) keeps `make bench` under 15 minutes: there both
@@ -470,8 +468,10 @@ def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
                            "packed": packed, "rounds": rounds}
     setup = worker_setup_s(DEFAULT_SPACE)
     # what every sweep imports, loaded once first (the file cache), so that no way pays it
-    subprocess.run([sys.executable, "-c", WARM_IMPORTS], cwd=tmp, env=_env(), check=True,
-                   capture_output=True)
+    warm = subprocess.run([sys.executable, "-c", WARM_IMPORTS], cwd=tmp, env=_env(),
+                          capture_output=True, text=True)
+    if warm.returncode != 0:
+        raise RuntimeError(f"importing what a sweep imports failed: {warm.stderr[-2000:]}")
     order = [name for r in range(rounds) for name in (list(variants) if r % 2 == 0
                                                       else list(variants)[::-1])]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
@@ -481,9 +481,12 @@ def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
         space.write_text(packed_space(body, packed))
         runs[name].append(_timed_sweep(tmp / f"{name}{i}", space, trials, epochs, setup=setup,
                                        env=env))
-    for name, rs in runs.items():
+    for name, rs in runs.items():  # each number the mean over the way's rounds
+        numbers = [k for k, v in rs[0].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
         out[name] = {"wall_s": float(np.mean([r["process_wall_s"] for r in rs])),
-                     **rs[-1], "rounds": rs}
+                     **{k: float(np.mean([r[k] for r in rs])) for k in numbers},
+                     "rounds": rs}
     out["order"] = order
     out["speedup"] = out["lockstep"]["wall_s"] / out["default"]["wall_s"]
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # names only: `analysis/` imports this module and never loads torch
@@ -87,9 +88,10 @@ def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor,
 
     conf, correct = conf.float(), correct.float()
     w = torch.ones_like(conf) if weight is None else weight.float()
+    conf = torch.where(w > 0, conf, 0.0)  # an unmarked row counts for nothing, NaN or not
     lead = conf.shape[:-1]
-    conf, correct, w = (t.reshape(-1, t.shape[-1]) for t in (conf, correct, w))  # (K, N)
-    K = conf.shape[0]
+    K = math.prod(lead)
+    conf, correct, w = (t.reshape(K, t.shape[-1]) for t in (conf, correct, w))  # (K, N)
     # bin b holds confidences in (b/n, (b+1)/n]; row r's bins are offset by r * n_bins
     bins = torch.clamp(torch.ceil(conf * n_bins).long() - 1, min=0, max=n_bins - 1)
     bins = (bins + n_bins * torch.arange(K, device=conf.device)[:, None]).flatten()

@@ -595,7 +595,8 @@ def train_replicas(cfgs: Sequence[TrialConfig], datas: Sequence[TaskData],
         samples_per_s = n_train / max(time.perf_counter() - t0, 1e-9)
         bad_steps = reps.first_bad.tolist()
         values = read_values(reps.epoch_values(), device)  # one transfer for all k
-        accs = reps.robustness_accs() if epoch == cfg.epochs else None
+        accs = (reps.robustness_accs()
+                if epoch == cfg.epochs and not all(b >= 0 for b in bad_steps) else None)
         results = []
         for r, (c, d) in enumerate(zip(cfgs, reps.datas)):
             if bad_steps[r] >= 0:

@@ -37,6 +37,18 @@ def test_disk_writes_sums_processes() -> None:
     assert d.by_command() == {"python": 125, "raylet": 50}
 
 
+def test_measure_times_the_command_to_its_exit_apart_from_what_it_leaves(tmp_path) -> None:
+    """A command that leaves a process behind: `exit_s` ends at the command's own exit,
+    `wall_s` once what it left has exited too (followed, its writes counted)."""
+    import sys
+
+    script = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+              "'import time; time.sleep(1.5)'], start_new_session=True); time.sleep(0.3)")
+    res = diskio.measure([sys.executable, "-c", script], interval=0.05)
+    assert res.returncode == 0
+    assert 0 < res.exit_s < 1.2 and res.wall_s >= 1.4, (res.exit_s, res.wall_s)
+
+
 def test_overhead_and_disk_per_trial() -> None:
     assert sweeps.overhead_frac(own_s=90.0, wall_s=50.0, concurrency=2) == pytest.approx(0.1)
     assert sweeps.overhead_frac(own_s=100.0, wall_s=50.0, concurrency=2) == pytest.approx(0.0)

@@ -181,6 +181,10 @@ def test_weighted_ece_is_the_ece_of_the_rows_it_marks():
         assert got[r].item() == pytest.approx(want.item(), rel=1e-6)
         assert M.expected_calibration_error(conf[r], correct[r]).item() == pytest.approx(
             M.expected_calibration_error(conf[r:r + 1], correct[r:r + 1])[0].item())
+    # an unmarked row counts for nothing, even a NaN one (a non-finite unlabelled position)
+    poisoned = conf.masked_fill(~keep, float("nan"))
+    torch.testing.assert_close(M.expected_calibration_error(poisoned, correct, weight=keep), got)
+    assert M.expected_calibration_error(torch.zeros(0), torch.zeros(0)).isnan()
 
 
 class _Syncs(torch.utils._python_dispatch.TorchDispatchMode):
