@@ -475,12 +475,11 @@ def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
     order = [name for r in range(rounds) for name in (list(variants) if r % 2 == 0
                                                       else list(variants)[::-1])]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for name, (body, _) in variants.items():
+        (tmp / f"{name}.yaml").write_text(packed_space(body, packed))
     for i, name in enumerate(order):
-        body, env = variants[name]
-        space = tmp / f"{name}.yaml"
-        space.write_text(packed_space(body, packed))
-        runs[name].append(_timed_sweep(tmp / f"{name}{i}", space, trials, epochs, setup=setup,
-                                       env=env))
+        runs[name].append(_timed_sweep(tmp / f"{name}{i}", tmp / f"{name}.yaml", trials, epochs,
+                                       setup=setup, env=variants[name][1]))
     for name, rs in runs.items():  # each number the mean over the way's rounds
         numbers = [k for k, v in rs[0].items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]

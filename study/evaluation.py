@@ -94,14 +94,16 @@ class Outputs:
     def labelled(self) -> torch.Tensor:
         return self.target != IGNORE
 
-    def correct(self) -> torch.Tensor:
-        return (self.pred == self.target) & self.labelled()
+    def correct(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Labelled and predicted right (`keep`: `labelled()`, where the caller has it)."""
+        return (self.pred == self.target) & (self.labelled() if keep is None else keep)
 
     def eval_outs(self, ece: bool = False) -> list[EvalOut]:
         """Each replicate's `EvalOut` (with its ECE if `ece`), computed for all k at once from
         sums over the labelled mask: no selection of labelled rows, so no host sync on a GPU
         and no operations per replicate (the k `EvalOut`s hold views)."""
-        keep, correct = self.labelled(), self.correct()  # (k, N[, T])
+        keep = self.labelled()  # (k, N[, T])
+        correct = self.correct(keep)
         dims = tuple(range(1, keep.dim()))
         n = keep.sum(dims)  # (k,)
         loss = self.loss.sum(dims) / n  # unlabelled positions hold a loss of 0
@@ -171,7 +173,8 @@ def sets_accuracy(outputs_of: Callable[[Split], Outputs],
         joined = Split(*(torch.cat([getattr(sets[n], f) for n in names])
                          for f in ("x", "y", "mask")))
         out = outputs_of(joined)
-        correct, keep = out.correct(), out.labelled()  # (k, N[, T])
+        keep = out.labelled()  # (k, N[, T])
+        correct = out.correct(keep)
         dims = tuple(range(1, keep.dim()))
         start = 0
         for n in names:
@@ -179,6 +182,14 @@ def sets_accuracy(outputs_of: Callable[[Split], Outputs],
             accs[n] = correct[:, start:end].sum(dims) / keep[:, start:end].sum(dims)
             start = end
     return {n: accs[n] for n in sets}
+
+
+def accuracies_on_host(accs: dict[str, torch.Tensor], k: int) -> list[dict[str, float]]:
+    """`sets_accuracy`'s `(k,)` accuracies as k dicts of floats, read in one transfer."""
+    if not accs:
+        return [{} for _ in range(k)]
+    host = torch.stack(list(accs.values())).float().T.tolist()  # (k, sets)
+    return [dict(zip(accs, row)) for row in host]
 
 
 @torch.no_grad()
@@ -223,9 +234,9 @@ def robustness_metrics(
     out: dict[str, float] = {}
     tables: dict[str, Table] = {}
     if accs is None:
-        found = set_accuracies(model(), data.extra, device)
-        accs = (dict(zip(found, torch.stack(list(found.values())).float().tolist()))
-                if found else {})
+        trained = model()
+        accs = accuracies_on_host(
+            sets_accuracy(lambda s: outputs(trained, s, device), data.extra), 1)[0]
     by_len = {int(n.split(":")[1]): a for n, a in accs.items() if n.startswith("len:")}
     if by_len and data.id_lengths is not None:
         out.update(length_metrics(by_len, data.id_lengths))

@@ -100,6 +100,7 @@ from study.evaluation import (
     STATS_BATCH,
     EvalOut,
     Outputs,
+    accuracies_on_host,
     chunk_outputs,
     epoch_metrics,
     eval_rows,
@@ -524,12 +525,9 @@ class Replicas:
         evaluates them)."""
         if not (self.vmap_eval and self.shared_extra):
             return None
-        sets = self.datas[0].extra
-        if not sets:
-            return [{} for _ in range(self.k)]
-        accs = sets_accuracy(lambda s: self.outputs(_Stacked(s.x, s.y, s.mask, True)), sets)
-        host = torch.stack(list(accs.values())).float().T.tolist()  # (k, sets)
-        return [dict(zip(accs, row)) for row in host]
+        return accuracies_on_host(sets_accuracy(
+            lambda s: self.outputs(_Stacked(s.x, s.y, s.mask, True)), self.datas[0].extra),
+            self.k)
 
     @torch.no_grad()
     def epoch_values(self) -> list[dict[str, torch.Tensor]]:
