@@ -8,9 +8,10 @@
   the same model: same shapes, same training step. Time per step and peak memory of tensors
   allocated during one step (`peak_step_bytes`: CUDA's allocator statistics on a GPU; on the
   CPU a dispatch mode that follows every tensor storage an operator creates until it is freed).
-- `short_rows` (CPU): the default study's model (MNIST-1D, 10 tokens, attention dropout 0.1)
-  with `study.model.attend` (written out with the padded softmax) against plain SDPA, a
-  training step and an evaluation forward, alternated in one process.
+- `short_rows`: the default study's model (MNIST-1D, 10 tokens; on the CPU attention dropout 0.1)
+  with `study.model.attend` (written out with the padded softmax) against plain SDPA on the CPU;
+  on CUDA SDPA against `attend_written_out` in a captured step. A training step and an
+  evaluation forward, alternated in one process.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from study.config import TrialConfig
-from study.model import Attention, AttentionModel, ModelSpec, build_model
-from study.step import TrainState, make_optimizer, train_step
+from study.device import autocast
+from study.model import Attention, AttentionModel, ModelSpec, attend_written_out, build_model
+from study.step import GRAPH_WARMUP, TrainState, make_optimizer, train_step
 
 
 def textbook_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -134,11 +136,11 @@ def peak_step_bytes(step: Callable[[], Any], device: torch.device) -> int:
 
 
 def _state(cfg: TrialConfig, spec: ModelSpec, device: torch.device, steps: int,
-           stats: bool = False) -> TrainState:
+           stats: bool = False, mode: str = "eager") -> TrainState:
     torch.manual_seed(0)
     model = build_model(cfg, spec).to(device).train()
-    opt, sched = make_optimizer(model, cfg, steps)
-    return TrainState(model, opt, sched, cfg, stats=stats)
+    opt, sched = make_optimizer(model, cfg, steps, capturable=mode == "graph")
+    return TrainState(model, opt, sched, cfg, stats=stats, mode=mode)
 
 
 def _batch(spec: ModelSpec, batch: int, device: torch.device
@@ -238,26 +240,33 @@ def textbook_comparison(device: torch.device, rounds: int = 3) -> dict[str, Any]
 
 
 def short_rows(device: torch.device, rounds: int = 5, steps: int = 30,
-               dropout: float = 0.1) -> dict[str, Any]:
-    """On the CPU, the default study's model (`benchmarks.trials.DEFAULT_TRIAL`, attention
-    dropout `dropout`, its MNIST-1D data) with `study.model.attend` against the same model
-    with `F.scaled_dot_product_attention` swapped in: ms per training step (batch 64, mean of
-    `steps`) and per evaluation forward (512 rows, no grad), each the median of `rounds`
-    alternated measurements, and the two kernels' first losses (the same model and batch both
-    ways: they agree within float rounding). On CUDA `attend` is SDPA: nothing to compare."""
+               dropout: float | None = None) -> dict[str, Any]:
+    """The default study's model (`benchmarks.trials.DEFAULT_TRIAL`, attention dropout
+    `dropout`, its MNIST-1D data: rows of 10 keys) with two attention kernels: ms per training
+    step (batch 64, mean of `steps`) and per evaluation forward (512 rows, no grad), each the
+    median of `rounds` alternated measurements, and the two kernels' first losses (the same
+    model and batch both ways: they agree within float rounding). On the CPU `study.model.attend`
+    (written out there) against `F.scaled_dot_product_attention`, attention dropout 0.1 by
+    default; on CUDA SDPA (what `attend` calls there) against `attend_written_out` (what the
+    batched replicates use on such rows), the step captured in a CUDA graph as a trial's is,
+    no dropout by default (the trials section's config)."""
     from benchmarks.trials import DEFAULT_TRIAL
     from study.tasks import get_task
 
-    if device.type == "cuda":
-        return {"skipped": "on CUDA study.model.attend calls SDPA itself"}
+    cuda = device.type == "cuda"
+    dropout = dropout if dropout is not None else (0.0 if cuda else 0.1)
     cfg = TrialConfig(**{**DEFAULT_TRIAL, "attn_dropout": dropout})
     data = get_task(cfg)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(data.train), (cfg.batch_size,), generator=g)
-    batch = (data.train.x[idx], data.train.y[idx], data.train.mask[idx])
-    rows = torch.arange(min(512, len(data.train)))
-    kernels = {"attend": None, "sdpa": F.scaled_dot_product_attention}
-    states = {name: _state(cfg, data.spec, device, 1 + rounds * (1 + steps)) for name in kernels}
+    batch = tuple(t[idx].to(device) for t in (data.train.x, data.train.y, data.train.mask))
+    rows = tuple(t[:512].to(device) for t in (data.train.x, data.train.mask))
+    kernels: dict[str, Callable[..., torch.Tensor] | None] = (
+        {"sdpa": None, "written_out": attend_written_out} if cuda
+        else {"attend": None, "sdpa": F.scaled_dot_product_attention})
+    mode, warmup = ("graph", GRAPH_WARMUP + 2) if cuda else ("eager", 1)
+    states = {name: _state(cfg, data.spec, device, 1 + rounds * (warmup + steps), mode=mode)
+              for name in kernels}
     first = {}
     for name, state in states.items():
         with use_kernel(state.model, kernels[name]):
@@ -269,18 +278,21 @@ def short_rows(device: torch.device, rounds: int = 5, steps: int = 30,
         for name, state in states.items():
             with use_kernel(state.model, kernels[name]):
                 state.model.train()
-                step_ms[name].append(timed_steps(state, batch, device, 1, steps) * 1e3)
+                step_ms[name].append(timed_steps(state, batch, device, warmup, steps) * 1e3)
                 state.model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), autocast(device):
+                    _sync(device)
                     t0 = time.perf_counter()
-                    state.model(data.train.x[rows], data.train.mask[rows])
+                    state.model(*rows)
+                    _sync(device)
                     eval_ms[name].append((time.perf_counter() - t0) * 1e3)
     med = {k: {n: sorted(v)[len(v) // 2] for n, v in d.items()}
            for k, d in (("step", step_ms), ("eval", eval_ms))}
+    ours, other = list(kernels) if not cuda else ("written_out", "sdpa")
     return {"config": {**DEFAULT_TRIAL, "attn_dropout": dropout}, "tokens": data.spec.max_len
-            // cfg.patch_size, "rounds": rounds, "steps": steps,
-            "attend_step_ms": med["step"]["attend"], "sdpa_step_ms": med["step"]["sdpa"],
-            "step_speedup": med["step"]["sdpa"] / med["step"]["attend"],
-            "attend_eval_ms": med["eval"]["attend"], "sdpa_eval_ms": med["eval"]["sdpa"],
-            "eval_speedup": med["eval"]["sdpa"] / med["eval"]["attend"],
-            "first_loss": first}
+            // cfg.patch_size, "rounds": rounds, "steps": steps, "step_mode": mode,
+            **{f"{n}_step_ms": med["step"][n] for n in kernels},
+            "step_speedup": med["step"][other] / med["step"][ours],
+            **{f"{n}_eval_ms": med["eval"][n] for n in kernels},
+            "eval_speedup": med["eval"][other] / med["eval"][ours],
+            "speedup_of": f"{ours} over {other}", "first_loss": first}

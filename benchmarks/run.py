@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "attention" in args.only:
         section("attention", lambda: attention.attention_ratios(dev))
         section("attention_textbook", lambda: attention.textbook_comparison(dev))
+        section("attention_short_rows", lambda: attention.short_rows(dev))
         if not cuda:
-            section("attention_short_rows", lambda: attention.short_rows(dev))
             detail["attention_textbook"]["note"] = (
                 "CPU: T = 256, not 1024 (a 4-layer step at T = 1024 takes seconds per step on "
                 "2 cores); the summary keys keep their names")

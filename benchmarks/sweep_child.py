@@ -5,7 +5,9 @@ gets the Tuner's fit window, every result's own seconds (`compute_s`, what the t
 computing that epoch: training, evaluation, and for the first one the model and data set-up;
 Ray's `time_this_iter_s` leaves out what was computed ahead, during the previous report's
 round trip), every result's
-arrival (time, worker pid, trial id, own seconds) and the command's own wall time."""
+arrival (time, worker pid, trial id, own seconds), the command's own wall time and when each
+phase before the Tuner's start ended (`marks`: imports, Ray's start, the MLflow store, the
+Tuner built; seconds from the command's start)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,21 @@ def main(argv: list[str]) -> None:
     from ray.tune import Callback
 
     from study.records import REPORT_COMPUTE_S
+    from study.sweep import lifecycle
     from study.sweep.lifecycle import run_sweep
+
+    # where the time before the Tuner's start goes: each phase's end, as seconds since t0
+    marks: dict[str, float] = {"imports": time.time() - t0}
+
+    def marked(name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            marks[name] = time.time() - t0
+            return out
+        return call
+
+    for phase in ("init_ray", "open_store", "_tuner"):
+        setattr(lifecycle, phase, marked(phase, getattr(lifecycle, phase)))
 
     class Timer(Callback):
         def __init__(self) -> None:
@@ -58,7 +74,8 @@ def main(argv: list[str]) -> None:
     Path(out).write_text(json.dumps({
         "fit_start": timer.fit_start, "fit_end": timer.fit_end, "iter_s": timer.iter_s,
         "results": timer.results,
-        "command_start": t0, "command_end": time.time(), "done": summary["done"]}))
+        "command_start": t0, "command_end": time.time(), "done": summary["done"],
+        "marks": marks}))
 
 
 if __name__ == "__main__":

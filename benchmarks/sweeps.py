@@ -308,7 +308,7 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
 
     spec = load_space(space)
     t = json.loads(out.read_text())
-    workers = _worker_pids(uri)
+    workers, outcomes, failures = _trial_runs(uri)
     setup = setup or {}
     once = (setup.get("imports_s", 0.0) + setup.get("first_optimizer_s", 0.0)
             + sum(setup.get("data_build_s", {}).values()))
@@ -320,9 +320,12 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
     return {
         "space": space.name, "trials": trials, "epochs": run_epochs, "seeds": spec.seeds,
         "max_concurrent": slots, "trials_done": t["done"], "results": len(t["iter_s"]),
+        "outcomes": outcomes, "failure_messages": failures,
         "worker_processes": len(workers), "worker_setup_s": setup, "trials_own_s": own,
         "fit_wall_s": fit, "command_wall_s": cmd, "process_wall_s": res.exit_s,
         "before_fit_s": t["fit_start"] - t["command_start"],
+        "before_fit_marks_s": {**t.get("marks", {}),
+                               "fit_start": t["fit_start"] - t["command_start"]},
         "after_fit_s": t["command_end"] - t["fit_end"],
         "tail_idle_s": tail,
         "overhead_frac": overhead_frac(own + tail, cmd, slots),
@@ -374,16 +377,52 @@ def worker_setup_s(space: Path) -> dict[str, Any]:
     return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
-def _worker_pids(uri: str) -> set[str]:
-    """The worker processes a sweep's trials ran in (their `worker_pid` tags)."""
+def _trial_runs(uri: str) -> tuple[set[str], dict[str, int], list[str]]:
+    """The worker processes a sweep's trials ran in (their `worker_pid` tags), how many trials
+    ended each way (`stop_reason`) and the distinct messages of those that failed (at most 5)."""
     from mlflow.tracking import MlflowClient
 
-    from study.records import TAG_WORKER_PID
+    from study.records import TAG_MESSAGE, TAG_OUTCOME, TAG_WORKER_PID, Outcome
 
     client = MlflowClient(uri)
     exps = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(exps, max_results=5000)
-    return {r.data.tags[TAG_WORKER_PID] for r in runs if TAG_WORKER_PID in r.data.tags}
+    runs = [r for r in client.search_runs(exps, max_results=5000)
+            if TAG_OUTCOME in r.data.tags or TAG_WORKER_PID in r.data.tags]
+    pids = {r.data.tags[TAG_WORKER_PID] for r in runs if TAG_WORKER_PID in r.data.tags}
+    outcomes: dict[str, int] = {}
+    failed: list[str] = []
+    for r in runs:
+        o = r.data.tags.get(TAG_OUTCOME, "none")
+        outcomes[o] = outcomes.get(o, 0) + 1
+        msg = r.data.tags.get(TAG_MESSAGE, "")
+        if o in (Outcome.ERROR.value, Outcome.DIVERGED.value) and msg not in failed:
+            failed.append(msg)
+    return pids, outcomes, failed[:5]
+
+
+def not_the_same_study(runs: dict[str, list[dict[str, Any]]], tolerance: float = 0.05
+                       ) -> str | None:
+    """Why timed sweeps of the same space (`_timed_sweep` results, per way) did not train the
+    same study, so their times cannot be compared: trials that raised, or a way that reported
+    more than `tolerance` fewer or more epochs than another (on an H200 every trial of the
+    new path once diverged at its first step: 36 results against 360, a 2.6x "speedup").
+    None when they did."""
+    errors = {name: sum(errored_trials(r) for r in rs) for name, rs in runs.items()}
+    if any(errors.values()):
+        return (f"trials raised, so the ways did not train the same study: {errors}; see each "
+                "round's failure_messages")
+    results = {name: sum(int(r["results"]) for r in rs) for name, rs in runs.items()}
+    if max(results.values()) > (1 + tolerance) * min(results.values()):
+        return (f"the ways reported different numbers of epochs {results} (outcomes: "
+                f"{ {name: [r.get('outcomes') for r in rs] for name, rs in runs.items()} }), so "
+                "they did not train the same study; see each round's failure_messages")
+    return None
+
+
+def errored_trials(run: dict[str, Any]) -> int:
+    """Trials of a timed sweep that raised (`_timed_sweep`'s `outcomes`; a diverged trial is a
+    result of its config, which either way may meet)."""
+    return int(run.get("outcomes", {}).get("error", 0))
 
 
 def _disk(res: diskio.DiskWrites, trials: int, epochs: int,
@@ -488,6 +527,10 @@ def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
                      "rounds": rs}
     out["order"] = order
     out["speedup"] = out["lockstep"]["wall_s"] / out["default"]["wall_s"]
+    why = not_the_same_study(runs)
+    if why is not None:
+        out["speedup_if_valid"], out["speedup"] = out["speedup"], None
+        out["reason"] = why
     return out
 
 

@@ -98,23 +98,34 @@ class Outputs:
         """Labelled and predicted right (`keep`: `labelled()`, where the caller has it)."""
         return (self.pred == self.target) & (self.labelled() if keep is None else keep)
 
-    def eval_outs(self, ece: bool = False) -> list[EvalOut]:
-        """Each replicate's `EvalOut` (with its ECE if `ece`), computed for all k at once from
-        sums over the labelled mask: no selection of labelled rows, so no host sync on a GPU
-        and no operations per replicate (the k `EvalOut`s hold views)."""
-        keep = self.labelled()  # (k, N[, T])
-        correct = self.correct(keep)
+    def scores(self, ece: bool = False, keep: torch.Tensor | None = None,
+               correct: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`(k,)` loss, accuracy and ECE (None unless `ece`) of each replicate over its labelled
+        rows (positions), from sums over the labelled mask: no selection of labelled rows, so
+        no host sync on a GPU and no operations per replicate. `keep`, `correct`: `labelled()`
+        and `correct()`, where the caller has them."""
+        keep = self.labelled() if keep is None else keep  # (k, N[, T])
+        correct = self.correct(keep) if correct is None else correct
         dims = tuple(range(1, keep.dim()))
         n = keep.sum(dims)  # (k,)
         loss = self.loss.sum(dims) / n  # unlabelled positions hold a loss of 0
         acc = correct.sum(dims) / n
-        ex = (correct.sum(2) / keep.sum(2).clamp_min(1) if keep.dim() == 3  # per-token
-              else correct.float())
         err = (M.expected_calibration_error(self.conf.flatten(1), correct.flatten(1),
                                             weight=keep.flatten(1)) if ece else None)
+        return loss, acc, err
+
+    def eval_outs(self, ece: bool = False) -> list[EvalOut]:
+        """Each replicate's `EvalOut` (with its ECE if `ece`), computed for all k at once
+        (`scores`; the k `EvalOut`s hold views)."""
+        keep = self.labelled()
+        correct = self.correct(keep)
+        loss, acc, err = self.scores(ece, keep, correct)
+        ex = (correct.sum(2) / keep.sum(2).clamp_min(1) if keep.dim() == 3  # per-token
+              else correct.float())
         return [EvalOut(loss[r], acc[r], None if err is None else err[r], ex[r].float(),
                         self.conf[r], self.pred[r], self.target[r], keep[r])
-                for r in range(len(n))]
+                for r in range(len(loss))]
 
 
 def chunk_outputs(logits: torch.Tensor, y: torch.Tensor) -> Outputs:

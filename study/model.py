@@ -243,6 +243,15 @@ def attend(
     if not written_out(q, k, dropout_p):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               scale=scale)
+    return attend_written_out(q, k, v, attn_mask, dropout_p, scale)
+
+
+def attend_written_out(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0, scale: float | None = None,
+) -> torch.Tensor:
+    """`attend`'s written-out attention: `softmax(q k^T * scale + mask) v`, in plain operations
+    (which `torch.vmap` batches)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = attention_logits(q, k, attn_mask, scale)  # (B, nh, T, S)
     if attn_mask is None:

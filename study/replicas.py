@@ -51,9 +51,13 @@ into the batch axis, `(k, B, nh, T, hs) -> (k*B, nh, T, hs)` (the mask likewise)
 kernel SDPA itself picks once (on the CPU the flash kernel, whose logsumexp it keeps for the
 kernel's own backward: the same kernels as the unbatched path) and unfolds the output; autograd
 differentiates that one physical call. Other backends (CUDA) run SDPA itself and recompute its
-forward in the backward. With dropout, and where `study.model.attend` writes attention out (on
-the CPU: dropout or fewer than 16 keys), it passes through to `attend` (SDPA's math path or the
-written-out one, which vmap batches; a recomputed dropout would draw another mask). Measured
+forward in the backward. With dropout, on rows of fewer than `SHORT_ROW` (16) keys, and
+wherever `study.model.attend` writes attention out (the CPU), attention is written out
+(`attend_written_out`, which vmap batches; a recomputed dropout would draw another mask). On
+CUDA that avoids two things: SDPA with dropout under vmap (its batching rule), with which every
+trial of the default study diverged at its first step on an H200 (non-finite loss: attention
+dropout 0 to 0.2, 2 replicates; the GPU tests had no dropout), and the cuDNN kernels the fold
+would call on short rows (47 to 175 us a call on the default model's 10-token rows). Measured
 on two CPU cores before `attend` (one thread, the default MNIST-1D model, 4 replicates), a
 training epoch took the same time with the fold and with vmap's fallback loop, within noise:
 the flash kernel's cost is linear in its batch, so one call over k*B rows costs what k calls
@@ -98,7 +102,6 @@ from study.config import TrialConfig
 from study.device import autocast, resolve_device
 from study.evaluation import (
     STATS_BATCH,
-    EvalOut,
     Outputs,
     accuracies_on_host,
     chunk_outputs,
@@ -106,7 +109,15 @@ from study.evaluation import (
     eval_rows,
     sets_accuracy,
 )
-from study.model import Attention, AttentionModel, AttnStats, attend, build_model, written_out
+from study.graphs import Captured
+from study.model import (
+    Attention,
+    AttentionModel,
+    AttnStats,
+    attend_written_out,
+    build_model,
+    written_out,
+)
 from study.step import adamw, apply_step, graph_step, optimizer_step, resolve_step_mode, trial_loss
 from study.tasks.base import IGNORE, Split, TaskData
 from study.train import (
@@ -208,15 +219,24 @@ class _SDPA(torch.autograd.Function):
         return (y.view(n, B, *y.shape[1:]), lse.view(n, B, *lse.shape[1:])), (0, 0)
 
 
+# Keys per row below which the batched replicates' attention is written out on CUDA too: on an
+# H200 the fold's cuDNN kernels took 47 us a forward on 10-token rows at 4 replicates (175 us at
+# 16), run twice (the backward recomputes the forward) besides a 27 us (96 us) backward, for a
+# few small matmuls' work (benchmarks/results/profile-NVIDIA-H200.txt)
+SHORT_ROW = 16
+
+
 def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                 scale: float | None = None) -> torch.Tensor:
     """`F.scaled_dot_product_attention` for `Attention.kernel` under `torch.vmap`: one fused
-    call over replicates x batch; with dropout, or where `study.model.attend` writes attention
-    out (the CPU), `attend` itself (SDPA's math path or the written-out one, which vmap
-    batches, drawing each replicate's own dropout mask)."""
-    if dropout_p > 0.0 or written_out(q, k, dropout_p):
-        return attend(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    call over replicates x batch; written out (`attend_written_out`, which vmap batches,
+    drawing each replicate's own dropout mask) with dropout, on rows of fewer than `SHORT_ROW`
+    keys, and wherever `study.model.attend` writes attention out (the CPU). With dropout on
+    CUDA, SDPA under vmap (its batching rule) gave non-finite losses: on an H200 every trial of
+    the default study (attention dropout 0 to 0.2, 2 replicates) diverged at its first step."""
+    if dropout_p > 0.0 or written_out(q, k, dropout_p) or k.shape[-2] < SHORT_ROW:
+        return attend_written_out(q, k, v, attn_mask, dropout_p, scale)
     out: torch.Tensor = _SDPA.apply(*autocast_inputs(q, k, v, attn_mask), scale)[0]
     return out
 
@@ -415,6 +435,8 @@ class Replicas:
         self.gn_sum = torch.zeros(self.k, device=device)  # (k,) per replicate, as TrainState's
         self.first_bad = torch.full((self.k,), -1, device=device, dtype=torch.long)
         self._losses = vmap(self._loss, randomness="different")
+        # CUDA: the batched evaluation captured too (`study.graphs.Captured`), as the step is
+        self._batched_values = Captured(self._values, self.mode == "graph")
 
     def start_epoch(self) -> None:
         """Reset the per-epoch accumulators in place (captured steps hold their addresses)."""
@@ -498,11 +520,6 @@ class Replicas:
         return out
 
     @torch.no_grad()
-    def evaluate(self, split: _Stacked, ece: bool = False) -> list[EvalOut]:
-        """`evaluation.evaluate` of every replicate on its own split."""
-        return self.outputs(split).eval_outs(ece)
-
-    @torch.no_grad()
     def outputs(self, split: _Stacked) -> Outputs:
         """Every replicate's `Outputs` on its own split, in chunks of `eval_rows` rows per
         replicate."""
@@ -534,30 +551,37 @@ class Replicas:
         """`evaluation.epoch_metrics` and the grad norm of every replicate (device tensors, in
         the order `run_trial` reports them): batched (`vmap_eval`), or each replicate's own
         module through `epoch_metrics` itself."""
+        if self.vmap_eval:  # each replicate's values are views of the `(k,)` tensors
+            stacked = self._batched_values()
+            return [{n: v[r] for n, v in stacked.items()} for r in range(self.k)]
         gn = self.gn_sum / self.steps_per_epoch
-        if not self.vmap_eval:
-            out = []
-            for r, d in enumerate(self.datas):
-                values = epoch_metrics(self.model(r), d, self.device)
-                values[M.GRAD_NORM] = gn[r]
-                out.append(values)
-            return out
-        tr, va = (self.evaluate(s) for s in (self.train, self.val))
-        te = self.evaluate(self.test, ece=True)
+        out = []
+        for r, d in enumerate(self.datas):
+            values = epoch_metrics(self.model(r), d, self.device)
+            values[M.GRAD_NORM] = gn[r]
+            out.append(values)
+        return out
+
+    @torch.no_grad()
+    def _values(self) -> dict[str, torch.Tensor]:
+        """`epoch_values` batched (`vmap_eval`), each metric `(k,)` for all replicates: what
+        `_batched_values` captures on CUDA."""
+        gn = self.gn_sum / self.steps_per_epoch
+        tr, va = (self.outputs(s).scores() for s in (self.train, self.val))
+        te = self.outputs(self.test).scores(ece=True)
         x, _, m = self.val.rows(0, STATS_BATCH)
         self.base.eval()
         _, entropy, max_logit = self._forward(x, m, self.val.shared, stats=True)
-        # every statistic for all k at once: the k dicts below hold views (no operations)
+        # every statistic for all k at once
         per_head = entropy.float().mean(1)  # (k, L, nh)
         ent, ent_min = per_head.mean((1, 2)), per_head.amin((1, 2))  # (k,)
         max_logit = max_logit.float()
         param_norm = self.norms(p.float() for p in self.params.values())
-        return [{M.TRAIN_LOSS: tr[r].loss, M.TRAIN_ACC: tr[r].acc, M.VAL_LOSS: va[r].loss,
-                 M.VAL_ACC: va[r].acc, M.TEST_LOSS: te[r].loss, M.TEST_ACC: te[r].acc,
-                 M.ECE: cast(torch.Tensor, te[r].ece),  # evaluated with ece=True
-                 M.ATTN_ENTROPY: ent[r], M.ATTN_ENTROPY_MIN: ent_min[r],
-                 M.ATTN_MAX_LOGIT: max_logit[r], M.PARAM_NORM: param_norm[r],
-                 M.GRAD_NORM: gn[r]} for r in range(self.k)]
+        return {M.TRAIN_LOSS: tr[0], M.TRAIN_ACC: tr[1], M.VAL_LOSS: va[0],
+                M.VAL_ACC: va[1], M.TEST_LOSS: te[0], M.TEST_ACC: te[1],
+                M.ECE: cast(torch.Tensor, te[2]),  # evaluated with ece=True
+                M.ATTN_ENTROPY: ent, M.ATTN_ENTROPY_MIN: ent_min, M.ATTN_MAX_LOGIT: max_logit,
+                M.PARAM_NORM: param_norm, M.GRAD_NORM: gn}
 
     def model(self, r: int) -> AttentionModel:
         """Replicate r's own module, holding its current parameters (copied back)."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from study.config import TrialConfig
 from study.device import autocast
+from study.graphs import no_collection
 from study.model import AttentionModel, AttnStats
 from study.tasks.base import IGNORE
 
@@ -277,7 +278,7 @@ def _replay(state: Any, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
         torch.cuda.synchronize(state.device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with no_collection(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 loss = captured(sx, sy, sm)
         except Exception as e:  # something in this config cannot be captured: eager from now
             log.warning("step_mode graph falls back to eager at step %d: %s: %s",

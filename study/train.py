@@ -25,6 +25,7 @@ from study.ahead import check_cancelled
 from study.config import TrialConfig
 from study.device import resolve_device
 from study.evaluation import epoch_metrics, robustness_metrics
+from study.graphs import Captured
 from study.model import AttentionModel, SqueezeExcite, build_model
 from study.step import train_state, train_step
 from study.tasks import get_task
@@ -186,6 +187,9 @@ def run_trial(cfg: TrialConfig, data: TaskData | None = None) -> Iterator[EpochR
                              adjust=cfg.logit_adjust_tau * log_prior)
     if why is not None:
         log.info(why)
+    # CUDA: the epoch's evaluation captured in a CUDA graph as well (parameters and data keep
+    # their addresses), replayed from the second epoch on
+    evaluate_epoch = Captured(lambda: epoch_metrics(model, data, device), state.mode == "graph")
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         state.start_epoch()
@@ -205,7 +209,7 @@ def run_trial(cfg: TrialConfig, data: TaskData | None = None) -> Iterator[EpochR
         if bad_step >= 0:
             yield diverged_result(epoch, n_params, f"diverged at step {bad_step}")
             return
-        values = epoch_metrics(model, data, device)
+        values = evaluate_epoch()
         values[M.GRAD_NORM] = state.gn_sum / len(batches)
         result = epoch_result(cfg, data, device, epoch, read_values([values], device)[0],
                               n_params=n_params, flops=flops,

@@ -380,3 +380,26 @@ def test_short_rows_compares_the_same_model_both_ways() -> None:
     assert math.isclose(out["first_loss"]["attend"], out["first_loss"]["sdpa"], rel_tol=1e-5)
     assert all(out[k] > 0 for k in ("attend_step_ms", "sdpa_step_ms", "attend_eval_ms",
                                      "sdpa_eval_ms", "step_speedup", "eval_speedup"))
+
+
+def _round(results: int, **outcomes: int) -> dict:
+    return {"results": results, "outcomes": outcomes}
+
+
+@pytest.mark.parametrize("runs,valid", [
+    pytest.param({"lockstep": [_round(360, completed=36)], "default": [_round(360, completed=36)]},
+                 True, id="same"),
+    pytest.param({"lockstep": [_round(360, completed=35, diverged=1)],
+                  "default": [_round(352, completed=35, diverged=1)]}, True, id="same_divergence"),
+    pytest.param({"lockstep": [_round(360, completed=36)], "default": [_round(36, diverged=36)]},
+                 False, id="new_path_diverged_at_once"),
+    pytest.param({"lockstep": [_round(12, completed=4)], "default": [_round(12, completed=3,
+                                                                              error=1)]},
+                 False, id="an_error"),
+    pytest.param({"lockstep": [_round(12, completed=4), _round(12, completed=4)],
+                  "default": [_round(12, completed=4), _round(9, completed=3, diverged=1)]},
+                 False, id="one_round_short"),
+])
+def test_study_speedup_needs_the_same_study(runs, valid):
+    why = sweeps.not_the_same_study(runs)
+    assert (why is None) == valid, why

@@ -18,8 +18,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from study import metrics as M
 from study.config import TrialConfig, make_config
+from study.model import attend_written_out
 from study.records import Outcome, SweepSpec, seed_metric
 from study.replicas import (
+    SHORT_ROW,
     Replicas,
     fallback_reason,
     folded_sdpa,
@@ -419,13 +421,24 @@ def test_seed_batching_is_a_space_key_stored_with_the_sweep() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_batched_replicates_match_unbatched_trials_on_cuda() -> None:
-    """On CUDA (bf16 autocast, SDPA's fused kernels) the replicates still train batched, with no
-    per-replicate fallback loop (the module's warning filter), and land where the unbatched
-    trials land: bf16 rounding differs between the two computations, so within a tolerance."""
-    cfgs, datas = replicas_of({"device": "cuda"})
+@pytest.mark.parametrize("patch", [pytest.param(4, id="16_keys_sdpa"),
+                                   pytest.param(8, id="8_keys_written_out")])
+def test_batched_replicates_match_unbatched_trials_on_cuda(patch, monkeypatch) -> None:
+    """On CUDA (bf16 autocast, SDPA's fused kernels; rows of fewer than SHORT_ROW keys written
+    out) the replicates still train batched, with no per-replicate fallback loop (the module's
+    warning filter), and land where the unbatched trials land: bf16 rounding differs between
+    the two computations, so within a tolerance."""
+    written = []
+
+    def counted(*args, **kwargs):
+        written.append(1)
+        return attend_written_out(*args, **kwargs)
+
+    monkeypatch.setattr("study.replicas.attend_written_out", counted)
+    cfgs, datas = replicas_of({"device": "cuda", "patch_size": patch})
     assert fallback_reason(cfgs, datas) is None
     batched = list(train_replicas(cfgs, datas, vmap_eval=True))
+    assert bool(written) == (datas[0].spec.max_len // patch < SHORT_ROW)
     alone = unbatched(cfgs, datas)
     final = batched[-1]
     for k, got in enumerate(final):
@@ -439,6 +452,34 @@ def test_batched_replicates_match_unbatched_trials_on_cuda() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("changes", [
+    pytest.param({"attn_dropout": 0.2}, id="attn_dropout"),
+    pytest.param({"attn_dropout": 0.1, "resid_dropout": 0.1, "drop_path": 0.1}, id="dropouts"),
+    pytest.param({"attn_temperature": 0.3, "n_heads": 8}, id="temperature"),
+    pytest.param({"init": "deepnorm", "norm": "post_ln"}, id="deepnorm_post_ln"),
+    pytest.param({"init": "small_init", "attn_dropout": 0.25, "label_smoothing": 0.1,
+                  "weight_decay": 0.2}, id="default_space_mix"),
+])
+def test_default_space_configs_train_batched_on_cuda(changes) -> None:
+    """The default study's own model (MNIST-1D, 10-token rows) and choices, 2 replicates with
+    their own data, as a sweep trains them on a GPU: no replicate diverges. SDPA with dropout
+    under vmap once made every such trial diverge at its first step (no GPU test had
+    dropout)."""
+    from benchmarks.trials import DEFAULT_TRIAL
+
+    cfg = make_config({**DEFAULT_TRIAL, **changes, "device": "cuda", "epochs": 2})
+    cfgs = [replicate(cfg, k, True) for k in range(2)]
+    datas = [get_task(c) for c in cfgs]
+    assert fallback_reason(cfgs, datas) is None
+    epochs = list(train_replicas(cfgs, datas))
+    assert len(epochs) == 2
+    for res in epochs[-1]:
+        assert res.diverged is None, res.diverged
+        assert res.metrics[M.VAL_ACC] > 0.15  # above chance (10 classes) after 2 epochs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batched_step_is_captured_on_cuda_and_matches_its_eager_step() -> None:
     """On CUDA the batched step is captured in CUDA graphs (one per batch shape, as a single
     trial's is) and computes what the eager batched step computes."""
@@ -447,8 +488,18 @@ def test_batched_step_is_captured_on_cuda_and_matches_its_eager_step() -> None:
     reps.train_epoch()
     assert reps.mode == "graph" and reps.graphs, "the step fell back to eager"
     assert int(reps.step_t) == reps.step
-    graph = list(train_replicas(cfgs, datas))[-1]
-    eager = list(train_replicas([c.replace(step_mode="eager") for c in cfgs], datas))[-1]
-    for g, e in zip(graph, eager):
-        for name in (M.TRAIN_LOSS, M.VAL_LOSS, M.TEST_LOSS, M.VAL_ACC, M.GRAD_NORM):
-            assert g.metrics[name] == pytest.approx(e.metrics[name], rel=2e-2, abs=2e-3), name
+    first, second = reps.epoch_values(), reps.epoch_values()  # eager, then captured
+    assert reps._batched_values.graph is not None, "the evaluation fell back to eager"
+    for a, b in zip(first, second):
+        assert {n: float(v) for n, v in a.items()} == pytest.approx(
+            {n: float(v) for n, v in b.items()}, rel=1e-5, abs=1e-6)
+    # every epoch: the captured evaluation replays with the parameters of that epoch
+    cfgs = [c.replace(epochs=3) for c in cfgs]
+    graph = list(train_replicas(cfgs, datas))
+    eager = list(train_replicas([c.replace(step_mode="eager") for c in cfgs], datas))
+    assert len(graph) == len(eager) == 3
+    for g_epoch, e_epoch in zip(graph, eager):
+        for g, e in zip(g_epoch, e_epoch):
+            for name in (M.TRAIN_LOSS, M.VAL_LOSS, M.TEST_LOSS, M.VAL_ACC, M.GRAD_NORM, M.ECE):
+                assert g.metrics[name] == pytest.approx(e.metrics[name], rel=2e-2,
+                                                        abs=2e-3), (g.epoch, name)

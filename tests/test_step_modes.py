@@ -7,6 +7,7 @@ direct formula.
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from study.config import CHOICES, make_config
+from study.evaluation import epoch_metrics
+from study.graphs import Captured, no_collection
 from study.model import build_model
 from study.step import (
     GRAPH_WARMUP,
@@ -151,6 +154,40 @@ def test_graph_matches_eager_on_cuda(changes):
     assert float(g_state.gn_sum) == pytest.approx(float(e_state.gn_sum), rel=1e-2)
 
 
+def test_no_collection_pauses_the_collector_and_restores_it():
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), no_collection():
+        assert not gc.isenabled()
+        raise RuntimeError("a failed capture")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with no_collection():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
+
+
+@pytest.mark.gpu
+@cuda
+def test_capture_survives_an_earlier_trials_dead_graphs():
+    """A finished trial's state is a dead cycle holding its captured graphs; a collection during
+    the next trial's capture destroyed them mid-capture and sent that trial to eager."""
+    cfg = make_config({**TINY, "device": "cuda", "step_mode": "graph"})
+    old, _, _ = run_steps(cfg, GRAPH_WARMUP + 2, "cuda")
+    assert old.mode == "graph" and old.graphs
+    old.cycle = old
+    del old
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)  # collect at almost every allocation, so during the capture too
+    try:
+        new, _, _ = run_steps(cfg.replace(seed=4), GRAPH_WARMUP + 2, "cuda")
+    finally:
+        gc.set_threshold(*thresholds)
+    assert new.mode == "graph" and new.graphs
+
+
 @pytest.mark.gpu
 @cuda
 def test_graph_flags_divergence_at_the_same_step():
@@ -165,11 +202,58 @@ def test_graph_flags_divergence_at_the_same_step():
 @pytest.mark.gpu
 @cuda
 def test_graph_trial_matches_eager_trial():
-    cfg = make_config({**TINY, "device": "cuda", "step_mode": "eager"})
-    eager = list(run_trial(cfg))[-1].metrics
-    graph = list(run_trial(cfg.replace(step_mode="graph")))[-1].metrics
-    for k in ("train_loss", "val_loss", "test_acc"):
-        assert math.isclose(eager[k], graph[k], abs_tol=5e-3), (k, eager[k], graph[k])
+    """Every epoch (the evaluation is captured at the second and replayed at the third)."""
+    cfg = make_config({**TINY, "device": "cuda", "step_mode": "eager", "epochs": 3})
+    eager = [r.metrics for r in run_trial(cfg)]
+    graph = [r.metrics for r in run_trial(cfg.replace(step_mode="graph"))]
+    assert len(eager) == len(graph) == 3
+    for e, g in zip(eager, graph):
+        for k in ("train_loss", "val_loss", "test_acc", "ece", "param_norm"):
+            assert math.isclose(e[k], g[k], abs_tol=5e-3), (k, e[k], g[k])
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_trial_with_dropout_trains_as_eager_does():
+    """Dropout inside a captured step (SDPA's own dropout, a fresh mask every replay): the same
+    trial in distribution, not draw for draw."""
+    cfg = make_config({**TINY, "device": "cuda", "step_mode": "eager", "epochs": 3,
+                       "attn_dropout": 0.2, "resid_dropout": 0.1})
+    eager = list(run_trial(cfg))
+    graph = list(run_trial(cfg.replace(step_mode="graph")))
+    assert len(eager) == len(graph) == 3
+    assert all(r.diverged is None for r in eager + graph)
+    e, g = eager[-1].metrics, graph[-1].metrics
+    assert g["train_loss"] == pytest.approx(e["train_loss"], rel=0.15)
+    assert g["val_acc"] == pytest.approx(e["val_acc"], abs=0.1)
+
+
+@pytest.mark.gpu
+@cuda
+def test_captured_evaluation_replays_with_the_current_parameters():
+    cfg = make_config({**TINY, "device": "cuda"})
+    dev = torch.device("cuda")
+    data = get_task(cfg).on(dev)
+    model = build_model(cfg, data.spec).to(dev)
+    captured = Captured(lambda: epoch_metrics(model, data, dev), enabled=True)
+    seen = []
+    for _ in range(4):
+        got = {n: float(v) for n, v in captured().items()}
+        want = {n: float(v) for n, v in epoch_metrics(model, data, dev).items()}
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+        seen.append(got["val_loss"])
+        with torch.no_grad():  # an optimizer's update: in place
+            for p in model.parameters():
+                p.mul_(0.9).add_(0.01)
+    assert captured.graph is not None, "the evaluation fell back to eager"
+    assert len(set(seen)) == 4  # each replay saw that round's parameters
+
+
+def test_captured_runs_eagerly_off_cuda():
+    calls = []
+    captured = Captured(lambda: calls.append(1) or {"x": torch.ones(())}, enabled=False)
+    assert float(captured()["x"]) == 1.0 and float(captured()["x"]) == 1.0
+    assert len(calls) == 2 and captured.graph is None and captured.mode == "eager"
 
 
 @pytest.mark.parametrize("gpu", [pytest.param(None, id="none"), pytest.param(0.0, id="cpu"),
