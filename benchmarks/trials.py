@@ -173,6 +173,7 @@ def _timed(targets: Targets) -> Iterator[dict[str, float]]:
     the duration), the device synchronized around each call so its queued work counts where
     it was queued."""
     spent = dict.fromkeys(targets, 0.0)
+    depth = dict.fromkeys(targets, 0)  # a call inside another of its group counts once
 
     def sync() -> None:
         if torch.cuda.is_available():
@@ -180,11 +181,15 @@ def _timed(targets: Targets) -> Iterator[dict[str, float]]:
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if depth[name]:
+                return fn(*args, **kwargs)
             sync()
             t0 = time.perf_counter()
+            depth[name] += 1
             try:
                 return fn(*args, **kwargs)
             finally:
+                depth[name] -= 1
                 sync()
                 spent[name] += time.perf_counter() - t0
         return timed
@@ -278,12 +283,16 @@ def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
 
 
 def _phases() -> Targets:
-    """The functions of a trial's per-epoch evaluation and of its final robustness sets."""
+    """The functions of a trial's per-epoch evaluation and of its final robustness sets. The
+    evaluation is timed at its `Captured` call (the CUDA graph's replay, or `epoch_metrics`
+    where nothing is captured), never inside it: a timer's device sync inside a capture
+    would fail it."""
     from study import train
+    from study.graphs import Captured
 
     reps = replicas_module()
     targets: Targets = {
-        "eval": [(train, "epoch_metrics")], "robustness": [(train, "robustness_metrics")]}
+        "eval": [(Captured, "__call__")], "robustness": [(train, "robustness_metrics")]}
     if reps is not None:  # batched replicates: their batched evaluations too
         targets["eval"].append((reps.Replicas, "epoch_values"))
         targets["robustness"].append((reps.Replicas, "robustness_accs"))
@@ -302,11 +311,11 @@ def dispatch_split(cfg: TrialConfig, k: int, as_cuda: bool = False) -> dict[str,
 
     def phase(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
-            counter.phase = name
+            outer, counter.phase = counter.phase, name
             try:
                 return fn(*args, **kwargs)
             finally:
-                counter.phase = "train_ops"
+                counter.phase = outer
         return counted
 
     def cuda_rows(model: Any, seq_len: int, device: torch.device, k: int = 1) -> int:
