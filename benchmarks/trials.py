@@ -158,12 +158,29 @@ Targets = dict[str, list[tuple[Any, str]]]  # a name -> the (owner, attribute) o
 @contextlib.contextmanager
 def patched(targets: Targets, wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]]
             ) -> Iterator[None]:
-    """Each function of `targets` replaced by `wrap(name, function)` for the duration."""
+    """Each function of `targets` replaced by `wrap(name, function)` for the duration. A call
+    made inside another call of the same group runs unwrapped, so it is timed, counted or
+    ranged once (the batched replicates' `epoch_values` calls its `Captured` evaluation)."""
+    depth = dict.fromkeys(targets, 0)
+
+    def once(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        wrapped = wrap(name, fn)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if depth[name]:
+                return fn(*args, **kwargs)
+            depth[name] += 1
+            try:
+                return wrapped(*args, **kwargs)
+            finally:
+                depth[name] -= 1
+        return call
+
     with contextlib.ExitStack() as stack:
         for name, owners in targets.items():
             for owner, attr in owners:
                 stack.enter_context(mock.patch.object(owner, attr,
-                                                      wrap(name, getattr(owner, attr))))
+                                                      once(name, getattr(owner, attr))))
         yield
 
 
@@ -173,7 +190,6 @@ def _timed(targets: Targets) -> Iterator[dict[str, float]]:
     the duration), the device synchronized around each call so its queued work counts where
     it was queued."""
     spent = dict.fromkeys(targets, 0.0)
-    depth = dict.fromkeys(targets, 0)  # a call inside another of its group counts once
 
     def sync() -> None:
         if torch.cuda.is_available():
@@ -181,15 +197,11 @@ def _timed(targets: Targets) -> Iterator[dict[str, float]]:
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            if depth[name]:
-                return fn(*args, **kwargs)
             sync()
             t0 = time.perf_counter()
-            depth[name] += 1
             try:
                 return fn(*args, **kwargs)
             finally:
-                depth[name] -= 1
                 sync()
                 spent[name] += time.perf_counter() - t0
         return timed

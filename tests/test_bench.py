@@ -403,3 +403,30 @@ def _round(results: int, **outcomes: int) -> dict:
 def test_study_speedup_needs_the_same_study(runs, valid):
     why = sweeps.not_the_same_study(runs)
     assert (why is None) == valid, why
+
+
+def test_patched_wraps_a_nested_call_of_its_group_once():
+    from benchmarks.trials import patched
+
+    class Owner:
+        @staticmethod
+        def outer():
+            return Owner.inner() + 1
+
+        @staticmethod
+        def inner():
+            return 1
+
+    seen = []
+
+    def wrap(name, fn):
+        def call(*args, **kwargs):
+            seen.append(name)
+            return fn(*args, **kwargs)
+        return call
+
+    with patched({"eval": [(Owner, "outer"), (Owner, "inner")]}, wrap):
+        assert Owner.outer() == 2  # inner runs inside outer: not wrapped again
+        assert Owner.inner() == 1  # alone: wrapped
+    assert seen == ["eval", "eval"]
+    assert Owner.outer() == 2 and seen == ["eval", "eval"]  # restored afterwards
