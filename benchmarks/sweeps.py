@@ -403,8 +403,9 @@ def _trial_runs(uri: str) -> tuple[set[str], dict[str, int], list[str]]:
 def not_the_same_study(runs: dict[str, list[dict[str, Any]]], tolerance: float = 0.05
                        ) -> str | None:
     """Why timed sweeps of the same space (`_timed_sweep` results, per way) did not train the
-    same study, so their times cannot be compared: trials that raised, or a way that reported
-    more than `tolerance` fewer or more epochs than another (on an H200 every trial of the
+    same study, so their times cannot be compared: trials that raised, no results, diverged
+    trials whose counts differ by more than one or `tolerance` of the trials, or a way that
+    reported more than `tolerance` fewer or more epochs than another (on an H200 every trial of the
     new path once diverged at its first step: 36 results against 360, a 2.6x "speedup").
     None when they did."""
     errors = {name: sum(errored_trials(r) for r in rs) for name, rs in runs.items()}
@@ -412,6 +413,14 @@ def not_the_same_study(runs: dict[str, list[dict[str, Any]]], tolerance: float =
         return (f"trials raised, so the ways did not train the same study: {errors}; see each "
                 "round's failure_messages")
     results = {name: sum(int(r["results"]) for r in rs) for name, rs in runs.items()}
+    if min(results.values()) == 0:
+        return f"a way reported no epoch results {results}: nothing to compare"
+    diverged = {name: sum(int(r.get("outcomes", {}).get("diverged", 0)) for r in rs)
+                for name, rs in runs.items()}
+    trials = max(sum(sum(r.get("outcomes", {}).values()) for r in rs) for rs in runs.values())
+    if max(diverged.values()) - min(diverged.values()) > max(1.0, tolerance * trials):
+        return (f"the ways had different numbers of diverged trials {diverged}, so they did "
+                "not train the same study; see each round's failure_messages")
     if max(results.values()) > (1 + tolerance) * min(results.values()):
         return (f"the ways reported different numbers of epochs {results} (outcomes: "
                 f"{ {name: [r.get('outcomes') for r in rs] for name, rs in runs.items()} }), so "

@@ -6,6 +6,12 @@ it reads only tensors that keep their addresses for the whole trial: the paramet
 optimizer updates in place, and the data, resident on the device. `Captured` runs such a
 computation eagerly once, captures it in a CUDA graph on its second call and replays it from
 then on. The training step's own graphs are in `study.step`.
+
+Memory: each capture keeps a private pool that holds what the captured work allocated, so a
+captured evaluation keeps its peak activations (on CUDA at most a few `evaluation.EVAL_ELEMENTS`
+chunks; about 10 MB for the default model) for the rest of the trial; the k replicates of a
+lockstep trial hold k such pools. Sharing one pool (`torch.cuda.graph_pool_handle`) would
+bound that, untried so far.
 """
 
 from __future__ import annotations

@@ -76,7 +76,10 @@ Fallbacks (`fallback_reason`; the trial then trains the replicates in lockstep, 
 the other, exactly as `batching: lockstep`): one replicate; `length_mode: bucket` (each
 replicate's batches are trimmed to their own lengths, so batch shapes differ); `arch:
 lstm_attention` (`nn.LSTM` dispatches to `aten::mkldnn_rnn_layer` on the CPU, which has no
-batching rule); replicates whose train/val/test splits differ in shape.
+batching rule); attention dropout on CUDA with `LONG_ROWS_WITH_DROPOUT` (128) tokens or more
+(written out, attention would keep k x batch x heads x tokens^2 probabilities for the backward,
+where each unbatched trial uses SDPA's fused dropout kernel); replicates whose train/val/test
+splits differ in shape.
 """
 
 from __future__ import annotations
@@ -226,6 +229,11 @@ class _SDPA(torch.autograd.Function):
 SHORT_ROW = 16
 
 
+# CUDA, attention dropout: from this many tokens a trial's replicates train in lockstep, each
+# with SDPA's fused dropout kernel, not batched with attention written out (`fallback_reason`)
+LONG_ROWS_WITH_DROPOUT = 128
+
+
 def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                 scale: float | None = None) -> torch.Tensor:
@@ -293,6 +301,12 @@ def fallback_reason(cfgs: Sequence[TrialConfig], datas: Sequence[TaskData]) -> s
                 "so batch shapes differ between replicates")
     if cfg.arch == "lstm_attention":
         return "arch=lstm_attention: nn.LSTM (aten::mkldnn_rnn_layer) has no vmap batching rule"
+    tokens = -(-int(datas[0].train.x.shape[1]) // cfg.patch_size)
+    if (cfg.attn_dropout > 0 and tokens >= LONG_ROWS_WITH_DROPOUT
+            and resolve_device(cfg).type == "cuda"):
+        return (f"attn_dropout on CUDA with {tokens} tokens: batched, attention with dropout is "
+                "written out (k x batch x heads x tokens^2 probabilities kept for the backward), "
+                "unbatched it is SDPA's fused kernel")
     for name in ("train", "val", "test"):
         shapes = {(tuple(getattr(d, name).x.shape), tuple(getattr(d, name).y.shape))
                   for d in datas}

@@ -399,6 +399,10 @@ def _round(results: int, **outcomes: int) -> dict:
     pytest.param({"lockstep": [_round(12, completed=4), _round(12, completed=4)],
                   "default": [_round(12, completed=4), _round(9, completed=3, diverged=1)]},
                  False, id="one_round_short"),
+    pytest.param({"lockstep": [_round(360, completed=36)],
+                  "default": [_round(360, completed=33, diverged=3)]},
+                 False, id="diverged_at_the_last_epoch"),
+    pytest.param({"lockstep": [_round(0)], "default": [_round(0)]}, False, id="no_results"),
 ])
 def test_study_speedup_needs_the_same_study(runs, valid):
     why = sweeps.not_the_same_study(runs)

@@ -503,3 +503,22 @@ def test_batched_step_is_captured_on_cuda_and_matches_its_eager_step() -> None:
             for name in (M.TRAIN_LOSS, M.VAL_LOSS, M.TEST_LOSS, M.VAL_ACC, M.GRAD_NORM, M.ECE):
                 assert g.metrics[name] == pytest.approx(e.metrics[name], rel=2e-2,
                                                         abs=2e-3), (g.epoch, name)
+
+
+@pytest.mark.parametrize("changes,falls_back", [
+    pytest.param({}, True, id="cuda_dropout_257_tokens"),
+    pytest.param({"attn_dropout": 0.0}, False, id="no_dropout"),
+    pytest.param({"device": "cpu"}, False, id="cpu"),
+    pytest.param({"max_len": 16}, False, id="short_rows"),
+])
+def test_long_rows_with_attention_dropout_train_in_lockstep_on_cuda(changes, falls_back) -> None:
+    """Batched, attention with dropout is written out, which on long rows holds k x B x heads x
+    T^2 probabilities for the backward: on CUDA those replicates train in lockstep (SDPA's
+    fused dropout kernel). Decided from the config and the data shape: no GPU needed."""
+    cfg = make_config({"task": "copy", "max_len": 128, "n_train": 256, "patch_size": 1,
+                       "device": "cuda", "attn_dropout": 0.1, **changes})
+    data = get_task(cfg)
+    why = fallback_reason([replicate(cfg, k, False) for k in range(2)], [data, data])
+    assert (why is not None) == falls_back, why
+    if falls_back:
+        assert "attn_dropout" in why and "tokens" in why

@@ -171,21 +171,36 @@ def test_no_collection_pauses_the_collector_and_restores_it():
 
 @pytest.mark.gpu
 @cuda
-def test_capture_survives_an_earlier_trials_dead_graphs():
+def test_captures_run_with_the_collector_paused():
     """A finished trial's state is a dead cycle holding its captured graphs; a collection during
-    the next trial's capture destroyed them mid-capture and sent that trial to eager."""
+    the next trial's capture destroyed them mid-capture, failing it (the trial then trained
+    eagerly: seen on an H200). Whether a collection happens to fall inside a capture depends on
+    allocation counts, so this checks the cause: the Python code that a capture records (the
+    model's forward, in the training step and in the evaluation) sees automatic collection off,
+    and the eager warm-up sees it on."""
     cfg = make_config({**TINY, "device": "cuda", "step_mode": "graph"})
-    old, _, _ = run_steps(cfg, GRAPH_WARMUP + 2, "cuda")
-    assert old.mode == "graph" and old.graphs
-    old.cycle = old
-    del old
-    thresholds = gc.get_threshold()
-    gc.set_threshold(1, 1, 1)  # collect at almost every allocation, so during the capture too
-    try:
-        new, _, _ = run_steps(cfg.replace(seed=4), GRAPH_WARMUP + 2, "cuda")
-    finally:
-        gc.set_threshold(*thresholds)
-    assert new.mode == "graph" and new.graphs
+    dev = torch.device("cuda")
+    data = get_task(cfg).on(dev)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.spec).to(dev)
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda *_: seen.append(gc.isenabled()))
+    state, _ = train_state(model, cfg, total_steps=GRAPH_WARMUP + 3)
+    x, y, m = (t[:cfg.batch_size] for t in (data.train.x, data.train.y, data.train.mask))
+    for _ in range(GRAPH_WARMUP + 3):  # warm-up, capture, replays (which run no Python)
+        train_step(state, x, y, m)
+    assert state.mode == "graph" and state.graphs
+    assert seen == [True] * GRAPH_WARMUP + [False], seen
+    seen.clear()
+    captured = Captured(lambda: epoch_metrics(model, data, dev), enabled=True)
+    captured()
+    eager_calls = len(seen)
+    captured()  # captured, then replayed
+    captured()
+    assert captured.graph is not None
+    assert seen[:eager_calls] == [True] * eager_calls
+    assert seen[eager_calls:] == [False] * eager_calls, seen  # the capture's forwards only
+    assert gc.isenabled()
 
 
 @pytest.mark.gpu
