@@ -15,6 +15,7 @@ from study.sweep.progress import (
     best_config,
     duration,
     eta,
+    first_step_warning,
     format_line,
     outcome_text,
     short_reason,
@@ -192,3 +193,25 @@ def test_ctrl_c_before_the_first_save_discards_only_an_unstarted_sweep(tmp_path:
     assert not discard_unstarted(tmp_path / "never")
     assert discard_unstarted(unstarted) and not unstarted.exists()
     assert client.get_run(parent).info.status == "KILLED"
+
+
+D, C, E = Outcome.DIVERGED, Outcome.COMPLETED, Outcome.ERROR
+
+
+@pytest.mark.parametrize("ended,warns", [
+    pytest.param([(D, "seed 0: diverged at step 1")] * 8, True, id="all_at_step_1"),
+    pytest.param([(D, "seed 0: diverged at step 1")] * 3, False, id="too_few"),
+    pytest.param([(D, "seed 0: diverged at step 1")] * 7 + [(C, "completed")], False,
+                 id="one_completed"),
+    pytest.param([(D, "seed 0: diverged at step 12")] * 8, False, id="later_step"),
+    pytest.param([(D, "seed 1: diverged at step 1")] * 4 + [(None, ""), (Outcome.INTERRUPTED,
+                                                                        "stopped")],
+                 True, id="unfinished_left_out"),
+    pytest.param([(D, "seed 0: diverged at step 1")] * 4 + [(E, "ValueError: bad")], False,
+                 id="an_error"),
+])
+def test_first_step_warning(ended, warns):
+    got = first_step_warning(ended)
+    assert (got is not None) == warns, got
+    if warns:
+        assert "first step" in got and "study trial" in got

@@ -27,7 +27,7 @@ from study.preflight import check_cluster, check_overrides, check_start
 from study.records import TAG_HEARTBEAT_S, TAG_OBJECTIVE, Outcome, SweepSpec
 from study.spaces import SpaceError, load_space
 from study.sweep.callbacks import clear_halt, halt, halted
-from study.sweep.progress import announce, console, starting_line
+from study.sweep.progress import announce, console, first_step_warning, starting_line
 from study.tracking import (
     StoreFault,
     Tracker,
@@ -722,6 +722,9 @@ def finish(tracker: Tracker, parent: str, spec: SweepSpec, name: str) -> dict:
     # an incomplete sweep's `study resume` line is the command line's last (study/cli.py)
     console().print(f"sweep {name}: {done}/{spec.num_trials} trials recorded "
                     + " ".join(f"{k}={v}" for k, v in counts.items()))
+    warning = first_step_warning((r.outcome, r.message) for r in runs.values() if not r.orphan)
+    if warning is not None:
+        console().print(warning)
     return {"name": name, "parent_run_id": parent, "done": done, "complete": complete,
             "counts": counts, "tracking_uri": tracker.uri,
             "experiment_id": tracker.experiment_id(name)}

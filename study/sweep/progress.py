@@ -11,8 +11,9 @@ Ray's callbacks (counts, wall times, the best trial) and prints one line per fin
 from __future__ import annotations
 
 import math
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ray.tune import Callback
@@ -88,6 +89,29 @@ def short_reason(message: str, limit: int = REASON_CHARS) -> str:
     """The first non-empty line of a failure message, cut to `limit` characters."""
     line = next((ln.strip() for ln in message.splitlines() if ln.strip()), "")
     return line if len(line) <= limit else line[:limit - 3].rstrip() + "..."
+
+
+# a sweep whose every finished trial diverged at its first step (at least this many trials)
+FIRST_STEP_SUSPECT = 4
+_FIRST_STEP = re.compile(r"diverged at step 1(?!\d)")
+
+
+def first_step_warning(ended: Iterable[tuple[Outcome | None, str]]) -> str | None:
+    """A warning when at least `FIRST_STEP_SUSPECT` trials ended (outcome, message) and every
+    one diverged at its first step: configurations that differ do not all blow up on their
+    first batch, so the cause is likely common to them (the device's code path, the data, the
+    task), and the sweep's numbers say nothing about the choices. On an H200 every trial of
+    the default study once did so, from a bug in the batched seeds' attention. None otherwise
+    (interrupted and unfinished trials are left out)."""
+    done = [(o, m) for o, m in ended if o is not None and o is not Outcome.INTERRUPTED]
+    if len(done) < FIRST_STEP_SUSPECT:
+        return None
+    if not all(o is Outcome.DIVERGED and _FIRST_STEP.search(m) for o, m in done):
+        return None
+    return (f"warning: all {len(done)} finished trials diverged at their first step, which "
+            "points at something they share (device, data, a code path), not at the "
+            "configurations; run one of them alone with `study trial --config FILE` and "
+            "`--set device=cpu` to compare")
 
 
 def outcome_text(outcome: Outcome, epoch: int = 0, message: str = "") -> str:
