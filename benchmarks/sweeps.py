@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import diskio
+from study.records import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPACE = ROOT / "search_spaces" / "default.yaml"
@@ -382,7 +383,7 @@ def _trial_runs(uri: str) -> tuple[set[str], dict[str, int], list[str]]:
     ended each way (`stop_reason`) and the distinct messages of those that failed (at most 5)."""
     from mlflow.tracking import MlflowClient
 
-    from study.records import TAG_MESSAGE, TAG_OUTCOME, TAG_WORKER_PID, Outcome
+    from study.records import TAG_MESSAGE, TAG_OUTCOME, TAG_WORKER_PID
 
     client = MlflowClient(uri)
     exps = [e.experiment_id for e in client.search_experiments()]
@@ -408,15 +409,14 @@ def not_the_same_study(runs: dict[str, list[dict[str, Any]]], tolerance: float =
     reported more than `tolerance` fewer or more epochs than another (on an H200 every trial of the
     new path once diverged at its first step: 36 results against 360, a 2.6x "speedup").
     None when they did."""
-    errors = {name: sum(errored_trials(r) for r in rs) for name, rs in runs.items()}
+    errors = {name: outcome_count(rs, Outcome.ERROR) for name, rs in runs.items()}
     if any(errors.values()):
         return (f"trials raised, so the ways did not train the same study: {errors}; see each "
                 "round's failure_messages")
     results = {name: sum(int(r["results"]) for r in rs) for name, rs in runs.items()}
     if min(results.values()) == 0:
         return f"a way reported no epoch results {results}: nothing to compare"
-    diverged = {name: sum(int(r.get("outcomes", {}).get("diverged", 0)) for r in rs)
-                for name, rs in runs.items()}
+    diverged = {name: outcome_count(rs, Outcome.DIVERGED) for name, rs in runs.items()}
     trials = max(sum(sum(r.get("outcomes", {}).values()) for r in rs) for rs in runs.values())
     if max(diverged.values()) - min(diverged.values()) > max(1.0, tolerance * trials):
         return (f"the ways had different numbers of diverged trials {diverged}, so they did "
@@ -428,10 +428,9 @@ def not_the_same_study(runs: dict[str, list[dict[str, Any]]], tolerance: float =
     return None
 
 
-def errored_trials(run: dict[str, Any]) -> int:
-    """Trials of a timed sweep that raised (`_timed_sweep`'s `outcomes`; a diverged trial is a
-    result of its config, which either way may meet)."""
-    return int(run.get("outcomes", {}).get("error", 0))
+def outcome_count(rounds: Sequence[dict[str, Any]], outcome: Outcome) -> int:
+    """Trials of timed sweeps (`_timed_sweep` results) that ended with `outcome`."""
+    return sum(int(r.get("outcomes", {}).get(outcome.value, 0)) for r in rounds)
 
 
 def _disk(res: diskio.DiskWrites, trials: int, epochs: int,

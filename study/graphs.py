@@ -47,6 +47,29 @@ def no_collection() -> Iterator[None]:
             gc.enable()
 
 
+def capture(fn: Callable[[], T], device: torch.device | None = None
+            ) -> tuple[torch.cuda.CUDAGraph, T]:
+    """`fn()` captured in a new CUDA graph (capture runs nothing; each replay runs it) and its
+    outputs, which the graph's replays overwrite; the collector paused (`no_collection`) and
+    capture errors kept to this thread. Raises where `fn` cannot be captured, the device
+    synchronized again so that the caller can go on eagerly."""
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with no_collection(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = fn()
+    except Exception:
+        torch.cuda.synchronize(device)
+        raise
+    return graph, out
+
+
+def why_not(e: BaseException) -> str:
+    """A failed capture's reason in one line: the error's type and its first line."""
+    first = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}"
+
+
 def _copy(x: Any) -> Any:
     return x.clone() if isinstance(x, torch.Tensor) else x
 
@@ -77,18 +100,12 @@ class Captured(Generic[T]):
         if not self.enabled or self.calls == 1:
             return self.fn()
         if self.graph is None:
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
             try:
-                with no_collection(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    out = self.fn()
+                self.graph, self.out = capture(self.fn)
             except Exception as e:  # something here cannot be captured: eager from now
-                log.warning("%s falls back to eager: %s: %s", self.name, type(e).__name__,
-                            str(e).splitlines()[0][:200])
+                log.warning("%s falls back to eager: %s", self.name, why_not(e))
                 self.enabled = False
-                torch.cuda.synchronize()
                 return self.fn()
-            self.graph, self.out = graph, out
         self.graph.replay()
         result: T = tree_map(_copy, self.out)
         return result

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from study.config import TrialConfig
 from study.device import autocast
-from study.graphs import no_collection
+from study.graphs import capture, why_not
 from study.model import AttentionModel, AttnStats
 from study.tasks.base import IGNORE
 
@@ -275,16 +275,12 @@ def _replay(state: Any, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
     g = state.graphs.get(key)
     if g is None:  # the first batch of this shape: capture (nothing runs) then replay
         sx, sy, sm = x.clone(), y.clone(), mask.clone()
-        torch.cuda.synchronize(state.device)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with no_collection(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                loss = captured(sx, sy, sm)
+            graph, loss = capture(lambda: captured(sx, sy, sm), state.device)
         except Exception as e:  # something in this config cannot be captured: eager from now
-            log.warning("step_mode graph falls back to eager at step %d: %s: %s",
-                        state.step + 1, type(e).__name__, str(e).splitlines()[0][:200])
+            log.warning("step_mode graph falls back to eager at step %d: %s",
+                        state.step + 1, why_not(e))
             state.mode, state.graphs = "eager", {}  # (a capture runs nothing: step_t holds)
-            torch.cuda.synchronize(state.device)
             return eager(x, y, mask)
         g = state.graphs[key] = _Graph(graph, sx, sy, sm, loss)
     else:

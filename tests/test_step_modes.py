@@ -284,3 +284,14 @@ def test_packed_trials_cap_their_gpu_memory(gpu):
             torch.cuda.set_per_process_memory_fraction(1.0)
     want = gpu if (gpu is not None and 0 < gpu < 1 and torch.cuda.is_available()) else None
     assert got == want
+
+
+@pytest.mark.parametrize("error,want", [
+    pytest.param(RuntimeError("CUDA error: capture\nmore detail"),
+                 "RuntimeError: CUDA error: capture", id="first_line"),
+    pytest.param(RuntimeError(), "RuntimeError: ", id="no_message"),
+])
+def test_a_failed_captures_reason_is_one_line(error, want):
+    from study.graphs import why_not
+
+    assert why_not(error) == want
