@@ -434,3 +434,28 @@ def test_patched_wraps_a_nested_call_of_its_group_once():
         assert Owner.inner() == 1  # alone: wrapped
     assert seen == ["eval", "eval"]
     assert Owner.outer() == 2 and seen == ["eval", "eval"]  # restored afterwards
+
+
+def test_packing_probe_rates_and_scaling() -> None:
+    from benchmarks.packing_probe import rates, scaling
+
+    # 4 processes, 2 trials each, the slowest done after 10 s: 8 trials in 10 s
+    assert rates([8.0, 9.5, 10.0, 7.0], 2) == pytest.approx(0.8)
+    rows = scaling([{"path": "new", "k": 1, "trials_per_s": 0.5},
+                    {"path": "new", "k": 8, "trials_per_s": 1.0},
+                    {"path": "today", "k": 8, "trials_per_s": 0.7},
+                    {"path": "new", "k": 1, "mps": True, "trials_per_s": 0.25},
+                    {"path": "new", "k": 8, "mps": True, "trials_per_s": 1.5}])
+    assert rows[0]["scaling"] == pytest.approx(1.0) and rows[1]["scaling"] == pytest.approx(2.0)
+    assert rows[2]["scaling"] is None  # no `today` row at k = 1 to divide by
+    assert rows[4]["scaling"] == pytest.approx(6.0)  # against the MPS row at k = 1
+
+
+def test_packing_probe_says_why_mps_did_not_start(tmp_path, monkeypatch) -> None:
+    from benchmarks import packing_probe
+
+    monkeypatch.setattr(packing_probe.shutil, "which", lambda name: None)
+    with packing_probe.MPSDaemon(tmp_path) as mps:
+        assert mps.why_not == "nvidia-cuda-mps-control is not on this machine"
+        assert mps.env["CUDA_MPS_PIPE_DIRECTORY"].startswith(str(tmp_path))
+    assert not (tmp_path / "pipe").exists()  # nothing made for a daemon that never ran
