@@ -175,10 +175,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dev = torch.device("cuda" if cuda else "cpu")
     if not cuda:
         torch.set_num_threads(1)
+    from study.device import keep_freed_memory
+
     device = device_name(cuda)
     detail: dict[str, Any] = {"device": device, "machine": machine(), "started": time.time(),
                               "load_at_start": list(os.getloadavg()), "timing": {},
-                              "sections": args.only}
+                              "sections": args.only,
+                              # as in a sweep's trials (this process runs the trials sections)
+                              "keep_freed_memory": keep_freed_memory()}
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     if not (cuda and "gpu" in args.only):
         reason = NO_GPU if not cuda else "section gpu not run (--only)"

@@ -450,9 +450,11 @@ def _env() -> dict[str, str]:
 
 def todays_env() -> dict[str, str]:
     """The environment today's path runs in: reports synchronous, as Ray makes them by
-    itself (`study.ahead`: no epoch computed ahead of the driver)."""
+    itself (`study.ahead`: no epoch computed ahead of the driver), and malloc as glibc sets
+    it (`study.device.keep_freed_memory` off)."""
     from study.ahead import AHEAD_ENV
-    return {AHEAD_ENV: "0"}
+    from study.device import KEEP_FREED_ENV
+    return {AHEAD_ENV: "0", KEEP_FREED_ENV: "0"}
 
 
 def todays_path(text: str) -> str:
@@ -511,7 +513,8 @@ def study_speedup(tmp: Path, trials: int = 4, epochs: int = 3,
     out: dict[str, Any] = {"space": "search_spaces/default.yaml", "trials": trials,
                            "epochs": epochs, "seed_batching_key": True,
                            "todays_path": "step_mode: eager, seed_batching: lockstep, "
-                                          "reports synchronous (STUDY_EPOCHS_AHEAD=0)",
+                                          "reports synchronous (STUDY_EPOCHS_AHEAD=0), glibc "
+                                          "malloc as it is (STUDY_KEEP_FREED_MEMORY=0)",
                            "packed": packed, "rounds": rounds}
     setup = worker_setup_s(DEFAULT_SPACE)
     # what every sweep imports, loaded once first (the file cache), so that no way pays it

@@ -42,8 +42,10 @@ def trial(
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
         raise fail(str(e)) from None
+    from study.device import keep_freed_memory
     from study.tasks import get_task
     from study.train import run_trial
+    keep_freed_memory()
     try:
         data = get_task(cfg)
     except ConfigError as e:

@@ -1,8 +1,13 @@
-"""Where a trial runs and in which precision: shared by training, evaluation and benchmarks."""
+"""Where a trial runs, in which precision and how its process reuses memory: shared by
+training, evaluation, the trial entry points and benchmarks."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
+import sys
 
 import torch
 
@@ -20,3 +25,37 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# glibc's mallopt parameters (malloc.h) and the values set: freed memory up to 1 GB stays in
+# the process, and blocks up to 32 MB (glibc's largest mmap threshold) come from the heap
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_TRIM_BYTES, _MMAP_BYTES = 1 << 30, 32 << 20
+KEEP_FREED_ENV = "STUDY_KEEP_FREED_MEMORY"
+
+
+def keep_freed_enabled() -> bool:
+    """Whether `keep_freed_memory` applies (`KEEP_FREED_ENV` unset, or anything but "0")."""
+    return os.environ.get(KEEP_FREED_ENV, "1").strip() != "0"
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let this process reuse the memory it frees instead of returning it to the system
+    (glibc's `mallopt`: a fixed 32 MB mmap threshold and a 1 GB trim threshold). On the CPU an
+    evaluation chunk's activations are megabytes each, which glibc's defaults serve from fresh
+    pages: the default model's per-epoch evaluation took 9,000 to 34,000 page faults (about 40
+    with this) and 7 to 27% more time, a 3-epoch trial 3 to 10% more. The process keeps up to
+    its peak heap (at most 1 GB more than it holds). Linux with glibc only; `KEEP_FREED_ENV`
+    set to 0 leaves malloc as it is. Returns whether the settings took effect (once per
+    process)."""
+    if not keep_freed_enabled() or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt  # absent on a libc other than glibc (e.g. musl)
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD,
+                                                                         _TRIM_BYTES))

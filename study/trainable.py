@@ -194,9 +194,11 @@ def trainable(config: dict[str, Any], seeds: int = 1, vary_data_seed: bool = Fal
     from ray import tune
 
     from study.ahead import ahead_enabled, one_ahead
+    from study.device import keep_freed_memory
 
     start = time.perf_counter()
     trial_threads(cpus)
+    keep_freed_memory()
     gpu_memory_cap(gpu)
     node = node_info(config)
     # the next epoch trains while the driver takes this one's report (`study.ahead`)

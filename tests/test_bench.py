@@ -271,11 +271,12 @@ def test_todays_path_is_eager_and_lockstep(monkeypatch: pytest.MonkeyPatch) -> N
 
     from benchmarks.sweeps import DEFAULT_SPACE, todays_env, todays_path
     from study.ahead import ahead_enabled
+    from study.device import keep_freed_enabled
     from study.spaces import parse_space
 
     for k, v in todays_env().items():  # its reports synchronous: no epoch computed ahead
         monkeypatch.setenv(k, v)
-    assert not ahead_enabled()
+    assert not ahead_enabled() and not keep_freed_enabled()  # and malloc as glibc has it
 
     spec = parse_space(todays_path(DEFAULT_SPACE.read_text()), "today.yaml")
     assert spec.seed_batching == "lockstep" and spec.fixed["step_mode"] == "eager"

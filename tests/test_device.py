@@ -1,0 +1,56 @@
+"""`study.device.keep_freed_memory`: a trial's process reuses the memory it frees."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from study.device import KEEP_FREED_ENV, keep_freed_enabled
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# allocations shaped like an evaluation's (chunks of a few MB kept until the split is done,
+# then freed), repeated; prints the settings' effect and the page faults of the repeats
+FAULTS = """
+import resource, torch
+from study.device import keep_freed_memory
+print(keep_freed_memory())
+def work():
+    parts = [torch.randn(512 * (1 + i % 3), 10, 64 + 64 * (i % 3)) for i in range(12)]
+    del parts
+work()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    work()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+def _faults(flag: str) -> tuple[bool, int]:
+    env = {**os.environ, KEEP_FREED_ENV: flag,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_freed_memory_is_reused_without_page_faults() -> None:
+    kept, with_it = _faults("1")
+    off, without = _faults("0")
+    assert kept and not off
+    # measured: 960 to 3,520 faults with it, 34,000 to 147,000 without
+    assert with_it * 5 < without, (with_it, without)
+
+
+def test_the_switch_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KEEP_FREED_ENV, raising=False)
+    assert keep_freed_enabled()
+    monkeypatch.setenv(KEEP_FREED_ENV, " 0 ")
+    assert not keep_freed_enabled()
+    monkeypatch.setenv(KEEP_FREED_ENV, "1")
+    assert keep_freed_enabled()
