@@ -26,7 +26,6 @@ synchronously, as Ray does by itself.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -43,7 +42,8 @@ _local = threading.local()
 
 def ahead_enabled() -> bool:
     """Whether epochs are computed ahead (`AHEAD_ENV` unset, or anything but "0")."""
-    return os.environ.get(AHEAD_ENV, "1").strip() != "0"
+    from study.config import switched_on
+    return switched_on(AHEAD_ENV)
 
 
 class Cancelled(BaseException):

@@ -43,6 +43,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def switched_on(env: str) -> bool:
+    """A process-wide switch of the environment variable `env`: on unless it is "0"."""
+    import os
+    return os.environ.get(env, "1").strip() != "0"
+
+
 def data_field(default: Any) -> Any:
     """A field that shapes the task data: it is part of the data cache key
     (`study.tasks.DATA_FIELDS`), so configs differing in it never share built data."""

@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import os
 import sys
 
 import torch
 
-from study.config import TrialConfig
+from study.config import TrialConfig, switched_on
 
 
 def resolve_device(cfg: TrialConfig) -> torch.device:
@@ -36,7 +35,7 @@ KEEP_FREED_ENV = "STUDY_KEEP_FREED_MEMORY"
 
 def keep_freed_enabled() -> bool:
     """Whether `keep_freed_memory` applies (`KEEP_FREED_ENV` unset, or anything but "0")."""
-    return os.environ.get(KEEP_FREED_ENV, "1").strip() != "0"
+    return switched_on(KEEP_FREED_ENV)
 
 
 @functools.cache

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from study.ahead import AHEAD_ENV, Cancelled, ahead_enabled, check_cancelled, one_ahead
+from study.ahead import Cancelled, check_cancelled, one_ahead
 
 
 def _recorded(n: int, started: list[int], done: dict[int, threading.Event],
@@ -90,14 +90,6 @@ def test_cancelled_passes_through_a_trials_own_error_handler() -> None:
         except Exception:  # what `trainable.lockstep` catches to record a trial's error
             pytest.fail("Cancelled was caught as a trial's error")
 
-
-def test_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(AHEAD_ENV, raising=False)
-    assert ahead_enabled()
-    monkeypatch.setenv(AHEAD_ENV, "0")
-    assert not ahead_enabled()
-    monkeypatch.setenv(AHEAD_ENV, "1")
-    assert ahead_enabled()
 
 
 def test_a_trial_stopped_after_an_epoch_does_not_finish_the_one_computed_ahead() -> None:

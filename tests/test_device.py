@@ -1,14 +1,17 @@
-"""`study.device.keep_freed_memory`: a trial's process reuses the memory it frees."""
+"""`study.device.keep_freed_memory` (a trial's process reuses the memory it frees) and the
+process-wide switches of the environment."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from study.ahead import AHEAD_ENV, ahead_enabled
 from study.device import KEEP_FREED_ENV, keep_freed_enabled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +50,15 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     assert with_it * 5 < without, (with_it, without)
 
 
-def test_the_switch_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEEP_FREED_ENV, raising=False)
-    assert keep_freed_enabled()
-    monkeypatch.setenv(KEEP_FREED_ENV, " 0 ")
-    assert not keep_freed_enabled()
-    monkeypatch.setenv(KEEP_FREED_ENV, "1")
-    assert keep_freed_enabled()
+@pytest.mark.parametrize("env, enabled", [
+    pytest.param(KEEP_FREED_ENV, keep_freed_enabled, id="keep_freed_memory"),
+    pytest.param(AHEAD_ENV, ahead_enabled, id="epochs_ahead"),
+])
+def test_each_switch_is_on_unless_0(monkeypatch: pytest.MonkeyPatch, env: str,
+                                    enabled: Callable[[], bool]) -> None:
+    monkeypatch.delenv(env, raising=False)
+    assert enabled()
+    monkeypatch.setenv(env, " 0 ")
+    assert not enabled()
+    monkeypatch.setenv(env, "1")
+    assert enabled()
