@@ -5,9 +5,9 @@
   with bf16 autocast and `step_mode: compile`: tokens/s x (6N + 12 L d T) over the device's
   dense bf16 peak (`PEAK_BF16`), N the weights of every matmul (the head included, the token
   embedding not: a lookup), as in Kaplan et al. 2020 and PaLM's appendix B.
-- `packing_throughput_x8`: whole-trial samples/s of 8 default trials running at once as Ray
-  tasks with `num_gpus=0.125` each (each capping its GPU memory share, as a packed sweep
-  trial does) over one such trial alone.
+- `packing_throughput_x8`: whole-trial samples/s of 8 default trials running at once in Ray
+  actors with `num_gpus=0.125` each (each capping its GPU memory share, as a packed sweep
+  trial does, and warmed by a first trial) over one such trial alone.
 
 The pure parts (`mfu`, `peak_flops`) are tested in tests/test_bench.py.
 """
@@ -124,17 +124,36 @@ def mfu_at(batch: int, warmup: int = 5, steps: int = 20) -> dict[str, Any]:
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
 
 
-def _packed_trial(epochs: int, gpu: float) -> float:
-    """One default trial in a Ray worker holding `gpu` of a GPU: its whole-trial samples/s."""
-    from benchmarks.trials import default_trial, trial_samples_per_s
-    from study.trainable import gpu_memory_cap
+class PackedWorker:
+    """One packed trial process (a Ray actor, as a sweep's trial is): caps its GPU memory at
+    its fraction `gpu` at start, then trains default trials on request."""
 
-    gpu_memory_cap(gpu)
-    return trial_samples_per_s(default_trial(epochs))[0]
+    def __init__(self, gpu: float | None) -> None:
+        from study.device import keep_freed_memory
+        from study.trainable import gpu_memory_cap
+
+        gpu_memory_cap(gpu)
+        keep_freed_memory()
+
+    def trial(self, epochs: int) -> float:
+        """One default trial: its whole-trial samples/s (`trial_samples_per_s`)."""
+        from benchmarks.trials import default_trial, trial_samples_per_s
+
+        return trial_samples_per_s(default_trial(epochs))[0]
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()
 
 
-def packing(epochs: int = 3, k: int = 8) -> dict[str, Any]:
-    """Sum of samples/s of k trials at once (num_gpus = 1/k each) over one trial alone."""
+def packing(epochs: int = 3, k: int = 8, gpu: bool = True) -> dict[str, Any]:
+    """Sum of samples/s of k trials at once over one trial alone, each in its own Ray actor
+    holding 1/k of the GPU (`gpu=False`: no GPU asked for, a check of the mechanics on the
+    CPU). Every actor trains a one-epoch trial first, all at once, so that no timed trial
+    pays a process's one-time costs (imports, CUDA context, the first optimizer's import of
+    `torch._dynamo`, its data): before 2026-11-27 these were Ray tasks, which on a GPU run in
+    a fresh worker process each (Ray's `max_calls` is 1 for GPU tasks), so every timed trial
+    paid them, and they overlap across processes."""
     import ray
 
     from study.sweep.lifecycle import init_ray, sweep_environment
@@ -142,15 +161,24 @@ def packing(epochs: int = 3, k: int = 8) -> dict[str, Any]:
     with sweep_environment():
         init_ray(None)
         frac = 1.0 / k
-        run = ray.remote(num_gpus=frac, num_cpus=1)(_packed_trial)
-        ray.get(run.remote(1, frac))  # warm: the worker's imports and CUDA context
-        t0 = time.perf_counter()
-        one = ray.get(run.remote(epochs, frac))
-        t_one = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        many = ray.get([run.remote(epochs, frac) for _ in range(k)])
-        t_many = time.perf_counter() - t0
-    return {"k": k, "gpu_fraction": frac, "epochs": epochs, "one_samples_per_s": one,
+        actor = ray.remote(num_gpus=frac if gpu else 0, num_cpus=1)(PackedWorker)
+        workers = [actor.remote(frac if gpu else None) for _ in range(k)]
+        try:
+            ray.get([w.trial.remote(1) for w in workers])  # warm every process at once
+            pids = ray.get([w.pid.remote() for w in workers])
+            t0 = time.perf_counter()
+            one = ray.get(workers[0].trial.remote(epochs))
+            t_one = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            many = ray.get([w.trial.remote(epochs) for w in workers])
+            t_many = time.perf_counter() - t0
+            same = pids == ray.get([w.pid.remote() for w in workers])
+        finally:
+            for w in workers:
+                ray.kill(w)  # this benchmark's own actors, by handle
+    return {"k": k, "gpu_fraction": frac if gpu else None, "epochs": epochs,
+            "processes": "one Ray actor per trial, each warmed by a one-epoch trial",
+            "same_processes": same, "one_samples_per_s": one,
             "packed_samples_per_s": many, "one_wall_s": t_one, "packed_wall_s": t_many,
             "value": sum(many) / one,
             "wall_ratio": k * t_one / t_many}

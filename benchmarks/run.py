@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # launch-bound device pays per step; on a GPU its autocast's casts besides)
         section("step_kernels", lambda: {f"seeds{k}": sum(trials.step_kernels(
             trials.default_trial(epochs), k).values()) for k in (1, 4, 16)})
+        # how much of the device's matmul rate the default trial's training uses
+        section("compute_use", lambda: trials.compute_use(dev, epochs))
         # where those trials' time goes (training, per-epoch evaluation, robustness sets)
         section("time_split", lambda: {f"seeds{k}": trials.time_split(
             trials.default_trial(epochs), k) for k in ((1, 4, 16) if cuda else (1, 4))})

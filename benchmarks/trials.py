@@ -95,6 +95,39 @@ def small_trial_speedup(device: torch.device, epochs: int = 2, rounds: int = 3
             "speedup": _median(fast) / _median(eager)}
 
 
+def matmul_flops_per_s(device: torch.device, n: int = 1024, reps: int = 10) -> float:
+    """The device's matmul ceiling as measured here: FLOP/s of an n x n by n x n product
+    (fp32 on the CPU, bf16 on CUDA), the median of `reps` after a warm-up."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for _ in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / _median(times[1:])
+
+
+def compute_use(device: torch.device, epochs: int = 2) -> dict[str, Any]:
+    """How much of the device's measured matmul rate the default trial's training uses: its
+    training FLOP/s (`flops_per_sample` x the epochs' median samples/s, `step_mode: auto`)
+    over `matmul_flops_per_s`. On the CPU, where a trial is compute-bound, 1 / `fraction`
+    bounds what any faster path could gain on its training steps."""
+    cfg = default_trial(epochs)
+    results = list(run_trial(cfg))
+    per_s = _median([r.metrics["samples_per_s"] for r in results])
+    train = results[-1].metrics["flops_per_sample"] * per_s
+    ceiling = matmul_flops_per_s(device)
+    return {"config": {**DEFAULT_TRIAL, "epochs": epochs}, "train_flops_per_s": train,
+            "matmul_flops_per_s": ceiling, "fraction": train / ceiling,
+            "matmul": "1024 x 1024 by 1024 x 1024, " + ("bf16" if device.type == "cuda"
+                                                          else "fp32, one thread")}
+
+
 def replicas_module() -> Any | None:
     """`study.replicas` where it exists and imports, else None."""
     try:
