@@ -124,6 +124,9 @@ def mfu_at(batch: int, warmup: int = 5, steps: int = 20) -> dict[str, Any]:
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
 
 
+PACKING_TIMEOUT_S = 300.0  # the most any of the packing section's waits may take
+
+
 class PackedWorker:
     """One packed trial process (a Ray actor, as a sweep's trial is): caps its GPU memory at
     its fraction `gpu` at start, then trains default trials on request."""
@@ -159,26 +162,29 @@ def packing(epochs: int = 3, k: int = 8, gpu: bool = True) -> dict[str, Any]:
     from study.sweep.lifecycle import init_ray, sweep_environment
 
     with sweep_environment():
-        init_ray(None)
+        cpus = init_ray(None).get("CPU", 1.0)
         frac = 1.0 / k
-        actor = ray.remote(num_gpus=frac if gpu else 0, num_cpus=1)(PackedWorker)
+        # an actor holds its CPUs for life: k of them must fit at once, or some never start
+        per_cpu = min(1.0, cpus / k)
+        actor = ray.remote(num_gpus=frac if gpu else 0, num_cpus=per_cpu)(PackedWorker)
         workers = [actor.remote(frac if gpu else None) for _ in range(k)]
         try:
-            ray.get([w.trial.remote(1) for w in workers])  # warm every process at once
-            pids = ray.get([w.pid.remote() for w in workers])
+            # warm every process at once (a limit, so a stuck actor fails the section)
+            ray.get([w.trial.remote(1) for w in workers], timeout=PACKING_TIMEOUT_S)
+            pids = ray.get([w.pid.remote() for w in workers], timeout=PACKING_TIMEOUT_S)
             t0 = time.perf_counter()
-            one = ray.get(workers[0].trial.remote(epochs))
+            one = ray.get(workers[0].trial.remote(epochs), timeout=PACKING_TIMEOUT_S)
             t_one = time.perf_counter() - t0
             t0 = time.perf_counter()
-            many = ray.get([w.trial.remote(epochs) for w in workers])
+            many = ray.get([w.trial.remote(epochs) for w in workers], timeout=PACKING_TIMEOUT_S)
             t_many = time.perf_counter() - t0
-            same = pids == ray.get([w.pid.remote() for w in workers])
         finally:
             for w in workers:
                 ray.kill(w)  # this benchmark's own actors, by handle
     return {"k": k, "gpu_fraction": frac if gpu else None, "epochs": epochs,
             "processes": "one Ray actor per trial, each warmed by a one-epoch trial",
-            "same_processes": same, "one_samples_per_s": one,
+            "cpus_per_actor": per_cpu, "distinct_processes": len(set(pids)),
+            "one_samples_per_s": one,
             "packed_samples_per_s": many, "one_wall_s": t_one, "packed_wall_s": t_many,
             "value": sum(many) / one,
             "wall_ratio": k * t_one / t_many}

@@ -19,8 +19,10 @@ trains `--trials` trials of the default study's configuration (2 seeds, their ow
 each trial's seconds, the trials per second of all k together and `scaling`, that rate over
 the same path's rate with k = 1 (k = 8 packed trials reaching 7.8x one was measured for eager
 processes of a small model on an H100). `--mps` runs the new path again with a CUDA MPS daemon
-of its own (its pipe and log folders under a temp dir, stopped at the end), where
-`nvidia-cuda-mps-control` exists. Written to `packing-probe-<device>.json` in DIR (default
+of its own (its pipe and log folders under a temp dir, told to quit at the end, a SIGTERM
+included), where `nvidia-cuda-mps-control` exists; each such row says whether the daemon
+listed a server after it (`mps_valid`: a client that cannot reach the daemon runs without MPS,
+silently). Written to `packing-probe-<device>.json` in DIR (default
 benchmarks/results). On the CPU it runs too (a check of the probe itself; there the processes
 share 2 cores, so the scaling says nothing about a GPU).
 """
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# each path's trial settings; today's processes run in `benchmarks.sweeps.todays_env()`, as
+# the study section runs today's path (glibc's malloc as it is)
 PATHS = {"new": {"step_mode": "auto", "batching": "vmap"},
          "today": {"step_mode": "eager", "batching": "lockstep"}}
 # one configuration of the default study (search_spaces/default.yaml): its fixed part and
@@ -67,10 +72,14 @@ def rates(walls: Sequence[float], trials_each: int) -> float:
 
 def scaling(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row's (path, k, trials_per_s, ...) with `scaling`: its rate over the rate of the
-    row with the same path (and `mps`) at k = 1 (None where that row is missing)."""
-    base = {(r["path"], r.get("mps", False)): r["trials_per_s"] for r in rows if r["k"] == 1}
-    return [{**r, "scaling": (r["trials_per_s"] / base[(r["path"], r.get("mps", False))]
-                              if (r["path"], r.get("mps", False)) in base else None)}
+    row with the same path (and `mps`) at k = 1 (None where either is a failed row, one with
+    an `error` and no rate, or that row is missing)."""
+    def key(r: dict[str, Any]) -> tuple[str, bool]:
+        return r["path"], bool(r.get("mps", False))
+
+    base = {key(r): r["trials_per_s"] for r in rows if r["k"] == 1 and "trials_per_s" in r}
+    return [{**r, "scaling": (r["trials_per_s"] / base[key(r)]
+                              if "trials_per_s" in r and key(r) in base else None)}
             for r in rows]
 
 
@@ -79,10 +88,12 @@ def child(path: str, epochs: int, trials: int, k: int, start_file: str) -> dict[
     timed trials; returns their seconds."""
     import torch
 
+    from study.device import keep_freed_memory
     from study.trainable import gpu_memory_cap, lockstep, trial_threads
 
-    trial_threads(1)
+    trial_threads(1)  # as a sweep's trainable sets up its process (`run_packed` sets the env)
     gpu_memory_cap(1.0 / k if k > 1 else None)
+    keep_freed_memory()
     batching = PATHS[path]["batching"]
     for _ in lockstep(trial_config(path, 1), SEEDS, True, batching):  # data, warm-up
         pass
@@ -109,26 +120,40 @@ def run_packed(path: str, k: int, epochs: int, trials: int, env: dict[str, str] 
         start = str(Path(tmp) / "start")
         cmd = [sys.executable, "-m", "benchmarks.packing_probe", "--child", path, str(epochs),
                str(trials), str(k), start]
-        full_env = {**os.environ, **(env or {}),
+        from benchmarks.sweeps import todays_env
+
+        full_env = {**os.environ, **(todays_env() if path == "today" else {}), **(env or {}),
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                                 os.environ.get("PYTHONPATH")]))}
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=full_env, cwd=ROOT) for _ in range(k)]
-        deadline = time.monotonic() + timeout_s
-        while (len(list(Path(tmp).glob("start.ready*"))) < k
-               and all(p.poll() is None for p in procs) and time.monotonic() < deadline):
-            time.sleep(0.05)
-        Path(start).touch()
-        outs = []
-        for p in procs:
-            try:
-                so, se = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()  # this probe's own child, by its handle
-                so, se = p.communicate()
-            if p.returncode != 0:
-                return {"path": path, "k": k, "error": (se or so)[-1500:]}
-            outs.append(json.loads(so.strip().splitlines()[-1]))
+        # output to files, not pipes: a child never blocks on a full pipe before the start
+        logs = [(Path(tmp) / f"out{i}", Path(tmp) / f"err{i}") for i in range(k)]
+        procs = []
+        outs: list[dict[str, Any]] = []
+        try:
+            for out, err in logs:
+                with open(out, "w") as fo, open(err, "w") as fe:
+                    procs.append(subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True,
+                                                  env=full_env, cwd=ROOT))
+            deadline = time.monotonic() + timeout_s
+            while (len(list(Path(tmp).glob("start.ready*"))) < k
+                   and all(p.poll() is None for p in procs) and time.monotonic() < deadline):
+                time.sleep(0.05)
+            Path(start).touch()
+            for p, (out, err) in zip(procs, logs):
+                try:
+                    p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    return {"path": path, "k": k, "error": f"not done in {timeout_s:g} s",
+                            "pids": [q.pid for q in procs]}
+                if p.returncode != 0:
+                    return {"path": path, "k": k, "pids": [q.pid for q in procs],
+                            "error": (err.read_text() or out.read_text())[-1500:]}
+                outs.append(json.loads(out.read_text().strip().splitlines()[-1]))
+        finally:
+            for p in procs:  # this probe's own children, by their handles
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     walls = [o["wall_s"] for o in outs]
     per_trial = [s for o in outs for s in o["trial_s"]]
     return {"path": path, "k": k, "epochs": epochs, "trials_each": trials,
@@ -146,6 +171,7 @@ class MPSDaemon:
         self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"),
                     "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
         self.why_not: str | None = None
+        self.quit: str | None = None  # what `quit` answered, at the end
         self.binary = shutil.which("nvidia-cuda-mps-control")
 
     def __enter__(self) -> MPSDaemon:
@@ -160,10 +186,25 @@ class MPSDaemon:
             self.why_not = f"nvidia-cuda-mps-control -d: rc {res.returncode} {res.stderr[-300:]}"
         return self
 
+    def command(self, line: str, timeout_s: float = 30.0) -> tuple[int, str]:
+        """One command to the daemon (`get_server_list`, `quit`): its return code and output."""
+        assert self.binary is not None
+        try:
+            res = subprocess.run([self.binary], input=line + "\n", capture_output=True,
+                                 text=True, timeout=timeout_s, env={**os.environ, **self.env})
+        except subprocess.TimeoutExpired:
+            return -1, f"no answer to {line!r} in {timeout_s:g} s"
+        return res.returncode, (res.stdout + res.stderr).strip()
+
     def __exit__(self, *exc: object) -> None:
-        if self.binary is not None and self.why_not is None:
-            subprocess.run([self.binary], input="quit\n", env={**os.environ, **self.env},
-                           capture_output=True, text=True, timeout=30)
+        if self.binary is None or self.why_not is not None:
+            return
+        rc, text = self.command("quit")
+        self.quit = f"rc {rc}" + (f": {text[-200:]}" if text else "")
+        control = Path(self.env["CUDA_MPS_PIPE_DIRECTORY"]) / "control"
+        deadline = time.monotonic() + 10
+        while control.exists() and time.monotonic() < deadline:  # the daemon's own socket
+            time.sleep(0.1)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -191,25 +232,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[:] = scaling(rows)
         out.write_text(json.dumps(result, indent=1))
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()
-               if k in ("path", "k", "mps", "trials_per_s", "mean_trial_s", "scaling",
-                        "outcomes", "error")}, flush=True)
+               if k in ("path", "k", "mps", "mps_valid", "trials_per_s", "mean_trial_s",
+                        "scaling", "outcomes", "error")}, flush=True)
 
     for path in args.paths:
         for k in args.k:
             save(run_packed(path, k, args.epochs, args.trials))
     if args.mps and "new" in args.paths:
         with tempfile.TemporaryDirectory() as tmp, MPSDaemon(Path(tmp)) as mps:
-            result["mps"] = mps.why_not or "ran"
+            result["mps"] = {"started": mps.why_not is None, "why_not": mps.why_not}
             if mps.why_not is None:
                 for k in args.k:
-                    save({**run_packed("new", k, args.epochs, args.trials, env=mps.env),
-                          "mps": True})
+                    row = run_packed("new", k, args.epochs, args.trials, env=mps.env)
+                    # a client that cannot reach the daemon runs without MPS, silently: the
+                    # rows count as MPS rows only while the daemon lists a server
+                    rc, servers = mps.command("get_server_list")
+                    save({**row, "mps": True, "mps_servers": servers if rc == 0 else None,
+                          "mps_valid": rc == 0 and bool(servers.strip())})
+        result["mps"]["quit"] = mps.quit
         out.write_text(json.dumps(result, indent=1))
     print(f"written: {out}")
     return result
 
 
 if __name__ == "__main__":
+    # a `timeout` (SIGTERM) unwinds as an exit, so the MPS daemon is told to quit
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         path, epochs, trials, k, start = sys.argv[2:7]
         print(json.dumps(child(path, int(epochs), int(trials), int(k), start)))

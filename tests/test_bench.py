@@ -450,6 +450,12 @@ def test_packing_probe_rates_and_scaling() -> None:
     assert rows[0]["scaling"] == pytest.approx(1.0) and rows[1]["scaling"] == pytest.approx(2.0)
     assert rows[2]["scaling"] is None  # no `today` row at k = 1 to divide by
     assert rows[4]["scaling"] == pytest.approx(6.0)  # against the MPS row at k = 1
+    # a failed row (no rate) has no scaling and is no base for the others
+    rows = scaling([{"path": "new", "k": 1, "error": "out of memory"},
+                    {"path": "new", "k": 8, "trials_per_s": 1.0},
+                    {"path": "today", "k": 1, "trials_per_s": 0.5},
+                    {"path": "today", "k": 8, "error": "not done in 600 s"}])
+    assert [r["scaling"] for r in rows] == [None, None, 1.0, None]
 
 
 def test_packing_probe_says_why_mps_did_not_start(tmp_path, monkeypatch) -> None:
@@ -460,30 +466,3 @@ def test_packing_probe_says_why_mps_did_not_start(tmp_path, monkeypatch) -> None
         assert mps.why_not == "nvidia-cuda-mps-control is not on this machine"
         assert mps.env["CUDA_MPS_PIPE_DIRECTORY"].startswith(str(tmp_path))
     assert not (tmp_path / "pipe").exists()  # nothing made for a daemon that never ran
-
-
-def test_compute_use_relates_training_to_the_matmul_rate() -> None:
-    from benchmarks.trials import compute_use, matmul_flops_per_s
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as make bench runs it on the CPU
-    try:
-        assert 1e8 < matmul_flops_per_s(torch.device("cpu"), n=256, reps=3) < 1e13
-        out = compute_use(torch.device("cpu"), epochs=1)
-    finally:
-        torch.set_num_threads(threads)
-    assert out["fraction"] == pytest.approx(out["train_flops_per_s"] / out["matmul_flops_per_s"])
-    # training runs matmuls and more on the same core: under the matmul rate, never far above
-    assert 0 < out["fraction"] < 1.5
-
-
-def test_packing_times_warmed_actors_without_a_gpu() -> None:
-    """The packing measurement's mechanics on the CPU (no GPU asked for): k actors, each
-    warmed, the same processes timed alone and together."""
-    from benchmarks.gpu import packing
-
-    out = packing(epochs=1, k=2, gpu=False)
-    assert out["same_processes"] is True
-    assert len(out["packed_samples_per_s"]) == 2 and out["one_samples_per_s"] > 0
-    assert out["value"] == pytest.approx(sum(out["packed_samples_per_s"])
-                                         / out["one_samples_per_s"])
