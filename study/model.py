@@ -111,7 +111,7 @@ class AttnContext:
     """Per-forward tensors shared by every layer, built once from the mask."""
 
     valid: torch.Tensor  # (B, T) bool
-    attn_mask: torch.Tensor | None  # (B|1, 1|nh, T, T) bool (True = attend) or float bias
+    attn_mask: torch.Tensor | None  # (B|1, 1|nh, 1|T, T) bool (True = attend) or float bias
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: (T, hs)
 
 
@@ -462,13 +462,16 @@ class AttentionModel(nn.Module):
         T = valid.shape[1]
         idx = torch.arange(T, device=valid.device)
         dist = (idx[None, :] - idx[:, None]).abs()  # (T, T)
-        allowed: torch.Tensor | None = None
-        if padded:  # real queries see real keys only; padded queries see everything
-            allowed = valid[:, None, :] | ~valid[:, :, None]  # (B, T, T)
+        mask: torch.Tensor | None = None  # (B|1, 1, 1|T, T) bool, True = attend
         if cfg.attn_kind == "local":
-            near = (dist <= cfg.attn_window)[None]  # (1, T, T)
-            allowed = near if allowed is None else allowed & near
-        mask: torch.Tensor | None = None if allowed is None else allowed[:, None]  # (B|1, 1, T, T)
+            mask = (dist <= cfg.attn_window)[None, None]  # (1, 1, T, T)
+            if padded:  # real queries see real keys only; padded queries see everything, so
+                # that no query's window is all padding (a row of no keys)
+                mask = mask & (valid[:, None, None, :] | ~valid[:, None, :, None])
+        elif padded:  # every query sees the real keys only: one key mask, never (B, T, T) (the
+            # fused kernels read less; padded queries' outputs are never used); a sample with
+            # no real position (none is built so) would see everything, never a row of no keys
+            mask = valid[:, None, None, :] | ~valid.any(1)[:, None, None, None]  # (B, 1, 1, T)
         if cfg.pos_encoding == "alibi":
             bias = -self.slopes[:, None, None] * dist[None].float()  # (nh, T, T)
             mask = bias[None] if mask is None else bias[None].masked_fill(~mask, float("-inf"))
@@ -528,7 +531,10 @@ class AttentionModel(nn.Module):
         # additive attention pooling: e_t = v^T tanh(W h_t) / tau
         tau = torch.exp(self.log_tau) if self.log_tau is not None else self.cfg.attn_temperature
         logits = self.att_v(torch.tanh(self.att_w(h))).squeeze(-1) / tau  # (B, T)
-        logits = logits.masked_fill(~valid, float("-inf"))
+        # a sample with no real position (none is built so) pools over all, as the
+        # transformer's padding mask lets it see everything, never a softmax of no positions
+        seen = valid | ~valid.any(1, keepdim=True)
+        logits = logits.masked_fill(~seen, float("-inf"))
         p = torch.softmax(logits.float(), dim=-1)
         pd = F.dropout(p, self.cfg.attn_dropout, self.training)
         pooled = (pd.to(h.dtype)[..., None] * h).sum(1)  # (B, d)
@@ -536,7 +542,7 @@ class AttentionModel(nn.Module):
         if stats:
             ent = softmax_entropy(logits.float(), p)  # (B,)
             info = AttnStats(entropy=ent[:, None, None],  # (B, 1, 1): one layer, one head
-                             max_logit=logits.masked_fill(~valid, -1e30).amax().float())
+                             max_logit=logits.masked_fill(~seen, -1e30).amax().float())
         return h, pooled, info
 
 

@@ -207,6 +207,21 @@ def test_padding_invariance(changes, spec):
         torch.testing.assert_close(out_short[row, :k], out_long[row, :k], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("changes", VARIANTS)
+def test_padded_batches_train_finitely_even_with_a_sample_of_no_real_position(changes):
+    """Padded queries and keys never turn into NaN (a row of attention with no key), neither
+    in the outputs nor in the gradients, with a sample of no real position in the batch (no
+    task builds one; the mask must still not break on it)."""
+    spec = ModelSpec(n_classes=5, max_len=24, vocab_size=11)
+    model = make_model(changes, spec).train()
+    x = random_inputs(spec, LONG_T, torch.Generator().manual_seed(5))
+    mask = prefix_mask(LONG_T, (20, 13, 7, 0))
+    out, _ = model(x, mask)
+    out.float().sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("changes", VARIANTS)
 @pytest.mark.parametrize("T", [LONG_T, LONG_T - 1], ids=["whole_patches", "partial_patch"])
