@@ -92,15 +92,18 @@ def without_speed(results: list[list[EpochResult]]) -> list[list[dict[str, float
 
 # on the CPU, 6 keys go to `attend` (written out) and 20 to the fold itself (`_SDPA`)
 @pytest.mark.parametrize("T", [pytest.param(6, id="T6_attend"), pytest.param(20, id="T20_fold")])
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "shared_bool"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "shared_bool", "key_bool"])
 def test_folded_sdpa_is_sdpa_per_replicate_with_its_gradients(mask_kind: str, T: int) -> None:
     g = torch.Generator().manual_seed(0)
     R, B, H, D = 3, 4, 2, 8
     q, k, v = (torch.randn(R, B, H, T, D, generator=g, requires_grad=True) for _ in range(3))
+    lengths = torch.randint(1, T + 1, (R, B), generator=g)
     masks = {"none": None,
              "bool": (torch.rand(R, B, 1, T, T, generator=g) > 0.3) | torch.eye(T).bool(),
              "float": torch.randn(R, B, H, T, T, generator=g),
-             "shared_bool": (torch.rand(B, 1, T, T, generator=g) > 0.3) | torch.eye(T).bool()}
+             "shared_bool": (torch.rand(B, 1, T, T, generator=g) > 0.3) | torch.eye(T).bool(),
+             # the padding mask the model builds for full attention: real keys only
+             "key_bool": (torch.arange(T) < lengths[..., None])[:, :, None, None, :]}
     mask = masks[mask_kind]
     dim = None if mask is None or mask_kind == "shared_bool" else 0
     with warnings.catch_warnings():
@@ -522,3 +525,25 @@ def test_long_rows_with_attention_dropout_train_in_lockstep_on_cuda(changes, fal
     assert (why is not None) == falls_back, why
     if falls_back:
         assert "attn_dropout" in why and "tokens" in why
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")]),
+])
+def test_a_padded_task_trains_batched(device: str) -> None:
+    """A task whose splits hold padding (sort, per-token): the key mask `(B, 1, 1, T)` full
+    attention takes over padded inputs reaches the fold (and on CUDA SDPA's fused kernels,
+    forward and backward); 2 replicates with their own data train batched, finitely."""
+    import math
+
+    cfg = make_config({"task": "sort", "n_train": 512, "epochs": 2, "device": device,
+                       "d_model": 32, "n_heads": 2, "n_layers": 1})
+    cfgs = [replicate(cfg, k, True) for k in range(2)]
+    datas = [get_task(c) for c in cfgs]
+    assert datas[0].spec.padded and fallback_reason(cfgs, datas) is None
+    last = list(train_replicas(cfgs, datas))[-1]
+    for res in last:
+        assert res.diverged is None, res.diverged
+        assert all(math.isfinite(v) for v in res.metrics.values())
