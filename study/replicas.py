@@ -478,8 +478,8 @@ class Replicas:
 
     def _captured_step(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor
                        ) -> torch.Tensor:
-        """The step as a CUDA graph holds it: in place, gradients zeroed (not freed)."""
-        self.opt.zero_grad(set_to_none=False)
+        """The step as a CUDA graph holds it (as `step._captured_step`: the captured backward
+        makes the gradients, which each replay writes anew)."""
         loss, gn = self._clipped(x, y, m)
         optimizer_step(self, loss, gn)
         return loss.detach()

@@ -258,9 +258,10 @@ def _eager_step(
 def _captured_step(
     state: TrainState, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """What one CUDA graph holds: every operation in place on tensors that outlive it (the
-    gradients already exist, so backward accumulates into them after zeroing)."""
-    state.opt.zero_grad(set_to_none=False)
+    """What one CUDA graph holds: the step on tensors that outlive it. No gradient exists when
+    capture starts (`_replay`), so the captured backward makes them in the graph's own memory
+    and each replay writes them anew: no zeroing and no accumulation into kept gradients (31
+    kernels a step fewer for the default model, one add per parameter and the zeroing)."""
     loss = state._loss(x, y, mask)
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.clip)
@@ -275,6 +276,9 @@ def _replay(state: Any, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
     g = state.graphs.get(key)
     if g is None:  # the first batch of this shape: capture (nothing runs) then replay
         sx, sy, sm = x.clone(), y.clone(), mask.clone()
+        # the captured backward makes the gradients (`captured`): none may exist before, or it
+        # would add into them; each graph then reads the gradients it made itself
+        state.opt.zero_grad(set_to_none=True)
         try:
             graph, loss = capture(lambda: captured(sx, sy, sm), state.device)
         except Exception as e:  # something in this config cannot be captured: eager from now
