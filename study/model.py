@@ -360,6 +360,11 @@ class Block(nn.Module):
         return x, info
 
 
+def steps_per_token(cfg: TrialConfig, spec: ModelSpec) -> int:
+    """Raw input steps per token: one for token ids, `patch_size` for a continuous signal."""
+    return 1 if spec.vocab_size > 0 else cfg.patch_size
+
+
 class InputEmbedding(nn.Module):
     """Token ids -> embeddings, or a continuous signal -> tokens by `embed` (patch or conv)."""
 
@@ -367,7 +372,7 @@ class InputEmbedding(nn.Module):
         super().__init__()
         d, p = cfg.d_model, cfg.patch_size
         self.tokens = spec.vocab_size > 0
-        self.p = 1 if self.tokens else p
+        self.p = steps_per_token(cfg, spec)
         self.kind = cfg.embed
         self.emb: nn.Module
         if self.tokens:

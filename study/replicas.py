@@ -119,6 +119,7 @@ from study.model import (
     AttnStats,
     attend_written_out,
     build_model,
+    steps_per_token,
     written_out,
 )
 from study.step import adamw, apply_step, graph_step, optimizer_step, resolve_step_mode, trial_loss
@@ -301,7 +302,7 @@ def fallback_reason(cfgs: Sequence[TrialConfig], datas: Sequence[TaskData]) -> s
                 "so batch shapes differ between replicates")
     if cfg.arch == "lstm_attention":
         return "arch=lstm_attention: nn.LSTM (aten::mkldnn_rnn_layer) has no vmap batching rule"
-    tokens = -(-int(datas[0].train.x.shape[1]) // cfg.patch_size)
+    tokens = -(-int(datas[0].train.x.shape[1]) // steps_per_token(cfg, datas[0].spec))
     if (cfg.attn_dropout > 0 and tokens >= LONG_ROWS_WITH_DROPOUT
             and resolve_device(cfg).type == "cuda"):
         return (f"attn_dropout on CUDA with {tokens} tokens: batched, attention with dropout is "

@@ -513,6 +513,8 @@ def test_batched_step_is_captured_on_cuda_and_matches_its_eager_step() -> None:
     pytest.param({"attn_dropout": 0.0}, False, id="no_dropout"),
     pytest.param({"device": "cpu"}, False, id="cpu"),
     pytest.param({"max_len": 16}, False, id="short_rows"),
+    # token ids are one token a step, whatever patch_size says (it applies to signals)
+    pytest.param({"patch_size": 4}, True, id="token_ids_ignore_patch_size"),
 ])
 def test_long_rows_with_attention_dropout_train_in_lockstep_on_cuda(changes, falls_back) -> None:
     """Batched, attention with dropout is written out, which on long rows holds k x B x heads x
