@@ -128,15 +128,14 @@ PACKING_TIMEOUT_S = 300.0  # the most any of the packing section's waits may tak
 
 
 class PackedWorker:
-    """One packed trial process (a Ray actor, as a sweep's trial is): caps its GPU memory at
-    its fraction `gpu` at start, then trains default trials on request."""
+    """One packed trial process (a Ray actor, as a sweep's trial is), set up as a sweep's
+    worker is (`trial_process`: its `cpus`, its GPU memory share `gpu`), then training default
+    trials on request."""
 
-    def __init__(self, gpu: float | None) -> None:
-        from study.device import keep_freed_memory
-        from study.trainable import gpu_memory_cap
+    def __init__(self, cpus: float, gpu: float | None) -> None:
+        from study.trainable import trial_process
 
-        gpu_memory_cap(gpu)
-        keep_freed_memory()
+        trial_process(cpus, gpu)
 
     def trial(self, epochs: int) -> float:
         """One default trial: its whole-trial samples/s (`trial_samples_per_s`)."""
@@ -167,7 +166,7 @@ def packing(epochs: int = 3, k: int = 8, gpu: bool = True) -> dict[str, Any]:
         # an actor holds its CPUs for life: k of them must fit at once, or some never start
         per_cpu = min(1.0, cpus / k)
         actor = ray.remote(num_gpus=frac if gpu else 0, num_cpus=per_cpu)(PackedWorker)
-        workers = [actor.remote(frac if gpu else None) for _ in range(k)]
+        workers = [actor.remote(per_cpu, frac if gpu else None) for _ in range(k)]
         try:
             # warm every process at once (a limit, so a stuck actor fails the section)
             ray.get([w.trial.remote(1) for w in workers], timeout=PACKING_TIMEOUT_S)

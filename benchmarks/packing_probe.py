@@ -88,12 +88,10 @@ def child(path: str, epochs: int, trials: int, k: int, start_file: str) -> dict[
     timed trials; returns their seconds."""
     import torch
 
-    from study.device import keep_freed_memory
-    from study.trainable import gpu_memory_cap, lockstep, trial_threads
+    from study.trainable import lockstep, trial_process
 
-    trial_threads(1)  # as a sweep's trainable sets up its process (`run_packed` sets the env)
-    gpu_memory_cap(1.0 / k if k > 1 else None)
-    keep_freed_memory()
+    # as a sweep's worker sets up its process (`run_packed` sets the environment)
+    trial_process(1, 1.0 / k if k > 1 else None)
     batching = PATHS[path]["batching"]
     for _ in lockstep(trial_config(path, 1), SEEDS, True, batching):  # data, warm-up
         pass

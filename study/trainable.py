@@ -186,6 +186,18 @@ def node_info(config: dict[str, Any]) -> dict[str, str]:
     return info
 
 
+def trial_process(cpus: float | None = None, gpu: float | None = None) -> None:
+    """Set up the process a trial runs in (a sweep's worker, or a benchmark's packed trial):
+    torch's threads for its `cpus` (`trial_threads`), reuse of the memory it frees
+    (`study.device.keep_freed_memory`) and its share `gpu` of the GPU's memory
+    (`gpu_memory_cap`)."""
+    from study.device import keep_freed_memory
+
+    trial_threads(cpus)
+    keep_freed_memory()
+    gpu_memory_cap(gpu)
+
+
 def trainable(config: dict[str, Any], seeds: int = 1, vary_data_seed: bool = False,
               seed_batching: str = "vmap", cpus: float | None = None,
               gpu: float | None = None) -> None:
@@ -194,12 +206,9 @@ def trainable(config: dict[str, Any], seeds: int = 1, vary_data_seed: bool = Fal
     from ray import tune
 
     from study.ahead import ahead_enabled, one_ahead
-    from study.device import keep_freed_memory
 
     start = time.perf_counter()
-    trial_threads(cpus)
-    keep_freed_memory()
-    gpu_memory_cap(gpu)
+    trial_process(cpus, gpu)
     node = node_info(config)
     # the next epoch trains while the driver takes this one's report (`study.ahead`)
     with one_ahead(lockstep(config, seeds, vary_data_seed, seed_batching), start,
