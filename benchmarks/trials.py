@@ -328,12 +328,18 @@ def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
             reps = replicas.Replicas(cfgs, datas)
         step = functools.partial(reps.train_step,
                                  *reps.gather(torch.arange(cfg.batch_size).repeat(k, 1)))
-    counter = _Dispatches(lambda name: None if name in NO_KERNEL else name)
     with attention_as_on_cuda():
         for _ in range(2):
             step()
-        with counter:
-            step()
+        return kernel_counts(step)
+
+
+def kernel_counts(fn: Callable[[], Any]) -> dict[str, int]:
+    """The operations `fn()` dispatches that compute something (`NO_KERNEL` left out), by
+    name: on a device, about one kernel launch each."""
+    counter = _Dispatches(lambda name: None if name in NO_KERNEL else name)
+    with counter:
+        fn()
     return counter.counts
 
 

@@ -297,15 +297,6 @@ def test_a_failed_captures_reason_is_one_line(error, want):
     assert why_not(error) == want
 
 
-def _counted_ops(fn) -> dict[str, int]:
-    from benchmarks.trials import NO_KERNEL, _Dispatches
-
-    counter = _Dispatches(lambda name: None if name in NO_KERNEL else name)
-    with counter:
-        fn()
-    return counter.counts
-
-
 class _GraphOnTheCPU:
     """Stands in for a CUDA graph where there is none: capture records the function (a real
     capture runs nothing), replay runs it."""
@@ -327,7 +318,7 @@ def test_a_captured_step_makes_its_own_gradients(batched: bool, monkeypatch) -> 
     import copy
 
     import study.step as step_module
-    from benchmarks.trials import DEFAULT_TRIAL
+    from benchmarks.trials import DEFAULT_TRIAL, kernel_counts
     from study.replicas import Replicas
     from study.step import _captured_step, _eager_step, _replay
     from study.trainable import replicate
@@ -351,8 +342,8 @@ def test_a_captured_step_makes_its_own_gradients(batched: bool, monkeypatch) -> 
         params = lambda s: list(s.model.parameters())
     steps[0](state)(*batch)  # gradients and optimizer state exist, as after the warm-up
     twin = copy.deepcopy(state)
-    ops_graph = _counted_ops(lambda: _replay(state, *batch, steps[0](state), steps[1](state)))
-    ops_eager = _counted_ops(lambda: steps[0](twin)(*batch))
+    ops_graph = kernel_counts(lambda: _replay(state, *batch, steps[0](state), steps[1](state)))
+    ops_eager = kernel_counts(lambda: steps[0](twin)(*batch))
     # the static inputs and the returned loss are copies
     assert ops_graph.pop("clone") == ops_eager.pop("clone", 0) + 4
     assert ops_graph == ops_eager
