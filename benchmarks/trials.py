@@ -281,17 +281,20 @@ NO_KERNEL = frozenset({
 
 
 @contextlib.contextmanager
-def attention_as_on_cuda() -> Iterator[None]:
+def kernels_as_on_cuda() -> Iterator[None]:
     """Attention through SDPA wherever the trial runs, as `study.model.attend` calls it on
     CUDA (on the CPU it writes some attention out), so a CPU counts the operations a GPU would
     launch. Without dropout that is one fused kernel; with dropout SDPA's CPU math path still
     counts its own operations (bmm, softmax, dropout), which CUDA's fused kernels do not
-    launch separately."""
+    launch separately. Batched replicates' projections are those of a captured step
+    (`replicas.fused_projections`)."""
     from study import model, replicas
 
     with contextlib.ExitStack() as stack:
         for owner in (model, replicas):
             stack.enter_context(mock.patch.object(owner, "written_out", lambda *a: False))
+        # batched replicates' projections as a captured step runs them
+        stack.enter_context(mock.patch.object(replicas, "fused_projections", lambda mode: True))
         yield
 
 
@@ -303,7 +306,7 @@ def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
     the first batch of each replicate's training split, both on the device the trial would use.
     A launch-bound device's step costs about what these counts say; the CPU counts what a GPU
     would launch but for the casts of CUDA's bf16 autocast (attention as on CUDA:
-    `attention_as_on_cuda`)."""
+    `kernels_as_on_cuda`)."""
     from study import replicas
     from study.device import resolve_device
     from study.model import build_model
@@ -314,21 +317,21 @@ def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
             for r in range(k)]
     datas = [get_task(c) for c in cfgs]
     step: Callable[[], Any]
-    if k == 1:
-        data, rows = datas[0], slice(0, cfg.batch_size)
-        device = resolve_device(cfgs[0])  # where the batched replicates run too
-        state, _ = train_state(build_model(cfgs[0], data.spec).to(device), cfgs[0], 100)
-        batch = tuple(t[rows].to(device) for t in (data.train.x, data.train.y,
-                                                    data.train.mask))
-        step = functools.partial(train_step, state, *batch)
-    else:
-        adamw = replicas.adamw
-        with mock.patch.object(replicas, "adamw", lambda *a, **kw: adamw(*a, **{
-                **kw, "fused": FUSED_ADAMW})):
-            reps = replicas.Replicas(cfgs, datas)
-        step = functools.partial(reps.train_step,
-                                 *reps.gather(torch.arange(cfg.batch_size).repeat(k, 1)))
-    with attention_as_on_cuda():
+    with kernels_as_on_cuda():  # the batched step is built under it (its projections)
+        if k == 1:
+            data, rows = datas[0], slice(0, cfg.batch_size)
+            device = resolve_device(cfgs[0])  # where the batched replicates run too
+            state, _ = train_state(build_model(cfgs[0], data.spec).to(device), cfgs[0], 100)
+            batch = tuple(t[rows].to(device) for t in (data.train.x, data.train.y,
+                                                        data.train.mask))
+            step = functools.partial(train_step, state, *batch)
+        else:
+            adamw = replicas.adamw
+            with mock.patch.object(replicas, "adamw", lambda *a, **kw: adamw(*a, **{
+                    **kw, "fused": FUSED_ADAMW})):
+                reps = replicas.Replicas(cfgs, datas)
+            step = functools.partial(reps.train_step,
+                                     *reps.gather(torch.arange(cfg.batch_size).repeat(k, 1)))
         for _ in range(2):
             step()
         return kernel_counts(step)
@@ -365,7 +368,7 @@ def dispatch_split(cfg: TrialConfig, k: int, as_cuda: bool = False) -> dict[str,
     training (the rest), the per-epoch evaluation and the robustness sets. `as_cuda`: the
     evaluation runs as it does on CUDA wherever the trial runs (CUDA's chunk sizes,
     `evaluation.eval_rows`, and the batched replicate evaluation) and attention too
-    (`attention_as_on_cuda`), so a CPU counts what a GPU would launch there."""
+    (`kernels_as_on_cuda`), so a CPU counts what a GPU would launch there."""
     from study import evaluation, replicas
 
     counter = _Dispatches()
@@ -388,7 +391,7 @@ def dispatch_split(cfg: TrialConfig, k: int, as_cuda: bool = False) -> dict[str,
         if as_cuda:
             for module in (evaluation, replicas):
                 stack.enter_context(mock.patch.object(module, "eval_rows", cuda_rows))
-            stack.enter_context(attention_as_on_cuda())
+            stack.enter_context(kernels_as_on_cuda())
         with counter:
             seeds_time(cfg, k, vmap_eval=True if as_cuda else None)
     return {p: counter.counts.get(p, 0) for p in ("train_ops", "eval_ops", "robustness_ops")}

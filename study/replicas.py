@@ -6,13 +6,16 @@ one (`study.trainable.lockstep` turns them into one `TrialReport`).
 
 How. Each replicate's model is built exactly as `run_trial` builds it (its own seed, so its
 initial weights are those of the unbatched run) and the k models' parameters are stacked
-(`torch.func.stack_module_state`): one leaf tensor `(k, ...)` per parameter. A training step is
-the forward of one stateless copy of the model (`functional_call`) under
+(`torch.func.stack_module_state`) and laid side by side in one leaf tensor `(k, P)` per
+weight-decay group, each parameter a `(k, ...)` view of it (`Replicas.params`). A training step
+is the forward of one stateless copy of the model (`functional_call`) under
 `torch.vmap(..., randomness="different")` over the stacked parameters and the k replicates'
 batches, giving the k losses; ordinary autograd on their sum gives each replicate's own
-gradient (the replicates share no parameter); then per-replicate gradient clipping (each
-replicate's own global norm over its slice, as `clip_grad_norm_`), one AdamW over the stacked
-tensors (elementwise, so exactly k AdamWs) and the same warmup + cosine schedule. Every
+gradient (the replicates share no parameter), gathered in the leaves; then per-replicate
+gradient clipping (each replicate's own global norm over its row, as `clip_grad_norm_`: one
+norm and one multiply a group, for any k), one AdamW over the leaves (elementwise, so exactly
+k AdamWs) and the same warmup + cosine schedule. In captured steps (CUDA graphs) each
+projection is one batched product with its bias (`fused_linear`). Every
 replicate draws its batches from its own data order (`make_batches` with a generator seeded by
 its seed, as in `run_trial`) and, with `vary_data_seed`, from its own data. Non-finite losses
 or gradient norms are flagged per replicate; a diverged replicate's NaNs stay in its own slice.
@@ -250,6 +253,67 @@ def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+class _SavesLinear(torch.autograd.Function):
+    """What a projection's backward needs: its input, its weight and whether it has a bias."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        x, w, b = inputs
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+
+
+class _Linear(_SavesLinear):
+    """`F.linear` whose vmap rule runs the k replicates' projections as one batched product
+    with the bias (`_StackedLinear`: 1 kernel forward, 3 backward). vmap's own rule decomposes
+    `F.linear` into a product, a multiplication by 1 and an addition, and its backward adds a
+    multiplication and a copy of each weight gradient out of the transposed layout: 9 kernels
+    a projection for 4."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        x, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gx = g @ w if ctx.needs_input_grad[0] else None
+        gw = g2.mT @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, w: torch.Tensor,
+             b: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        n = int(info.batch_size)
+        xs, ws, bs = (None if t is None else (t.movedim(d, 0) if d is not None
+                                              else t.expand(n, *t.shape))
+                      for t, d in zip((x, w, b), in_dims))
+        assert xs is not None and ws is not None
+        out = _StackedLinear.apply(xs.reshape(n, -1, xs.shape[-1]), ws, bs)  # (n, N, out)
+        return out.view(*xs.shape[:-1], ws.shape[-2]), 0
+
+
+class _StackedLinear(_SavesLinear):
+    """k projections at once: `x (k, N, in) @ w (k, out, in)^T + b (k, out)`, one `baddbmm`
+    (`bmm` without a bias); the backward makes each gradient in its operand's own layout."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if b is None:
+            return torch.bmm(x, w.mT)
+        return torch.baddbmm(b.unsqueeze(1), x, w.mT)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        x, w = ctx.saved_tensors
+        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None  # (k, N, in)
+        gw = torch.bmm(g.mT, x) if ctx.needs_input_grad[1] else None  # (k, out, in)
+        gb = g.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
 def autocast_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`nn.Linear.forward` for the stateless copy under vmap: the input, weight and bias cast
     to the autocast dtype first, as autocast casts them for one `F.linear` call. Under vmap,
@@ -259,6 +323,24 @@ def autocast_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     inp, weight, bias = autocast_inputs(x, self.weight, self.bias)
     assert inp is not None and weight is not None
     return F.linear(inp, weight, bias)
+
+
+def fused_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`autocast_linear` as one batched product a projection (`_Linear`): what captured steps
+    use (`fused_projections`)."""
+    inp, weight, bias = autocast_inputs(x, self.weight, self.bias)
+    assert inp is not None and weight is not None
+    out: torch.Tensor = _Linear.apply(inp, weight, bias)
+    return out
+
+
+def fused_projections(mode: str) -> bool:
+    """Whether the stateless copy's projections are `fused_linear` (4 kernels each, forward
+    and backward) rather than vmap's own rule for `F.linear` (9): in captured steps (`mode`
+    "graph"), where the kernels are what a step costs. `_Linear`'s vmap rule runs in Python
+    (about 0.15 ms a call on the CPU), which a captured step pays once, at capture, and an
+    eager one at every call: on the CPU's eager steps vmap's rule was as fast or faster."""
+    return mode == "graph"
 
 
 def autocast_conv1d(self: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
@@ -413,27 +495,36 @@ class Replicas:
             with _RNG(c.seed, device).scope():  # exactly as `run_trial` builds its model
                 self.models.append(build_model(c, d.spec).to(device))
                 self.gens.append(torch.Generator().manual_seed(c.seed))
-        params, _ = stack_module_state(self.models)
-        self.params = {n: p.detach().requires_grad_() for n, p in params.items()}  # (k, ...)
+        params, _ = stack_module_state(self.models)  # (k, ...) each
+        self.shapes = {n: p.shape for n, p in params.items()}
+        # every parameter in one leaf `(k, P)` per weight-decay group (matrices decayed),
+        # each replicate's row its parameters side by side: autograd gathers their gradients
+        # there, so clipping multiplies one tensor a group for any k (`params`: views)
+        self.groups = {g: [n for n, p in params.items() if (p.dim() - 1 >= 2) == decayed]
+                       for g, decayed in (("decay", True), ("no_decay", False))}
+        self.flat = {g: torch.cat([params[n].reshape(self.k, -1) for n in names], 1)
+                     .detach().requires_grad_() for g, names in self.groups.items() if names}
         # buffers (positional tables) depend on the config only: one copy, not vmapped
         self.buffers = dict(self.models[0].named_buffers())
         self.base = copy.deepcopy(self.models[0]).to("meta")
         # the one model runs every replicate: it masks padding if any replicate's data has it
         self.base.spec = dataclasses.replace(
             self.base.spec, padded=any(d.spec.padded for d in datas))
-        for mod in self.base.modules():
-            if isinstance(mod, Attention):
-                mod.kernel = folded_sdpa
-            if type(mod) in AUTOCAST_FORWARD:  # a partial, not a bound method: it pickles
-                mod.forward = functools.partial(AUTOCAST_FORWARD[type(mod)], mod)
-        self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
-        self.vmap_eval = vmap_eval if vmap_eval is not None else device.type == "cuda"
         # CUDA: the whole batched step captured in CUDA graphs (`step.graph_step`), as a
         # single trial's is: vmap's per-operation dispatch is paid once, at capture
         self.mode = "graph" if resolve_step_mode(cfg, device)[0] == "graph" else "eager"
+        forwards: dict[type, Any] = dict(AUTOCAST_FORWARD)
+        if fused_projections(self.mode):
+            forwards[torch.nn.Linear] = fused_linear
+        for mod in self.base.modules():
+            if isinstance(mod, Attention):
+                mod.kernel = folded_sdpa
+            if type(mod) in forwards:  # a partial, not a bound method: it pickles
+                mod.forward = functools.partial(forwards[type(mod)], mod)
+        self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
+        self.vmap_eval = vmap_eval if vmap_eval is not None else device.type == "cuda"
         self.graphs: dict[tuple, Any] = {}
-        decay = [p for p in self.params.values() if p.dim() - 1 >= 2]  # matrices per replicate
-        no_decay = [p for p in self.params.values() if p.dim() - 1 < 2]
+        decay, no_decay = ([self.flat[g]] if g in self.flat else [] for g in self.groups)
         # not the CPU's fused AdamW over stacked tensors: with it, identical replicates with
         # identical gradients had different weights after 2 steps (cause not pinned down:
         # plain stacked tensors did not reproduce it)
@@ -452,6 +543,19 @@ class Replicas:
         self._losses = vmap(self._loss, randomness="different")
         # CUDA: the batched evaluation captured too (`study.graphs.Captured`), as the step is
         self._batched_values = Captured(self._values, self.mode == "graph")
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """Each parameter, stacked `(k, ...)`: a view of its group's leaf (`flat`), made anew at
+        each call so that autograd takes gradients through it to the leaf. A parameter no loss
+        reaches gets a zero gradient there, where a trial alone has None and AdamW skips it
+        (no configuration has one: every parameter reaches the loss)."""
+        out = {}
+        for g, flat in self.flat.items():
+            names = self.groups[g]
+            sizes = [math.prod(self.shapes[n][1:]) for n in names]
+            out.update({n: t.view(self.shapes[n]) for n, t in zip(names, flat.split(sizes, 1))})
+        return out
 
     def start_epoch(self) -> None:
         """Reset the per-epoch accumulators in place (captured steps hold their addresses)."""
@@ -491,12 +595,12 @@ class Replicas:
         loss = self._losses(self.params, x, y, m, self.adjust)  # (k,)
         # replicates are independent: d(sum)/d(replicate r's params) = d(loss_r)/d(...)
         loss.sum().backward()
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
-        # clip_grad_norm_ per replicate: the global norm over each replicate's own slice
+        grads = [f.grad for f in self.flat.values() if f.grad is not None]  # (k, P) each
+        # clip_grad_norm_ per replicate: the global norm over each replicate's own row
         gn = self.norms(grads)  # (k,)
         coef = (self.clip / (gn + 1e-6)).clamp(max=1.0)
         for g in grads:
-            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+            g.mul_(coef[:, None])
         return loss, gn
 
     def norms(self, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -591,7 +695,7 @@ class Replicas:
         per_head = entropy.float().mean(1)  # (k, L, nh)
         ent, ent_min = per_head.mean((1, 2)), per_head.amin((1, 2))  # (k,)
         max_logit = max_logit.float()
-        param_norm = self.norms(p.float() for p in self.params.values())
+        param_norm = self.norms(f.detach().float() for f in self.flat.values())
         return {M.TRAIN_LOSS: tr[0], M.TRAIN_ACC: tr[1], M.VAL_LOSS: va[0],
                 M.VAL_ACC: va[1], M.TEST_LOSS: te[0], M.TEST_ACC: te[1],
                 M.ECE: cast(torch.Tensor, te[2]),  # evaluated with ece=True

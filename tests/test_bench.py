@@ -352,6 +352,8 @@ def test_the_batched_step_launches_as_many_kernels_for_any_number_of_seeds() -> 
     more than one seed's step (vmap's decompositions) and no view among them."""
     from benchmarks.trials import NO_KERNEL, step_kernels
     from study.config import TrialConfig
+    from study.model import build_model
+    from study.tasks import get_task
 
     cfg = TrialConfig(task="digits", d_model=16, d_ff=32, n_layers=1, n_heads=2, epochs=1)
     one, two, eight = (step_kernels(cfg, k) for k in (1, 2, 8))
@@ -360,8 +362,15 @@ def test_the_batched_step_launches_as_many_kernels_for_any_number_of_seeds() -> 
     assert {"_fused_adamw_", "mm"} <= set(one) and "bmm" in two
     assert two["_fused_adamw_"] == one["_fused_adamw_"]  # fused as on CUDA, both sides
     assert not NO_KERNEL & (set(one) | set(two))
-    # the per-replicate gradient norms are one norm over all gradients, not one per parameter
+    # the per-replicate gradient norms are one norm over all gradients, not one per parameter,
+    # and clipping multiplies each weight-decay group's gradients once, not each parameter's
     assert two["linalg_vector_norm"] == 1
+    assert two["mul_"] == 2
+    # each projection (every `nn.Linear`) as one batched product with its bias, as captured
+    # steps run them
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in build_model(cfg, get_task(cfg).spec
+                                                                       ).modules())
+    assert two["baddbmm"] == n_linear
 
     # attention counted as CUDA runs it (one SDPA kernel), not as the CPU writes out attention
     # over fewer than 16 keys (MNIST-1D: 10 tokens)

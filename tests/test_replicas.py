@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import replace
+from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from study.replicas import (
     Replicas,
     fallback_reason,
     folded_sdpa,
+    fused_linear,
     replica_loss,
     train_replicas,
 )
@@ -119,6 +122,60 @@ def test_folded_sdpa_is_sdpa_per_replicate_with_its_gradients(mask_kind: str, T:
         want_grads = torch.autograd.grad((want * w[r]).sum(), (q, k, v))
         for got_g, want_g in zip(grads, want_grads):
             torch.testing.assert_close(got_g[r], want_g[r])
+
+
+@pytest.mark.parametrize("bias", [pytest.param(True, id="bias"),
+                                  pytest.param(False, id="no_bias")])
+@pytest.mark.parametrize("x_dim", [pytest.param(0, id="x_per_replicate"),
+                                   pytest.param(None, id="x_shared")])
+@pytest.mark.parametrize("lead", [pytest.param((5,), id="rows"),
+                                  pytest.param((4, 3), id="tokens")])
+def test_batched_linear_is_each_replicates_linear_with_its_gradients(bias, x_dim, lead) -> None:
+    """`fused_linear` (`_Linear`) under vmap: each replicate's `F.linear` and its gradients
+    (input, weight, bias), from one batched product forward and three kernels backward."""
+    g = torch.Generator().manual_seed(4)
+    R, n_in, n_out = 3, 6, 5
+    x = torch.randn(*((R,) if x_dim == 0 else ()), *lead, n_in, generator=g, requires_grad=True)
+    w = torch.randn(R, n_out, n_in, generator=g, requires_grad=True)
+    b = torch.randn(R, n_out, generator=g, requires_grad=True) if bias else None
+    out = torch.vmap(_linear, in_dims=(x_dim, 0, 0 if bias else None))(x, w, b)
+    assert out.shape == (R, *lead, n_out)
+    up = torch.randn(out.shape, generator=g)
+    inputs = (x, w, b) if bias else (x, w)
+    with _Ops() as ops:
+        grads = torch.autograd.grad(out, inputs, up)
+    assert sorted(ops.names) == sorted(["bmm", "bmm"] + (["sum"] if bias else [])
+                                       + (["sum"] if x_dim is None else [])), ops.names
+    want_grads = [torch.zeros_like(t) for t in inputs]
+    for r in range(R):
+        xr = x[r] if x_dim == 0 else x
+        want = F.linear(xr, w[r], None if b is None else b[r])
+        torch.testing.assert_close(out[r], want)
+        for acc, gr in zip(want_grads, torch.autograd.grad((want * up[r]).sum(), inputs)):
+            acc += gr
+    for got, want_g in zip(grads, want_grads):
+        torch.testing.assert_close(got, want_g)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """`fused_linear` on a layer holding `w` and `b` (as the stateless copy's do)."""
+    return fused_linear(cast(torch.nn.Linear, SimpleNamespace(weight=w, bias=b)), x)
+
+
+class _Ops(TorchDispatchMode):
+    """The names of the computing operations dispatched (views and detaches left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        if name not in ("view", "_unsafe_view", "reshape", "t", "transpose", "expand",
+                        "unsqueeze", "squeeze", "select", "slice", "detach", "alias",
+                        "as_strided", "permute", "ones_like"):
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 class _InputDtypes(TorchDispatchMode):
@@ -231,9 +288,17 @@ def test_per_token_loss_under_vmap_is_the_trial_loss() -> None:
     pytest.param({"embed": "conv", "channel_attention": "se", "norm": "rmsnorm",
                   "qk_norm": "layernorm", "grad_clip": 0.0}, True, id="conv_se_rms"),
 ])
+@pytest.mark.parametrize("fused", [pytest.param(False, id="eager_projections"),
+                                   pytest.param(True, id="captured_steps_projections")])
 def test_batched_replicates_match_unbatched_trials(changes: dict, vary_data_seed: bool,
-                                                   one_thread) -> None:
+                                                   fused: bool, one_thread,
+                                                   monkeypatch) -> None:
+    """(`fused`: the projections captured steps use, `fused_linear`, on the CPU's eager step.)"""
+    monkeypatch.setattr("study.replicas.fused_projections", lambda mode: fused)
     cfgs, datas = replicas_of(changes, vary_data_seed=vary_data_seed)
+    reps = Replicas(cfgs, datas)
+    assert any(getattr(m.forward, "func", None) is fused_linear
+               for m in reps.base.modules()) == fused
     assert fallback_reason(cfgs, datas) is None
     batched = list(train_replicas(cfgs, datas, vmap_eval=True))
     assert_matches(batched, unbatched(cfgs, datas))
