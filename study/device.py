@@ -19,10 +19,16 @@ def resolve_device(cfg: TrialConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype `autocast` computes in on `device` (None: full precision)."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; full precision on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    dtype = autocast_dtype(device)
+    if dtype is not None:
+        return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 

@@ -15,7 +15,9 @@ gradient (the replicates share no parameter), gathered in the leaves; then per-r
 gradient clipping (each replicate's own global norm over its row, as `clip_grad_norm_`: one
 norm and one multiply a group, for any k), one AdamW over the leaves (elementwise, so exactly
 k AdamWs) and the same warmup + cosine schedule. In captured steps (CUDA graphs) each
-projection is one batched product with its bias (`fused_linear`). Every
+projection is one batched product with its bias (`fused_linear`), and under autocast (CUDA) the
+parameters autocast would cast one by one are grouped and cast a group at a time
+(`Replicas.working_params`). Every
 replicate draws its batches from its own data order (`make_batches` with a generator seeded by
 its seed, as in `run_trial`) and, with `vary_data_seed`, from its own data. Non-finite losses
 or gradient norms are flagged per replicate; a diverged replicate's NaNs stay in its own slice.
@@ -90,6 +92,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -105,7 +108,7 @@ from torch.nn.attention import SDPBackend
 from study import metrics as M
 from study.ahead import check_cancelled
 from study.config import TrialConfig
-from study.device import autocast, resolve_device
+from study.device import autocast, autocast_dtype, resolve_device
 from study.evaluation import (
     STATS_BATCH,
     Outputs,
@@ -497,13 +500,22 @@ class Replicas:
                 self.gens.append(torch.Generator().manual_seed(c.seed))
         params, _ = stack_module_state(self.models)  # (k, ...) each
         self.shapes = {n: p.shape for n, p in params.items()}
-        # every parameter in one leaf `(k, P)` per weight-decay group (matrices decayed),
-        # each replicate's row its parameters side by side: autograd gathers their gradients
-        # there, so clipping multiplies one tensor a group for any k (`params`: views)
-        self.groups = {g: [n for n, p in params.items() if (p.dim() - 1 >= 2) == decayed]
-                       for g, decayed in (("decay", True), ("no_decay", False))}
+        # every parameter in one leaf `(k, P)` per group, each replicate's row its parameters
+        # side by side: autograd gathers their gradients there, so clipping multiplies one
+        # tensor a group for any k (`params`: views). A group: weight decay or not (matrices
+        # decayed), and whether autocast casts it (the parameters of the modules in
+        # AUTOCAST_FORWARD: `working_params` casts such a group in one kernel a step, and
+        # the backward casts its gradient back in one, not one each way per parameter)
+        self.cast_dtype = autocast_dtype(device)
+        cast = {f"{mn}.{pn}" if mn else pn for mn, mod in self.models[0].named_modules()
+                if type(mod) in AUTOCAST_FORWARD and self.cast_dtype is not None
+                for pn, _ in mod.named_parameters(recurse=False)}
+        group_of = {n: (p.dim() - 1 >= 2, n in cast) for n, p in params.items()}  # (decay, cast)
+        self.groups = {g: [n for n in params if group_of[n] == g]
+                       for g in itertools.product((True, False), (True, False))
+                       if g in group_of.values()}
         self.flat = {g: torch.cat([params[n].reshape(self.k, -1) for n in names], 1)
-                     .detach().requires_grad_() for g, names in self.groups.items() if names}
+                     .detach().requires_grad_() for g, names in self.groups.items()}
         # buffers (positional tables) depend on the config only: one copy, not vmapped
         self.buffers = dict(self.models[0].named_buffers())
         self.base = copy.deepcopy(self.models[0]).to("meta")
@@ -524,7 +536,8 @@ class Replicas:
         self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
         self.vmap_eval = vmap_eval if vmap_eval is not None else device.type == "cuda"
         self.graphs: dict[tuple, Any] = {}
-        decay, no_decay = ([self.flat[g]] if g in self.flat else [] for g in self.groups)
+        decay = [f for (decayed, _), f in self.flat.items() if decayed]
+        no_decay = [f for (decayed, _), f in self.flat.items() if not decayed]
         # not the CPU's fused AdamW over stacked tensors: with it, identical replicates with
         # identical gradients had different weights after 2 steps (cause not pinned down:
         # plain stacked tensors did not reproduce it)
@@ -550,11 +563,23 @@ class Replicas:
         each call so that autograd takes gradients through it to the leaf. A parameter no loss
         reaches gets a zero gradient there, where a trial alone has None and AdamW skips it
         (no configuration has one: every parameter reaches the loss)."""
+        return self._views(self.flat)
+
+    def working_params(self) -> dict[str, torch.Tensor]:
+        """`params` as the forward takes them: under autocast (CUDA) the groups autocast would
+        cast parameter by parameter cast in one kernel each (the same values: each parameter
+        rounded to the autocast dtype once, as autocast's cache does within a forward)."""
+        if self.cast_dtype is None:
+            return self.params
+        return self._views({(d, c): f.to(self.cast_dtype) if c else f
+                            for (d, c), f in self.flat.items()})
+
+    def _views(self, flat: dict[tuple[bool, bool], torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
-        for g, flat in self.flat.items():
+        for g, leaf in flat.items():
             names = self.groups[g]
             sizes = [math.prod(self.shapes[n][1:]) for n in names]
-            out.update({n: t.view(self.shapes[n]) for n, t in zip(names, flat.split(sizes, 1))})
+            out.update({n: t.view(self.shapes[n]) for n, t in zip(names, leaf.split(sizes, 1))})
         return out
 
     def start_epoch(self) -> None:
@@ -592,7 +617,7 @@ class Replicas:
     def _clipped(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The `(k,)` losses and grad norms, gradients computed and clipped per replicate."""
-        loss = self._losses(self.params, x, y, m, self.adjust)  # (k,)
+        loss = self._losses(self.working_params(), x, y, m, self.adjust)  # (k,)
         # replicates are independent: d(sum)/d(replicate r's params) = d(loss_r)/d(...)
         loss.sum().backward()
         grads = [f.grad for f in self.flat.values() if f.grad is not None]  # (k, P) each
@@ -635,7 +660,8 @@ class Replicas:
                                              {"stats": stats})
             return (logits, st.entropy, st.max_logit) if st is not None else (logits,)
         dim = None if shared else 0
-        out: tuple[torch.Tensor, ...] = vmap(fwd, in_dims=(0, dim, dim))(self.params, x, m)
+        out: tuple[torch.Tensor, ...] = vmap(fwd, in_dims=(0, dim, dim))(
+            self.working_params(), x, m)
         return out
 
     @torch.no_grad()

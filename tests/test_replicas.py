@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from study import metrics as M
 from study.config import TrialConfig, make_config
-from study.model import attend_written_out
+from study.model import attend_written_out, build_model
 from study.records import Outcome, SweepSpec, seed_metric
 from study.replicas import (
     SHORT_ROW,
@@ -236,17 +236,18 @@ def test_batched_replicates_under_autocast_compute_as_each_replicates_model(
     convolution in bf16. Before, vmap decomposed `F.linear` with a bias ahead of autocast
     (every projection's output fp32) and `F.conv1d` escaped it (the conv embedding in fp32)."""
     cfgs, datas = replicas_of(changes, vary_data_seed=False)
-    reps = Replicas(cfgs, datas)
     bf16 = torch.bfloat16
     monkeypatch.setattr("study.replicas.autocast",
                         lambda device: torch.autocast("cpu", dtype=bf16))
+    monkeypatch.setattr("study.replicas.autocast_dtype", lambda device: bf16)  # cast groups
+    reps = Replicas(cfgs, datas)
     x, y, m = reps.val.rows(0, 48)
     xs, ys, ms = (t.expand(reps.k, *t.shape) for t in (x, y, m))  # (k, B, ...)
     with _InputDtypes(*COMPUTE_OPS) as ops, torch.no_grad():
         reps.base.eval()
         (got,) = reps._forward(x, m, reps.val.shared)
         reps.base.train()  # SMALL has no dropout: the same function, in training mode
-        losses = reps._losses(reps.params, xs, ys, ms, reps.adjust)  # (k,)
+        losses = reps._losses(reps.working_params(), xs, ys, ms, reps.adjust)  # (k,)
     assert ops.seen and {dt for _, dt in ops.seen} == {bf16}, sorted(set(ops.seen))
     for r in range(reps.k):
         model = reps.model(r)
@@ -257,6 +258,44 @@ def test_batched_replicates_under_autocast_compute_as_each_replicates_model(
         assert got[r].dtype == want.dtype == bf16
         torch.testing.assert_close(got[r].float(), want.float(), atol=3e-2, rtol=3e-2)
         assert losses[r].item() == pytest.approx(want_loss.item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("changes", [pytest.param({}, id="default"),
+                                     pytest.param({"embed": "conv"}, id="conv_embed")])
+def test_autocast_groups_are_cast_once_with_the_same_values(monkeypatch, changes) -> None:
+    """Under autocast (CUDA's bf16; the CPU's stands in) the parameters autocast would cast
+    one by one (every `Linear`'s and `Conv1d`'s) are cast as their groups, one kernel each
+    way per group: the same losses as autocast's own casts and the same gradients (but for
+    the order the norm sums them in), with two casts a group against two a parameter."""
+    bf16 = torch.bfloat16
+    monkeypatch.setattr("study.replicas.autocast",
+                        lambda device: torch.autocast("cpu", dtype=bf16))
+    cfgs, datas = replicas_of(changes, vary_data_seed=False)
+    model = build_model(cfgs[0], datas[0].spec)
+    cast = {f"{mn}.{pn}" for mn, m in model.named_modules()
+            if type(m) in (torch.nn.Linear, torch.nn.Conv1d)
+            for pn, _ in m.named_parameters(recurse=False)}
+    got = {}
+    for grouped in (False, True):
+        monkeypatch.setattr("study.replicas.autocast_dtype",
+                            lambda device, g=grouped: bf16 if g else None)
+        reps = Replicas(cfgs, datas)
+        with _InputDtypes("_to_copy") as casts:
+            loss, gn = reps._clipped(*reps.gather(torch.arange(2 * 16).view(2, 16)))
+        grads = reps._views({g: f.grad for g, f in reps.flat.items()})
+        got[grouped] = loss, gn, grads, len(casts.seen), reps
+    (l0, g0, grads0, n0, reps0), (l1, g1, grads1, n1, reps1) = got[False], got[True]
+    assert {c for _, c in reps0.groups} == {False}  # no autocast: no cast group
+    cast_groups = [names for (_, c), names in reps1.groups.items() if c]
+    assert sorted(n for names in cast_groups for n in names) == sorted(cast)
+    assert {t.dtype for t in reps1.params.values()} == {torch.float32}  # the leaves stay fp32
+    assert torch.equal(l0, l1)
+    # the norm sums its groups in another order: equal up to that rounding (and so the
+    # clipped gradients)
+    torch.testing.assert_close(g0, g1, rtol=1e-6, atol=0)
+    for n in grads0:
+        torch.testing.assert_close(grads0[n], grads1[n], rtol=1e-6, atol=1e-9, msg=n)
+    assert n1 == n0 - 2 * len(cast) + 2 * len(cast_groups), (n0, n1, len(cast))
 
 
 def test_per_token_loss_under_vmap_is_the_trial_loss() -> None:
