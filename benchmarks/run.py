@@ -224,10 +224,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         section("seeds", lambda: trials.seeds_cost(ks=(4, 16) if cuda else (4,), epochs=epochs))
         if not cuda:  # 16 seeds cost 16 of one on the CPU, as 4 cost 4: a minute saved
             detail["seeds"]["seeds16"] = {"cost_ratio": None, "reason": SEEDS16_CPU}
-        # a training step's operations, one seed and batched (about one kernel each: what a
-        # launch-bound device pays per step; on a GPU its autocast's casts besides)
+        # a captured training step's operations, one seed and batched (about one kernel each:
+        # what a launch-bound device pays per step), autocast's casts included (on the CPU its
+        # bf16 autocast stands in for CUDA's: on an H200 one seed's step launched 175 kernels,
+        # what the CPU counted that way for the same code)
         section("step_kernels", lambda: {f"seeds{k}": sum(trials.step_kernels(
-            trials.default_trial(epochs), k).values()) for k in (1, 4, 16)})
+            trials.default_trial(epochs), k, casts=not cuda).values()) for k in (1, 4, 16)})
         # how much of the device's matmul rate the default trial's training uses
         section("compute_use", lambda: trials.compute_use(dev, epochs))
         # where those trials' time goes (training, per-epoch evaluation, robustness sets)

@@ -281,24 +281,33 @@ NO_KERNEL = frozenset({
 
 
 @contextlib.contextmanager
-def kernels_as_on_cuda() -> Iterator[None]:
+def kernels_as_on_cuda(casts: bool = False) -> Iterator[None]:
     """Attention through SDPA wherever the trial runs, as `study.model.attend` calls it on
     CUDA (on the CPU it writes some attention out), so a CPU counts the operations a GPU would
     launch. Without dropout that is one fused kernel; with dropout SDPA's CPU math path still
     counts its own operations (bmm, softmax, dropout), which CUDA's fused kernels do not
-    launch separately. Batched replicates' projections are those of a captured step
-    (`replicas.fused_projections`)."""
-    from study import model, replicas
+    launch separately. The parameters (`step.grouped_params`) and batched replicates'
+    projections (`replicas.fused_projections`) are those of a captured step. With `casts`, the
+    training step runs under the CPU's bf16 autocast standing in for CUDA's, so that the
+    count includes autocast's casts (the CPU then computes in bf16: counts only)."""
+    from study import model, replicas, step
 
     with contextlib.ExitStack() as stack:
         for owner in (model, replicas):
             stack.enter_context(mock.patch.object(owner, "written_out", lambda *a: False))
-        # batched replicates' projections as a captured step runs them
         stack.enter_context(mock.patch.object(replicas, "fused_projections", lambda mode: True))
+        stack.enter_context(mock.patch.object(step, "grouped_params", lambda mode: True))
+        if casts:
+            bf16 = torch.bfloat16
+            for owner in (step, replicas):
+                stack.enter_context(mock.patch.object(
+                    owner, "autocast", lambda device: torch.autocast("cpu", dtype=bf16)))
+                stack.enter_context(mock.patch.object(owner, "autocast_dtype",
+                                                      lambda device: bf16))
         yield
 
 
-def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
+def step_kernels(cfg: TrialConfig, k: int, casts: bool = False) -> dict[str, int]:
     """The operations that compute something (`NO_KERNEL` left out: on a device, about one
     kernel launch each) of one training step of `cfg` with k replicates, by name,
     after 2 steps of warm-up, the optimizer fused as on CUDA (AdamW's fused kernel): k = 1 is a
@@ -317,7 +326,7 @@ def step_kernels(cfg: TrialConfig, k: int) -> dict[str, int]:
             for r in range(k)]
     datas = [get_task(c) for c in cfgs]
     step: Callable[[], Any]
-    with kernels_as_on_cuda():  # the batched step is built under it (its projections)
+    with kernels_as_on_cuda(casts):  # the step is built under it (its parameters)
         if k == 1:
             data, rows = datas[0], slice(0, cfg.batch_size)
             device = resolve_device(cfgs[0])  # where the batched replicates run too

@@ -92,7 +92,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -128,6 +127,7 @@ from study.model import (
     steps_per_token,
     written_out,
 )
+from study.params import ParamGroups, cast_names
 from study.step import adamw, apply_step, graph_step, optimizer_step, resolve_step_mode, trial_loss
 from study.tasks.base import IGNORE, Split, TaskData
 from study.train import (
@@ -499,23 +499,11 @@ class Replicas:
                 self.models.append(build_model(c, d.spec).to(device))
                 self.gens.append(torch.Generator().manual_seed(c.seed))
         params, _ = stack_module_state(self.models)  # (k, ...) each
-        self.shapes = {n: p.shape for n, p in params.items()}
-        # every parameter in one leaf `(k, P)` per group, each replicate's row its parameters
-        # side by side: autograd gathers their gradients there, so clipping multiplies one
-        # tensor a group for any k (`params`: views). A group: weight decay or not (matrices
-        # decayed), and whether autocast casts it (the parameters of the modules in
-        # AUTOCAST_FORWARD: `working_params` casts such a group in one kernel a step, and
-        # the backward casts its gradient back in one, not one each way per parameter)
-        self.cast_dtype = autocast_dtype(device)
-        cast = {f"{mn}.{pn}" if mn else pn for mn, mod in self.models[0].named_modules()
-                if type(mod) in AUTOCAST_FORWARD and self.cast_dtype is not None
-                for pn, _ in mod.named_parameters(recurse=False)}
-        group_of = {n: (p.dim() - 1 >= 2, n in cast) for n, p in params.items()}  # (decay, cast)
-        self.groups = {g: [n for n in params if group_of[n] == g]
-                       for g in itertools.product((True, False), (True, False))
-                       if g in group_of.values()}
-        self.flat = {g: torch.cat([params[n].reshape(self.k, -1) for n in names], 1)
-                     .detach().requires_grad_() for g, names in self.groups.items()}
+        # each replicate's parameters side by side in a few `(k, P)` leaves
+        # (`study.params`): clipping multiplies one tensor a group for any k, and under autocast
+        # a cast group is cast in one kernel each way
+        self.flat = ParamGroups(params, cast_names(self.models[0]), autocast_dtype(device),
+                                lead=1)
         # buffers (positional tables) depend on the config only: one copy, not vmapped
         self.buffers = dict(self.models[0].named_buffers())
         self.base = copy.deepcopy(self.models[0]).to("meta")
@@ -536,8 +524,7 @@ class Replicas:
         self.steps_per_epoch = math.ceil(len(self.train) / cfg.batch_size)
         self.vmap_eval = vmap_eval if vmap_eval is not None else device.type == "cuda"
         self.graphs: dict[tuple, Any] = {}
-        decay = [f for (decayed, _), f in self.flat.items() if decayed]
-        no_decay = [f for (decayed, _), f in self.flat.items() if not decayed]
+        decay, no_decay = self.flat.decayed(True), self.flat.decayed(False)
         # not the CPU's fused AdamW over stacked tensors: with it, identical replicates with
         # identical gradients had different weights after 2 steps (cause not pinned down:
         # plain stacked tensors did not reproduce it)
@@ -559,28 +546,12 @@ class Replicas:
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
-        """Each parameter, stacked `(k, ...)`: a view of its group's leaf (`flat`), made anew at
-        each call so that autograd takes gradients through it to the leaf. A parameter no loss
-        reaches gets a zero gradient there, where a trial alone has None and AdamW skips it
-        (no configuration has one: every parameter reaches the loss)."""
-        return self._views(self.flat)
+        """Each parameter, stacked `(k, ...)`: a view of its group's leaf (`ParamGroups`)."""
+        return self.flat.views()
 
     def working_params(self) -> dict[str, torch.Tensor]:
-        """`params` as the forward takes them: under autocast (CUDA) the groups autocast would
-        cast parameter by parameter cast in one kernel each (the same values: each parameter
-        rounded to the autocast dtype once, as autocast's cache does within a forward)."""
-        if self.cast_dtype is None:
-            return self.params
-        return self._views({(d, c): f.to(self.cast_dtype) if c else f
-                            for (d, c), f in self.flat.items()})
-
-    def _views(self, flat: dict[tuple[bool, bool], torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for g, leaf in flat.items():
-            names = self.groups[g]
-            sizes = [math.prod(self.shapes[n][1:]) for n in names]
-            out.update({n: t.view(self.shapes[n]) for n, t in zip(names, leaf.split(sizes, 1))})
-        return out
+        """`params` as the forward takes them (`ParamGroups.working`: cast groups cast)."""
+        return self.flat.working()
 
     def start_epoch(self) -> None:
         """Reset the per-epoch accumulators in place (captured steps hold their addresses)."""
@@ -620,7 +591,7 @@ class Replicas:
         loss = self._losses(self.working_params(), x, y, m, self.adjust)  # (k,)
         # replicates are independent: d(sum)/d(replicate r's params) = d(loss_r)/d(...)
         loss.sum().backward()
-        grads = [f.grad for f in self.flat.values() if f.grad is not None]  # (k, P) each
+        grads = self.flat.grads()  # (k, P) each
         # clip_grad_norm_ per replicate: the global norm over each replicate's own row
         gn = self.norms(grads)  # (k,)
         coef = (self.clip / (gn + 1e-6)).clamp(max=1.0)
@@ -721,7 +692,7 @@ class Replicas:
         per_head = entropy.float().mean(1)  # (k, L, nh)
         ent, ent_min = per_head.mean((1, 2)), per_head.amin((1, 2))  # (k,)
         max_logit = max_logit.float()
-        param_norm = self.norms(f.detach().float() for f in self.flat.values())
+        param_norm = self.norms(f.detach().float() for f in self.flat.leaves.values())
         return {M.TRAIN_LOSS: tr[0], M.TRAIN_ACC: tr[1], M.VAL_LOSS: va[0],
                 M.VAL_ACC: va[1], M.TEST_LOSS: te[0], M.TEST_ACC: te[1],
                 M.ECE: cast(torch.Tensor, te[2]),  # evaluated with ece=True

@@ -282,11 +282,11 @@ def test_autocast_groups_are_cast_once_with_the_same_values(monkeypatch, changes
         reps = Replicas(cfgs, datas)
         with _InputDtypes("_to_copy") as casts:
             loss, gn = reps._clipped(*reps.gather(torch.arange(2 * 16).view(2, 16)))
-        grads = reps._views({g: f.grad for g, f in reps.flat.items()})
+        grads = reps.flat._split({g: f.grad for g, f in reps.flat.leaves.items()})
         got[grouped] = loss, gn, grads, len(casts.seen), reps
     (l0, g0, grads0, n0, reps0), (l1, g1, grads1, n1, reps1) = got[False], got[True]
-    assert {c for _, c in reps0.groups} == {False}  # no autocast: no cast group
-    cast_groups = [names for (_, c), names in reps1.groups.items() if c]
+    assert {c for _, c in reps0.flat.groups} == {False}  # no autocast: no cast group
+    cast_groups = [names for (_, c), names in reps1.flat.groups.items() if c]
     assert sorted(n for names in cast_groups for n in names) == sorted(cast)
     assert {t.dtype for t in reps1.params.values()} == {torch.float32}  # the leaves stay fp32
     assert torch.equal(l0, l1)

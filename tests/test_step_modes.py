@@ -13,11 +13,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from study.config import CHOICES, make_config
 from study.evaluation import epoch_metrics
 from study.graphs import Captured, no_collection
 from study.model import build_model
+from study.params import cast_names
 from study.step import (
     GRAPH_WARMUP,
     graph_blocker,
@@ -308,9 +310,12 @@ class _GraphOnTheCPU:
         self.fn()
 
 
-@pytest.mark.parametrize("batched", [pytest.param(False, id="single"),
-                                     pytest.param(True, id="replicas")])
-def test_a_captured_step_makes_its_own_gradients(batched: bool, monkeypatch) -> None:
+@pytest.mark.parametrize(("batched", "grouped"), [
+    pytest.param(False, False, id="single"),
+    pytest.param(False, True, id="single_grouped_params"),
+    pytest.param(True, False, id="replicas")])
+def test_a_captured_step_makes_its_own_gradients(batched: bool, grouped: bool,
+                                                 monkeypatch) -> None:
     """The first batch of a shape in `graph` mode (`_replay`: capture, then replay), with the
     capture stood in for on the CPU: the step runs the eager step's operations and no more (its
     backward makes the gradients; no zeroing and no add into kept ones, 31 operations a step
@@ -326,6 +331,7 @@ def test_a_captured_step_makes_its_own_gradients(batched: bool, monkeypatch) -> 
     placeholder = torch.zeros(())  # the captured loss (a real capture returns the step's)
     monkeypatch.setattr(step_module, "capture",
                         lambda fn, device: (_GraphOnTheCPU(fn), placeholder))
+    monkeypatch.setattr(step_module, "grouped_params", lambda mode: grouped)  # as captured
     cfg = make_config({**DEFAULT_TRIAL, "epochs": 1, "step_mode": "eager"})
     if batched:
         cfgs = [replicate(cfg, k, False) for k in range(2)]
@@ -336,10 +342,12 @@ def test_a_captured_step_makes_its_own_gradients(batched: bool, monkeypatch) -> 
     else:
         data = get_task(cfg)
         state, _ = train_state(build_model(cfg, data.spec), cfg, 100)
+        assert (state.groups is not None) == grouped
         batch = tuple(t[:64] for t in (data.train.x, data.train.y, data.train.mask))
         steps = (lambda s: lambda *b: _eager_step(s, *b),
                  lambda s: lambda *b: _captured_step(s, *b))
-        params = lambda s: list(s.model.parameters())
+        params = lambda s: s.trained()  # the leaves where grouped (a deep copy's module
+        # parameters are no longer their aliases)
     steps[0](state)(*batch)  # gradients and optimizer state exist, as after the warm-up
     twin = copy.deepcopy(state)
     ops_graph = kernel_counts(lambda: _replay(state, *batch, steps[0](state), steps[1](state)))
@@ -349,3 +357,65 @@ def test_a_captured_step_makes_its_own_gradients(batched: bool, monkeypatch) -> 
     assert ops_graph == ops_eager
     for a, b in zip(params(state), params(twin)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _Casts(TorchDispatchMode):
+    """How many dtype casts (`_to_copy`) are dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.n += func.overloadpacket.__name__ == "_to_copy"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("autocast_on", [pytest.param(False, id="full_precision"),
+                                         pytest.param(True, id="autocast")])
+@pytest.mark.parametrize("changes", [pytest.param({}, id="tiny"),
+                                     pytest.param({"embed": "conv", "qk_norm": "l2",
+                                                   "pos_encoding": "learned"}, id="conv_l2")])
+def test_grouped_parameters_train_as_the_modules_own(monkeypatch, autocast_on, changes) -> None:
+    """A step on `ParamGroups` (what captured steps use, `step.grouped_params`, run here on the
+    CPU's eager step) trains as the module's own parameters do: the same losses and, through
+    the module's aliases of the leaves, the same parameters and evaluation. Under autocast
+    (CUDA's bf16; the CPU's stands in) it casts the `Linear`/`Conv1d` parameters a group at a
+    time: two casts a group a step against autocast's two a parameter."""
+    cfg = make_config({**TINY, **changes, "step_mode": "eager"})
+    data = get_task(cfg)
+    if autocast_on:
+        monkeypatch.setattr("study.step.autocast",
+                            lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+        monkeypatch.setattr("study.step.autocast_dtype", lambda device: torch.bfloat16)
+    out = {}
+    for grouped in (False, True):
+        monkeypatch.setattr("study.step.grouped_params", lambda mode, g=grouped: g)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, data.spec)
+        state, _ = train_state(model, cfg, 100)
+        assert (state.groups is not None) == grouped
+        with _Casts() as casts:
+            losses = [train_step(state, data.train.x[i:i + 64], data.train.y[i:i + 64],
+                                 data.train.mask[i:i + 64]).item() for i in range(0, 320, 64)]
+        out[grouped] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()},
+                        epoch_metrics(model, data, torch.device("cpu")), casts.n, state)
+    (l0, p0, m0, c0, _), (l1, p1, m1, c1, s1) = out[False], out[True]
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert p1.keys() == p0.keys()
+    d = cfg.d_model
+    for n, a in p0.items():
+        b = p1[n]
+        if n.endswith("qkv.bias"):  # the key bias: its gradient is rounding noise (softmax is
+            # invariant to it), which Adam scales to lr-sized steps either way
+            a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    assert float(m1["val_loss"]) == pytest.approx(float(m0["val_loss"]), rel=1e-4)
+    assert s1.groups is not None
+    n_cast = sum(len(names) for (_, c), names in s1.groups.groups.items() if c)
+    n_groups = sum(1 for _, c in s1.groups.groups if c)
+    if autocast_on:
+        assert n_cast == len(cast_names(model)) > 0
+        assert c1 == c0 - 5 * (2 * n_cast - 2 * n_groups), (c0, c1)  # 5 steps
+    else:
+        assert n_cast == 0 and c1 == c0
