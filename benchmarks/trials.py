@@ -313,9 +313,12 @@ def step_kernels(cfg: TrialConfig, k: int, casts: bool = False) -> dict[str, int
     after 2 steps of warm-up, the optimizer fused as on CUDA (AdamW's fused kernel): k = 1 is a
     trial's step (`step.train_step`), k > 1 the batched replicates' (`Replicas.train_step`), on
     the first batch of each replicate's training split, both on the device the trial would use.
-    A launch-bound device's step costs about what these counts say; the CPU counts what a GPU
-    would launch but for the casts of CUDA's bf16 autocast (attention as on CUDA:
-    `kernels_as_on_cuda`)."""
+    A launch-bound device's step costs about what these counts say. The step is a captured
+    one's (`kernels_as_on_cuda`: SDPA's attention, the parameters as `ParamGroups`, batched
+    projections fused); with `casts` on the CPU, under the CPU's bf16 autocast, so that
+    autocast's casts are counted too (the old code counted 175 for one seed so, what an H200
+    launched). Not counted: work a kernel does inside (e.g. CUDA's `baddbmm` likely copies
+    the bias into its output first)."""
     from study import replicas
     from study.device import resolve_device
     from study.model import build_model
@@ -376,8 +379,10 @@ def dispatch_split(cfg: TrialConfig, k: int, as_cuda: bool = False) -> dict[str,
     """Operations dispatched by a trial of `cfg` with k replicates (`seeds_time`'s trial) in
     training (the rest), the per-epoch evaluation and the robustness sets. `as_cuda`: the
     evaluation runs as it does on CUDA wherever the trial runs (CUDA's chunk sizes,
-    `evaluation.eval_rows`, and the batched replicate evaluation) and attention too
-    (`kernels_as_on_cuda`), so a CPU counts what a GPU would launch there."""
+    `evaluation.eval_rows`, and the batched replicate evaluation) and the training step as a
+    captured one runs (`kernels_as_on_cuda`: attention, parameters, projections; since
+    2026-11-27 evening, so `train_ops` from before are not comparable), so a CPU counts what a
+    GPU would launch there."""
     from study import evaluation, replicas
 
     counter = _Dispatches()

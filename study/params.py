@@ -14,8 +14,10 @@ gradients its backward casts back one by one). So:
 Stacked seed replicates (`study.replicas`) keep their `(k, ...)` parameters as `(k, P)` leaves
 (`lead` 1); a single trial's captured step (`study.step`) as `(P,)` leaves (`lead` 0), its
 module's parameters then aliases of the leaves (`alias_into`), which evaluation reads.
-A parameter no loss reaches gets a zero gradient in its leaf, where on its own it would have
-None and AdamW would skip it: no configuration has one (every parameter reaches the loss).
+A parameter no loss reaches gets a zero gradient in its leaf (so weight decay applies to it),
+where on its own it would have None and AdamW would skip it: no configuration that takes this
+path has one (`arch: lstm_attention` on per-token tasks does, and takes neither path: it is
+never captured nor batched).
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ class ParamGroups:
     def alias_into(self, model: nn.Module) -> None:
         """Make `model`'s parameters aliases of their slices of the leaves (same storage, no
         gradient of their own): whatever reads the module (evaluation, `n_params`, the
-        parameter norm) sees the values the optimizer writes into the leaves."""
+        parameter norm) sees the values the optimizer writes into the leaves. A deep copy
+        does not keep the aliasing (`Parameter.__deepcopy__` clones): copy the leaves."""
         assert self.lead == 0
         for name, view in self.views().items():
             mod_name, _, p_name = name.rpartition(".")

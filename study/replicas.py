@@ -6,8 +6,9 @@ one (`study.trainable.lockstep` turns them into one `TrialReport`).
 
 How. Each replicate's model is built exactly as `run_trial` builds it (its own seed, so its
 initial weights are those of the unbatched run) and the k models' parameters are stacked
-(`torch.func.stack_module_state`) and laid side by side in one leaf tensor `(k, P)` per
-weight-decay group, each parameter a `(k, ...)` view of it (`Replicas.params`). A training step
+(`torch.func.stack_module_state`) and laid side by side in a few leaf tensors `(k, P)`, one per
+group (`study.params.ParamGroups`: weight decay or not, cast by autocast or not), each parameter
+a `(k, ...)` view of its leaf (`Replicas.params`). A training step
 is the forward of one stateless copy of the model (`functional_call`) under
 `torch.vmap(..., randomness="different")` over the stacked parameters and the k replicates'
 batches, giving the k losses; ordinary autograd on their sum gives each replicate's own
@@ -268,10 +269,11 @@ class _SavesLinear(torch.autograd.Function):
 
 class _Linear(_SavesLinear):
     """`F.linear` whose vmap rule runs the k replicates' projections as one batched product
-    with the bias (`_StackedLinear`: 1 kernel forward, 3 backward). vmap's own rule decomposes
-    `F.linear` into a product, a multiplication by 1 and an addition, and its backward adds a
-    multiplication and a copy of each weight gradient out of the transposed layout: 9 kernels
-    a projection for 4."""
+    with the bias (`_StackedLinear`: one `baddbmm` forward, which on CUDA likely launches a
+    copy of the bias into the output and the product; 3 kernels backward). vmap's own rule
+    decomposes `F.linear` into a product, a multiplication by 1 and an addition, and its
+    backward adds a multiplication and a copy of each weight gradient out of the transposed
+    layout: 9 kernels a projection for 4 or 5."""
 
     @staticmethod
     def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -338,8 +340,8 @@ def fused_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_projections(mode: str) -> bool:
-    """Whether the stateless copy's projections are `fused_linear` (4 kernels each, forward
-    and backward) rather than vmap's own rule for `F.linear` (9): in captured steps (`mode`
+    """Whether the stateless copy's projections are `fused_linear` (4 or 5 kernels each,
+    forward and backward) rather than vmap's own rule for `F.linear` (9): in captured steps (`mode`
     "graph"), where the kernels are what a step costs. `_Linear`'s vmap rule runs in Python
     (about 0.15 ms a call on the CPU), which a captured step pays once, at capture, and an
     eager one at every call: on the CPU's eager steps vmap's rule was as fast or faster."""
@@ -702,9 +704,10 @@ class Replicas:
     def model(self, r: int) -> AttentionModel:
         """Replicate r's own module, holding its current parameters (copied back)."""
         model = self.models[r]
+        params = self.params  # every view at once (each call splits every leaf)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.copy_(self.params[name][r])
+                p.copy_(params[name][r])
         model.eval()
         return model
 
