@@ -122,14 +122,13 @@ from study.graphs import Captured
 from study.model import (
     Attention,
     AttentionModel,
-    AttnStats,
     attend_written_out,
     build_model,
     steps_per_token,
     written_out,
 )
 from study.params import ParamGroups, cast_names
-from study.step import adamw, apply_step, graph_step, optimizer_step, resolve_step_mode, trial_loss
+from study.step import adamw, apply_step, graph_step, optimizer_step, resolve_step_mode
 from study.tasks.base import IGNORE, Split, TaskData
 from study.train import (
     _RNG,
@@ -411,22 +410,27 @@ def dropout_seed(cfgs: Sequence[TrialConfig]) -> int:
 # --- the batched trial ------------------------------------------------------------------------
 
 
-def replica_loss(logits: torch.Tensor, y: torch.Tensor, stats: AttnStats | None,
-                 cfg: TrialConfig, adjust: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """`step.trial_loss` for one replicate under vmap: per-token targets are masked (an
-    ignore index and a weighted mean) instead of selected, whose shape would depend on data."""
-    if y.dim() == 1:
-        return trial_loss(logits, y, stats, cfg, adjust)
+def stacked_loss(logits: torch.Tensor, y: torch.Tensor, entropy: torch.Tensor | None,
+                 cfg: TrialConfig, adjust: torch.Tensor) -> torch.Tensor:
+    """`step.trial_loss` of k replicates at once, outside vmap, on their stacked logits
+    `(k, B[, T], C)`, targets `(k, B[, T])` (IGNORE where unlabelled), attention entropies
+    `(k, ...)` (or None) and logit adjustments `(k, C)`: one cross-entropy over every
+    replicate's rows, then each replicate's mean over its labelled ones. vmap's rule for
+    `F.cross_entropy` with an ignore index decomposed it into about 20 kernels a step (gather,
+    scatter, masks); this is about 7."""
+    k, C = logits.shape[0], logits.shape[-1]
     logits = logits.float()
-    keep = (y != IGNORE).to(logits.dtype)  # (B, T)
-    n = keep.sum().clamp_min(1.0)
-    ce = F.cross_entropy((logits + adjust).transpose(1, 2), y, ignore_index=IGNORE,
-                         label_smoothing=cfg.label_smoothing, reduction="none")  # (B, T)
-    loss = ce.sum() / n
-    if cfg.z_loss > 0:
-        loss = loss + cfg.z_loss * (torch.logsumexp(logits, -1).pow(2) * keep).sum() / n
-    if stats is not None and cfg.attn_entropy_reg > 0:
-        loss = loss + cfg.attn_entropy_reg * stats.entropy.float().mean()
+    keep = (y != IGNORE).flatten(1)  # (k, N)
+    n = keep.sum(1).clamp_min(1)  # (k,)
+    shifted = logits + adjust.view(k, *([1] * (logits.dim() - 2)), C)
+    ce = F.cross_entropy(shifted.reshape(-1, C), y.flatten(), ignore_index=IGNORE,
+                         label_smoothing=cfg.label_smoothing, reduction="none")  # (k*N,)
+    loss = ce.view(k, -1).sum(1) / n
+    if cfg.z_loss > 0:  # on the logits before the adjustment, as `trial_loss`
+        z = torch.logsumexp(logits, -1).pow(2).reshape(k, -1)
+        loss = loss + cfg.z_loss * torch.where(keep, z, 0.0).sum(1) / n
+    if entropy is not None and cfg.attn_entropy_reg > 0:
+        loss = loss + cfg.attn_entropy_reg * entropy.float().reshape(k, -1).mean(1)
     return loss
 
 
@@ -542,7 +546,7 @@ class Replicas:
         self.step_t = torch.zeros((), device=device, dtype=torch.long)
         self.gn_sum = torch.zeros(self.k, device=device)  # (k,) per replicate, as TrainState's
         self.first_bad = torch.full((self.k,), -1, device=device, dtype=torch.long)
-        self._losses = vmap(self._loss, randomness="different")
+        self._train_forward = vmap(self._forward_one, randomness="different")
         # CUDA: the batched evaluation captured too (`study.graphs.Captured`), as the step is
         self._batched_values = Captured(self._values, self.mode == "graph")
 
@@ -560,12 +564,21 @@ class Replicas:
         self.gn_sum.zero_()
         self.first_bad.fill_(-1)
 
-    def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-              m: torch.Tensor, adjust: torch.Tensor) -> torch.Tensor:
+    def _forward_one(self, params: dict[str, torch.Tensor], x: torch.Tensor, m: torch.Tensor
+                     ) -> tuple[torch.Tensor, ...]:
+        """One replicate's training forward (vmapped by `_train_forward`): its logits, and its
+        attention entropies where the loss needs them."""
         with autocast(self.device):
             logits, st = functional_call(self.base, (params, self.buffers), (x, m),
                                          {"stats": self.stats})
-        return replica_loss(logits, y, st, self.cfg, adjust)
+        return (logits,) if st is None else (logits, st.entropy)
+
+    def _losses(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                m: torch.Tensor, adjust: torch.Tensor) -> torch.Tensor:
+        """The `(k,)` training losses: the forward vmapped, the loss on its stacked outputs
+        (`stacked_loss`)."""
+        logits, *entropy = self._train_forward(params, x, m)
+        return stacked_loss(logits, y, entropy[0] if entropy else None, self.cfg, adjust)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """`step.train_step` for every replicate at once, on batches `(k, B, ...)`; returns the

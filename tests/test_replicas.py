@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from study import metrics as M
 from study.config import TrialConfig, make_config
-from study.model import attend_written_out, build_model
+from study.model import AttnStats, attend_written_out, build_model
 from study.records import Outcome, SweepSpec, seed_metric
 from study.replicas import (
     SHORT_ROW,
@@ -28,7 +28,7 @@ from study.replicas import (
     fallback_reason,
     folded_sdpa,
     fused_linear,
-    replica_loss,
+    stacked_loss,
     train_replicas,
 )
 from study.spaces import SpaceError, parse_space
@@ -298,17 +298,26 @@ def test_autocast_groups_are_cast_once_with_the_same_values(monkeypatch, changes
     assert n1 == n0 - 2 * len(cast) + 2 * len(cast_groups), (n0, n1, len(cast))
 
 
-def test_per_token_loss_under_vmap_is_the_trial_loss() -> None:
+@pytest.mark.parametrize("per_token", [pytest.param(False, id="classify"),
+                                       pytest.param(True, id="per_token")])
+def test_stacked_loss_is_each_replicates_trial_loss(per_token: bool) -> None:
+    """`stacked_loss` on k replicates' stacked outputs is each one's `trial_loss` (label
+    smoothing, z-loss, the logit adjustment, the entropy regulariser; unlabelled positions)."""
     g = torch.Generator().manual_seed(1)
-    cfg = TrialConfig(label_smoothing=0.1, z_loss=1e-2)
-    logits = torch.randn(2, 5, 7, 4, generator=g)  # (replicates, B, T, C)
-    y = torch.randint(0, 4, (2, 5, 7), generator=g)
-    y[torch.rand(2, 5, 7, generator=g) < 0.4] = IGNORE
+    cfg = TrialConfig(label_smoothing=0.1, z_loss=1e-2, attn_entropy_reg=0.05)
+    shape = (2, 5, 7) if per_token else (2, 5)  # (replicates, B[, T])
+    logits = torch.randn(*shape, 4, generator=g)
+    y = torch.randint(0, 4, shape, generator=g)
+    if per_token:
+        y[torch.rand(shape, generator=g) < 0.4] = IGNORE
     adjust = torch.randn(2, 4, generator=g)
-    got = torch.vmap(lambda lo, y, a: replica_loss(lo, y, None, cfg, a))(logits, y, adjust)
+    entropy = torch.rand(2, 3, 2, generator=g)  # (replicates, layers, heads)
+    got = stacked_loss(logits, y, entropy, cfg, adjust)
+    assert got.shape == (2,)
     for r in range(2):
-        assert got[r].item() == pytest.approx(
-            trial_loss(logits[r], y[r], None, cfg, adjust[r]).item(), rel=1e-6)
+        st = AttnStats(entropy=entropy[r], max_logit=torch.zeros(()))
+        want = trial_loss(logits[r], y[r], st, cfg, adjust[r])
+        assert got[r].item() == pytest.approx(want.item(), rel=1e-6)
 
 
 # --- equivalence with run_trial ---------------------------------------------------------------
