@@ -11,7 +11,8 @@ group (`study.params.ParamGroups`: weight decay or not, cast by autocast or not)
 a `(k, ...)` view of its leaf (`Replicas.params`). A training step
 is the forward of one stateless copy of the model (`functional_call`) under
 `torch.vmap(..., randomness="different")` over the stacked parameters and the k replicates'
-batches, giving the k losses; ordinary autograd on their sum gives each replicate's own
+batches, giving their logits, whose k losses are computed on the stacked outputs outside vmap
+(`stacked_loss`); ordinary autograd on their sum gives each replicate's own
 gradient (the replicates share no parameter), gathered in the leaves; then per-replicate
 gradient clipping (each replicate's own global norm over its row, as `clip_grad_norm_`: one
 norm and one multiply a group, for any k), one AdamW over the leaves (elementwise, so exactly
