@@ -280,6 +280,13 @@ NO_KERNEL = frozenset({
     "_record_function_enter_new", "_record_function_exit"})
 
 
+def cpu_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """`study.device.autocast` as on CUDA, wherever the trial runs: the CPU's bf16 autocast
+    stands in for CUDA's (patched in, with `study.device.autocast_dtype` as bf16, where a
+    count or a test needs what a GPU's mixed precision does)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 @contextlib.contextmanager
 def kernels_as_on_cuda(casts: bool = False) -> Iterator[None]:
     """Attention through SDPA wherever the trial runs, as `study.model.attend` calls it on
@@ -298,12 +305,10 @@ def kernels_as_on_cuda(casts: bool = False) -> Iterator[None]:
         stack.enter_context(mock.patch.object(replicas, "fused_projections", lambda mode: True))
         stack.enter_context(mock.patch.object(step, "grouped_params", lambda mode: True))
         if casts:
-            bf16 = torch.bfloat16
             for owner in (step, replicas):
-                stack.enter_context(mock.patch.object(
-                    owner, "autocast", lambda device: torch.autocast("cpu", dtype=bf16)))
+                stack.enter_context(mock.patch.object(owner, "autocast", cpu_autocast))
                 stack.enter_context(mock.patch.object(owner, "autocast_dtype",
-                                                      lambda device: bf16))
+                                                      lambda device: torch.bfloat16))
         yield
 
 

@@ -2,9 +2,9 @@
 cost is their kernel count (captured CUDA graphs of small models).
 
 Each parameter is a view of one leaf per group; a group is (weight decay or not: matrices are
-decayed, as `step.make_optimizer` decides; cast by autocast or not: the parameters of `Linear`
-and `Conv1d` modules, which autocast casts to bf16 one by one in every forward and whose
-gradients its backward casts back one by one). So:
+decayed, `decays`, as `step.make_optimizer` decides; cast by autocast or not: the parameters
+of `Linear` and `Conv1d` modules, which autocast casts to bf16 one by one in every forward and
+whose gradients its backward casts back one by one). So:
 - autograd gathers the gradients in the leaves: clipping and AdamW act on a few tensors, not
   one per parameter (the backward's `split` makes one `cat` a group);
 - under autocast `working` casts each cast group in one kernel and the backward casts its
@@ -34,6 +34,12 @@ CAST_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d)
 Group = tuple[bool, bool]  # (weight decay, cast by autocast)
 
 
+def decays(p: torch.Tensor, lead: int = 0) -> bool:
+    """Whether AdamW's weight decay applies to `p` (with `lead` leading replicate dims): to
+    matrices (and higher), not to biases, norm weights or gains."""
+    return p.dim() - lead >= 2
+
+
 def cast_names(model: nn.Module) -> set[str]:
     """The names of the parameters autocast casts in `model`'s forward (`CAST_MODULES`')."""
     return {f"{mn}.{pn}" if mn else pn for mn, mod in model.named_modules()
@@ -49,7 +55,7 @@ class ParamGroups:
                  cast_dtype: torch.dtype | None, lead: int = 0) -> None:
         self.lead, self.cast_dtype = lead, cast_dtype
         self.shapes = {n: p.shape for n, p in params.items()}
-        group_of = {n: (p.dim() - lead >= 2, n in cast and cast_dtype is not None)
+        group_of = {n: (decays(p, lead), n in cast and cast_dtype is not None)
                     for n, p in params.items()}
         self.groups: dict[Group, list[str]] = {
             g: [n for n in params if group_of[n] == g]

@@ -319,24 +319,26 @@ class _StackedLinear(_SavesLinear):
         return gx, gw, gb
 
 
-def autocast_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def autocast_linear(self: torch.nn.Linear, x: torch.Tensor, fused: bool = False
+                    ) -> torch.Tensor:
     """`nn.Linear.forward` for the stateless copy under vmap: the input, weight and bias cast
     to the autocast dtype first, as autocast casts them for one `F.linear` call. Under vmap,
     `F.linear` with a bias is decomposed (matmul, then the bias added) before autocast sees it:
     the matmul ran in bf16 but adding the fp32 bias made every projection's output fp32, where
-    an unbatched trial's is bf16 (more casts a step, and not the same computation)."""
+    an unbatched trial's is bf16 (more casts a step, and not the same computation). `fused`:
+    one batched product a projection (`_Linear`, `fused_linear`)."""
     inp, weight, bias = autocast_inputs(x, self.weight, self.bias)
     assert inp is not None and weight is not None
+    if fused:
+        out: torch.Tensor = _Linear.apply(inp, weight, bias)
+        return out
     return F.linear(inp, weight, bias)
 
 
 def fused_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`autocast_linear` as one batched product a projection (`_Linear`): what captured steps
-    use (`fused_projections`)."""
-    inp, weight, bias = autocast_inputs(x, self.weight, self.bias)
-    assert inp is not None and weight is not None
-    out: torch.Tensor = _Linear.apply(inp, weight, bias)
-    return out
+    """`autocast_linear` as one batched product a projection: what captured steps use
+    (`fused_projections`)."""
+    return autocast_linear(self, x, fused=True)
 
 
 def fused_projections(mode: str) -> bool:

@@ -25,7 +25,7 @@ from study.config import TrialConfig
 from study.device import autocast, autocast_dtype
 from study.graphs import capture, why_not
 from study.model import AttentionModel, AttnStats
-from study.params import ParamGroups, cast_names
+from study.params import ParamGroups, cast_names, decays
 from study.tasks.base import IGNORE
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ def make_optimizer(
     warmup + cosine schedule over `total_steps`. Build it after the model is on its device.
     `capturable`: the step may be captured in a CUDA graph (the learning rate is then a device
     tensor that the schedule fills in place)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if decays(p)]
+    no_decay = [p for p in model.parameters() if not decays(p)]
     return adamw(decay, no_decay, cfg, total_steps, capturable)
 
 

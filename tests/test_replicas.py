@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.trials import cpu_autocast
 from study import metrics as M
 from study.config import TrialConfig, make_config
 from study.model import AttnStats, attend_written_out, build_model
@@ -157,6 +158,21 @@ def test_batched_linear_is_each_replicates_linear_with_its_gradients(bias, x_dim
         torch.testing.assert_close(got, want_g)
 
 
+def test_fused_linear_outside_vmap_is_f_linear_with_its_gradients() -> None:
+    """`_Linear` called on one replicate's tensors (no vmap) is `F.linear`, gradients too."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 6, generator=g, requires_grad=True)
+    w = torch.randn(5, 6, generator=g, requires_grad=True)
+    b = torch.randn(5, generator=g, requires_grad=True)
+    up = torch.randn(4, 3, 5, generator=g)
+    got = _linear(x, w, b)
+    want = F.linear(x, w, b)
+    torch.testing.assert_close(got, want)
+    for a, c in zip(torch.autograd.grad(got, (x, w, b), up),
+                    torch.autograd.grad(want, (x, w, b), up)):
+        torch.testing.assert_close(a, c)
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """`fused_linear` on a layer holding `w` and `b` (as the stateless copy's do)."""
     return fused_linear(cast(torch.nn.Linear, SimpleNamespace(weight=w, bias=b)), x)
@@ -237,8 +253,7 @@ def test_batched_replicates_under_autocast_compute_as_each_replicates_model(
     (every projection's output fp32) and `F.conv1d` escaped it (the conv embedding in fp32)."""
     cfgs, datas = replicas_of(changes, vary_data_seed=False)
     bf16 = torch.bfloat16
-    monkeypatch.setattr("study.replicas.autocast",
-                        lambda device: torch.autocast("cpu", dtype=bf16))
+    monkeypatch.setattr("study.replicas.autocast", cpu_autocast)
     monkeypatch.setattr("study.replicas.autocast_dtype", lambda device: bf16)  # cast groups
     reps = Replicas(cfgs, datas)
     x, y, m = reps.val.rows(0, 48)
@@ -268,8 +283,7 @@ def test_autocast_groups_are_cast_once_with_the_same_values(monkeypatch, changes
     way per group: the same losses as autocast's own casts and the same gradients (but for
     the order the norm sums them in), with two casts a group against two a parameter."""
     bf16 = torch.bfloat16
-    monkeypatch.setattr("study.replicas.autocast",
-                        lambda device: torch.autocast("cpu", dtype=bf16))
+    monkeypatch.setattr("study.replicas.autocast", cpu_autocast)
     cfgs, datas = replicas_of(changes, vary_data_seed=False)
     model = build_model(cfgs[0], datas[0].spec)
     cast = {f"{mn}.{pn}" for mn, m in model.named_modules()

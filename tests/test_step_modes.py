@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.trials import cpu_autocast
 from study.config import CHOICES, make_config
 from study.evaluation import epoch_metrics
 from study.graphs import Captured, no_collection
@@ -385,8 +386,7 @@ def test_grouped_parameters_train_as_the_modules_own(monkeypatch, autocast_on, c
     cfg = make_config({**TINY, **changes, "step_mode": "eager"})
     data = get_task(cfg)
     if autocast_on:
-        monkeypatch.setattr("study.step.autocast",
-                            lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+        monkeypatch.setattr("study.step.autocast", cpu_autocast)
         monkeypatch.setattr("study.step.autocast_dtype", lambda device: torch.bfloat16)
     out = {}
     for grouped in (False, True):
