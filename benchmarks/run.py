@@ -8,8 +8,8 @@ Writes under benchmarks/results/:
   this device, the reason in the detailed file),
 and prints a table of goal vs measured. `<device>` is `cpu`, or the GPU's name with spaces as
 dashes. On the CPU every measurement runs with one PyTorch thread (on a shared 2-core machine
-two threads are several times slower, and less repeatable). 11 to 15 minutes on 2 CPU cores,
-7 to 9 of them the harness section's 32 trials of the default study.
+two threads are several times slower, and less repeatable). About 10 to 11 minutes on 2 CPU
+cores, 6 of them the harness section's 32 trials of the default study.
 
 `python -m benchmarks.run [--only NAME ...] [--keep] [--search-seeds N ...] [--results DIR]`
 runs some sections only (attention, trials, study, harness, search, gpu; the others' keys are

@@ -200,7 +200,7 @@ class Attention(nn.Module):
 # The CPU's softmax kernels take a scalar path when a row is shorter than 16 floats (one AVX-512
 # vector): at 11 keys ~10x the time per element of a 16-key row. SDPA's CPU kernels pay it too
 # (the math path, which dropout takes) or pay per (batch, head) costs that dominate at such
-# lengths (the flash kernel): see the README's performance section for the measurements.
+# lengths (the flash kernel): measurements in benchmarks/results/HISTORY.md ("CPU attention").
 CPU_ROW = 16
 
 

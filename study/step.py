@@ -124,7 +124,7 @@ def resolve_step_mode(cfg: TrialConfig, device: torch.device) -> tuple[str, str 
 
     `auto` takes the fastest that works: a CUDA graph where the step can be captured, else
     eager (on the CPU `compile` measured no faster than eager and costs ~30 s of compilation
-    per configuration, see the README's performance table)."""
+    per configuration: README "Why the unmet goals are unmet")."""
     why = graph_blocker(cfg, device)
     if cfg.step_mode == "auto":
         return ("graph" if why is None else "eager"), None
