@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from benchmarks.mps import MPSDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
 # each path's trial settings; today's processes run in `benchmarks.sweeps.todays_env()`, as
@@ -160,51 +161,6 @@ def run_packed(path: str, k: int, epochs: int, trials: int, env: dict[str, str] 
             "outcomes": sorted({str(x) for o in outs for x in o["outcomes"]})}
 
 
-class MPSDaemon:
-    """A CUDA MPS control daemon of this probe's own (its pipe and log folders in `folder`),
-    started with `nvidia-cuda-mps-control -d` and told to quit at the end; `env` is what its
-    clients need. `why_not` says why it could not start (None when it runs)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"),
-                    "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
-        self.why_not: str | None = None
-        self.quit: str | None = None  # what `quit` answered, at the end
-        self.binary = shutil.which("nvidia-cuda-mps-control")
-
-    def __enter__(self) -> MPSDaemon:
-        if self.binary is None:
-            self.why_not = "nvidia-cuda-mps-control is not on this machine"
-            return self
-        for d in self.env.values():
-            Path(d).mkdir(parents=True, exist_ok=True)
-        res = subprocess.run([self.binary, "-d"], env={**os.environ, **self.env},
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            self.why_not = f"nvidia-cuda-mps-control -d: rc {res.returncode} {res.stderr[-300:]}"
-        return self
-
-    def command(self, line: str, timeout_s: float = 30.0) -> tuple[int, str]:
-        """One command to the daemon (`get_server_list`, `quit`): its return code and output."""
-        assert self.binary is not None
-        try:
-            res = subprocess.run([self.binary], input=line + "\n", capture_output=True,
-                                 text=True, timeout=timeout_s, env={**os.environ, **self.env})
-        except subprocess.TimeoutExpired:
-            return -1, f"no answer to {line!r} in {timeout_s:g} s"
-        return res.returncode, (res.stdout + res.stderr).strip()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.binary is None or self.why_not is not None:
-            return
-        rc, text = self.command("quit")
-        self.quit = f"rc {rc}" + (f": {text[-200:]}" if text else "")
-        control = Path(self.env["CUDA_MPS_PIPE_DIRECTORY"]) / "control"
-        deadline = time.monotonic() + 10
-        while control.exists() and time.monotonic() < deadline:  # the daemon's own socket
-            time.sleep(0.1)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, nargs="+", default=[1, 4, 8])
@@ -242,11 +198,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if mps.why_not is None:
                 for k in args.k:
                     row = run_packed("new", k, args.epochs, args.trials, env=mps.env)
-                    # a client that cannot reach the daemon runs without MPS, silently: the
-                    # rows count as MPS rows only while the daemon lists a server
-                    rc, servers = mps.command("get_server_list")
-                    save({**row, "mps": True, "mps_servers": servers if rc == 0 else None,
-                          "mps_valid": rc == 0 and bool(servers.strip())})
+                    # the rows count as MPS rows only while the daemon lists a server
+                    valid, servers = mps.served()
+                    save({**row, "mps": True, "mps_servers": servers, "mps_valid": valid})
         result["mps"]["quit"] = mps.quit
         out.write_text(json.dumps(result, indent=1))
     print(f"written: {out}")

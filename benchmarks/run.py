@@ -12,10 +12,11 @@ two threads are several times slower, and less repeatable). About 10 to 11 minut
 cores, 6 of them the harness section's 32 trials of the default study.
 
 `python -m benchmarks.run [--only NAME ...] [--keep] [--search-seeds N ...] [--results DIR]`
-runs some sections only (attention, trials, study, harness, search, gpu; the others' keys are
-null in the summary), keeps the sweeps' temp dir, runs the search comparison with other
+runs some sections only (attention, trials, study, harness, search, gpu, study_mps; the others'
+keys are null in the summary), keeps the sweeps' temp dir, runs the search comparison with other
 searcher seeds (`make bench`: 0 1 2) and writes the JSON files to DIR instead. `gpu` (MFU
-and packed trials, `benchmarks.gpu`) runs on CUDA only; on a GPU
+and packed trials, `benchmarks.gpu`) and `study_mps` (the new path's study under CUDA MPS,
+against the study section's ways, `sweeps.study_mps`) run on CUDA only; on a GPU
 the study comparison packs 8 trials per GPU (`--gpu 0.125 --max-concurrent 8`).
 """
 
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 OUT = Path(__file__).parent / "results"
-SECTIONS = ("attention", "trials", "study", "harness", "search", "gpu")
+SECTIONS = ("attention", "trials", "study", "harness", "search", "gpu", "study_mps")
 SUMMARY_KEYS = ("device", "small_trial_speedup", "seeds4_cost_ratio", "seeds16_cost_ratio",
                 "packing_throughput_x8", "study_speedup", "harness_overhead_frac",
                 "disk_mb_per_trial", "search_epochs_ratio", "mfu_gpt2_small",
@@ -249,6 +250,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cuda and "gpu" in args.only:
         section("mfu", gpu.mfu_gpt2_small)
         section("packing", gpu.packing)
+    if "study_mps" in args.only:
+        # last: the new path's study once more under CUDA MPS, against the study section's
+        # ways (a time limit that cuts it keeps every section before)
+        if cuda:
+            section("study_mps", lambda: sweeps.study_mps(
+                tmp / "study_mps", detail.get("study"), packed=(0.125, 8),
+                **sweeps.default_study_budget()))
+        else:
+            detail["study_mps"] = {"speedup_mps": None, "reason": NO_GPU}
     detail["finished"] = time.time()
     detail["load_at_end"] = list(os.getloadavg())
     if args.keep:

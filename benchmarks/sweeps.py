@@ -428,6 +428,57 @@ def not_the_same_study(runs: dict[str, list[dict[str, Any]]], tolerance: float =
     return None
 
 
+def study_mps(tmp: Path, study: dict[str, Any] | None, trials: int, epochs: int,
+              packed: tuple[float, int] | None) -> dict[str, Any]:
+    """The new path's study (default.yaml as it is, `trials`/`epochs`, `packed` on the GPU)
+    once more, its trials under a CUDA MPS daemon of its own (`benchmarks.mps`; a local Ray's
+    workers inherit the sweep's environment, so they reach it): the question the H200's study
+    left (packed captured trials took 5.3 s each against 0.88 s alone), answered on the study
+    itself. `study`: the study section of the same run (`study_speedup`), whose ways it is
+    compared with (`mps_speedups`)."""
+    from benchmarks.mps import MPSDaemon
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    space = tmp / "default.yaml"
+    space.write_text(packed_space(DEFAULT_SPACE.read_text(), packed))
+    out: dict[str, Any] = {"space": "search_spaces/default.yaml", "trials": trials,
+                           "epochs": epochs, "packed": packed}
+    with MPSDaemon(tmp / "daemon") as mps:
+        out["mps"] = {"started": mps.why_not is None, "why_not": mps.why_not}
+        if mps.why_not is None:
+            out["default_mps"] = _timed_sweep(tmp / "default_mps", space, trials, epochs,
+                                              setup=worker_setup_s(DEFAULT_SPACE), env=mps.env)
+            out["mps"]["served"], out["mps"]["servers"] = mps.served()
+    out["mps"]["quit"] = mps.quit
+    return {**out, **mps_speedups(study, out.get("default_mps"), out["mps"])}
+
+
+def mps_speedups(study: dict[str, Any] | None, run: dict[str, Any] | None,
+                 mps: dict[str, Any]) -> dict[str, Any]:
+    """`speedup_mps`: today's path's wall time in `study` (the study section) over the MPS
+    sweep `run`'s, and `speedup_vs_no_mps`: the new path's without MPS over it; both null,
+    with `reason`, where the daemon did not start, it listed no server after the sweep (its
+    trials ran without MPS), the study section did not run or has no valid figure, or the
+    ways did not train the same study (`not_the_same_study`); the figures are then kept as
+    `*_if_valid` where they exist."""
+    out: dict[str, Any] = {"speedup_mps": None, "speedup_vs_no_mps": None}
+    if run is None:
+        return {**out, "reason": f"no MPS daemon: {mps.get('why_not')}"}
+    if study is None or "lockstep" not in study or "default" not in study:
+        return {**out, "reason": "the study section did not run in this run: nothing to "
+                                 "compare with (run --only study study_mps)"}
+    figures = {"speedup_mps": study["lockstep"]["wall_s"] / run["process_wall_s"],
+               "speedup_vs_no_mps": study["default"]["wall_s"] / run["process_wall_s"]}
+    why = not_the_same_study({"lockstep": study["lockstep"]["rounds"],
+                              "default": study["default"]["rounds"], "default_mps": [run]})
+    if why is None and not mps.get("served"):
+        why = ("the daemon listed no MPS server after the sweep: its trials did not reach it "
+               "and ran without MPS")
+    if why is None:
+        return figures
+    return {**out, **{f"{k}_if_valid": v for k, v in figures.items()}, "reason": why}
+
+
 def outcome_count(rounds: Sequence[dict[str, Any]], outcome: Outcome) -> int:
     """Trials of timed sweeps (`_timed_sweep` results) that ended with `outcome`."""
     return sum(int(r.get("outcomes", {}).get(outcome.value, 0)) for r in rounds)

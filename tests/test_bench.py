@@ -467,11 +467,56 @@ def test_packing_probe_rates_and_scaling() -> None:
     assert [r["scaling"] for r in rows] == [None, None, 1.0, None]
 
 
-def test_packing_probe_says_why_mps_did_not_start(tmp_path, monkeypatch) -> None:
-    from benchmarks import packing_probe
+def test_mps_daemon_says_why_it_did_not_start(tmp_path, monkeypatch) -> None:
+    from benchmarks import mps as mps_module
 
-    monkeypatch.setattr(packing_probe.shutil, "which", lambda name: None)
-    with packing_probe.MPSDaemon(tmp_path) as mps:
+    monkeypatch.setattr(mps_module.shutil, "which", lambda name: None)
+    with mps_module.MPSDaemon(tmp_path) as mps:
         assert mps.why_not == "nvidia-cuda-mps-control is not on this machine"
         assert mps.env["CUDA_MPS_PIPE_DIRECTORY"].startswith(str(tmp_path))
+        assert mps.served() == (False, None)
     assert not (tmp_path / "pipe").exists()  # nothing made for a daemon that never ran
+
+
+def _timed(wall: float, results: int = 360, diverged: int = 0) -> dict:
+    """A `_timed_sweep` result with only what the study comparisons read."""
+    return {"process_wall_s": wall, "results": results,
+            "outcomes": {"completed": 36 - diverged, "diverged": diverged}}
+
+
+def _study(lockstep: float, default: float) -> dict:
+    return {"lockstep": {"wall_s": lockstep, "rounds": [_timed(lockstep)]},
+            "default": {"wall_s": default, "rounds": [_timed(default)]}}
+
+
+@pytest.mark.parametrize("study,run,mps,want", [
+    pytest.param(_study(80.0, 54.0), _timed(40.0), {"served": True},
+                 {"speedup_mps": 2.0, "speedup_vs_no_mps": 1.35}, id="valid"),
+    pytest.param(_study(80.0, 54.0), None, {"why_not": "nvidia-cuda-mps-control is not here"},
+                 {"speedup_mps": None, "reason": "no MPS daemon: nvidia-cuda-mps-control is "
+                                                 "not here"}, id="no-daemon"),
+    pytest.param(None, _timed(40.0), {"served": True},
+                 {"speedup_mps": None}, id="no-study-section"),
+    pytest.param(_study(80.0, 54.0), _timed(40.0), {"served": False},
+                 {"speedup_mps": None, "speedup_mps_if_valid": 2.0}, id="no-server-listed"),
+    pytest.param(_study(80.0, 54.0), _timed(8.0, results=36, diverged=36), {"served": True},
+                 {"speedup_mps": None, "speedup_mps_if_valid": 10.0}, id="diverged"),
+])
+def test_mps_study_is_compared_only_with_the_same_study(study, run, mps, want) -> None:
+    from benchmarks.sweeps import mps_speedups
+
+    got = mps_speedups(study, run, mps)
+    for key, value in want.items():
+        assert got[key] == (pytest.approx(value) if isinstance(value, float) else value)
+    assert (got["speedup_mps"] is None) == ("reason" in got)
+
+
+def test_study_mps_without_a_daemon_runs_no_sweep(tmp_path, monkeypatch) -> None:
+    from benchmarks import mps as mps_module
+    from benchmarks.sweeps import study_mps
+
+    monkeypatch.setattr(mps_module.shutil, "which", lambda name: None)
+    out = study_mps(tmp_path, _study(80.0, 54.0), trials=36, epochs=10, packed=(0.125, 8))
+    assert out["mps"]["started"] is False and "default_mps" not in out
+    assert out["speedup_mps"] is None and "not on this machine" in out["reason"]
+    assert not (tmp_path / "default_mps").exists()
