@@ -56,6 +56,9 @@ def device_name(cuda: bool) -> str:
     return torch.cuda.get_device_name().replace(" ", "-") if cuda else "cpu"
 
 
+GPU_ONLY = " (on a GPU)"  # how the CPU's table marks a goal that holds on a GPU only
+
+
 def goals(device: str, epochs: int | None) -> dict[str, tuple[str, Callable[[float], bool]]]:
     """Summary key -> (the goal as written, whether a value meets it) on this device; keys
     whose goal holds on a GPU only are listed as such on the CPU (never met there)."""
@@ -63,7 +66,7 @@ def goals(device: str, epochs: int | None) -> dict[str, tuple[str, Callable[[flo
     per_trial = float(epochs or 1)
 
     def gpu_only(text: str, ok: Callable[[float], bool]) -> tuple[str, Callable[[float], bool]]:
-        return (text, ok) if gpu else (f"{text} (on a GPU)", lambda v: False)
+        return (text, ok) if gpu else (f"{text}{GPU_ONLY}", lambda v: False)
 
     return {
         "small_trial_speedup": gpu_only(">= 8", lambda v: v >= 8),
@@ -116,8 +119,9 @@ def table(summary: dict[str, Any], detail: dict[str, Any]) -> str:
         v = summary.get(key)
         if v is None:
             measured, met = "null", "-"
-        else:
-            measured, met = f"{v:.3g}", "yes" if ok(v) else "no"
+        else:  # a GPU goal is not scored on the CPU (its figure is there for reference)
+            measured = f"{v:.3g}"
+            met = "-" if goal.endswith(GPU_ONLY) else "yes" if ok(v) else "no"
         rows.append((key, goal, measured, met))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
