@@ -27,6 +27,8 @@ import json
 import os
 import platform
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -281,4 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # a `timeout` (SIGTERM: scripts/gpu-check's limits) unwinds as an exit, so that a section's
+    # context managers finish (study_mps tells its MPS daemon to quit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()
