@@ -446,8 +446,11 @@ def study_mps(tmp: Path, study: dict[str, Any] | None, trials: int, epochs: int,
     with MPSDaemon(tmp / "daemon") as mps:
         out["mps"] = {"started": mps.why_not is None, "why_not": mps.why_not}
         if mps.why_not is None:
+            # a worker's one-time set-up as the study section timed it (else timed now)
+            setup = ((study or {}).get("default", {}).get("rounds") or [{}])[0].get(
+                "worker_setup_s") or worker_setup_s(DEFAULT_SPACE)
             out["default_mps"] = _timed_sweep(tmp / "default_mps", space, trials, epochs,
-                                              setup=worker_setup_s(DEFAULT_SPACE), env=mps.env)
+                                              setup=setup, env=mps.env)
             out["mps"]["served"], out["mps"]["servers"] = mps.served()
     out["mps"]["quit"] = mps.quit
     return {**out, **mps_speedups(study, out.get("default_mps"), out["mps"])}
