@@ -12,7 +12,7 @@ a `(k, ...)` view of its leaf (`Replicas.params`). A training step
 is the forward of one stateless copy of the model (`functional_call`) under
 `torch.vmap(..., randomness="different")` over the stacked parameters and the k replicates'
 batches, giving their logits, whose k losses are computed on the stacked outputs outside vmap
-(`stacked_loss`); ordinary autograd on their sum gives each replicate's own
+(`step.stacked_loss`); ordinary autograd on their sum gives each replicate's own
 gradient (the replicates share no parameter), gathered in the leaves; then per-replicate
 gradient clipping (each replicate's own global norm over its row, as `clip_grad_norm_`: one
 norm and one multiply a group, for any k), one AdamW over the leaves (elementwise, so exactly
@@ -129,8 +129,15 @@ from study.model import (
     written_out,
 )
 from study.params import ParamGroups, cast_names
-from study.step import adamw, apply_step, graph_step, optimizer_step, resolve_step_mode
-from study.tasks.base import IGNORE, Split, TaskData
+from study.step import (
+    adamw,
+    apply_step,
+    graph_step,
+    optimizer_step,
+    resolve_step_mode,
+    stacked_loss,
+)
+from study.tasks.base import Split, TaskData
 from study.train import (
     _RNG,
     EpochResult,
@@ -411,30 +418,6 @@ def dropout_seed(cfgs: Sequence[TrialConfig]) -> int:
 
 
 # --- the batched trial ------------------------------------------------------------------------
-
-
-def stacked_loss(logits: torch.Tensor, y: torch.Tensor, entropy: torch.Tensor | None,
-                 cfg: TrialConfig, adjust: torch.Tensor) -> torch.Tensor:
-    """`step.trial_loss` of k replicates at once, outside vmap, on their stacked logits
-    `(k, B[, T], C)`, targets `(k, B[, T])` (IGNORE where unlabelled), attention entropies
-    `(k, ...)` (or None) and logit adjustments `(k, C)`: one cross-entropy over every
-    replicate's rows, then each replicate's mean over its labelled ones. vmap's rule for
-    `F.cross_entropy` with an ignore index decomposed it into about 20 kernels a step (gather,
-    scatter, masks); this is about 7."""
-    k, C = logits.shape[0], logits.shape[-1]
-    logits = logits.float()
-    keep = (y != IGNORE).flatten(1)  # (k, N)
-    n = keep.sum(1).clamp_min(1)  # (k,)
-    shifted = logits + adjust.view(k, *([1] * (logits.dim() - 2)), C)
-    ce = F.cross_entropy(shifted.reshape(-1, C), y.flatten(), ignore_index=IGNORE,
-                         label_smoothing=cfg.label_smoothing, reduction="none")  # (k*N,)
-    loss = ce.view(k, -1).sum(1) / n
-    if cfg.z_loss > 0:  # on the logits before the adjustment, as `trial_loss`
-        z = torch.logsumexp(logits, -1).pow(2).reshape(k, -1)
-        loss = loss + cfg.z_loss * torch.where(keep, z, 0.0).sum(1) / n
-    if entropy is not None and cfg.attn_entropy_reg > 0:
-        loss = loss + cfg.attn_entropy_reg * entropy.float().reshape(k, -1).mean(1)
-    return loss
 
 
 @dataclass

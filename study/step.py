@@ -82,29 +82,58 @@ def adamw(
     return opt, sched
 
 
+def stacked_loss(logits: torch.Tensor, y: torch.Tensor, entropy: torch.Tensor | None,
+                 cfg: TrialConfig, adjust: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """The training objective of k trials (a trial's replicates) at once: the `(k,)` losses.
+
+    Cross-entropy with label smoothing on logits + `adjust` (logit adjustment, Menon et al.
+    2020: `adjust` = tau log pi), plus PaLM's z-loss and the attention-entropy regulariser
+    (when `entropy` is given), on stacked logits `(k, B[, T], C)`, targets `(k, B[, T])`
+    (per-token tasks: IGNORE where unlabelled, counted out), attention entropies `(k, ...)`
+    and adjustments `(k, C)` (or a float). Each replicate's loss is the mean over its labelled
+    rows. Batched replicates call it outside vmap: vmap's rule for `F.cross_entropy` with an
+    ignore index decomposed it into about 20 kernels a step (gather, scatter, masks); this is
+    about 7. One trial (k = 1, `trial_loss`) takes the mean inside the kernel, 3 kernels fewer.
+    """
+    k, C = logits.shape[0], logits.shape[-1]
+    logits = logits.float()
+    if isinstance(adjust, torch.Tensor):
+        adjust = adjust.view(k, *([1] * (logits.dim() - 2)), C)
+    # flattened, with no boolean indexing: the step keeps static shapes (CUDA graphs)
+    shifted, target = (logits + adjust).reshape(-1, C), y.flatten()
+    keep = n = None
+    if k == 1:
+        loss = F.cross_entropy(shifted, target, ignore_index=IGNORE,
+                               label_smoothing=cfg.label_smoothing).view(1)
+    else:
+        keep = (y != IGNORE).flatten(1)  # (k, N)
+        n = keep.sum(1).clamp_min(1)  # (k,)
+        ce = F.cross_entropy(shifted, target, ignore_index=IGNORE,
+                             label_smoothing=cfg.label_smoothing, reduction="none")  # (k*N,)
+        loss = ce.view(k, -1).sum(1) / n
+    if cfg.z_loss > 0:  # keeps the softmax normalizer near 1 (before the adjustment; unlabelled
+        # positions: none)
+        if keep is None or n is None:
+            keep = (y != IGNORE).flatten(1)
+            n = keep.sum(1)
+        z = torch.logsumexp(logits, -1).pow(2).reshape(k, -1)
+        loss = loss + cfg.z_loss * torch.where(keep, z, 0.0).sum(1) / n
+    if entropy is not None and cfg.attn_entropy_reg > 0:
+        loss = loss + cfg.attn_entropy_reg * entropy.float().reshape(k, -1).mean(1)
+    return loss
+
+
 def trial_loss(
     logits: torch.Tensor, y: torch.Tensor, stats: AttnStats | None, cfg: TrialConfig,
     adjust: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
-    """The training objective of a trial.
-
-    Cross-entropy with label smoothing on logits + `adjust` (logit adjustment, Menon et al. 2020:
-    `adjust` = tau log pi), plus PaLM's z-loss and the attention-entropy regulariser (when `stats`
-    is given). Per-token `logits` `(B, T, C)` with `y` `(B, T)` count labelled positions only.
-    """
-    logits = logits.float()
-    if y.dim() == 2:  # (B, T, C), (B, T) -> (B*T, C), (B*T,): no boolean indexing, so the
-        # step keeps static shapes (CUDA graphs); unlabelled positions are ignored
-        logits, y = logits.flatten(0, 1), y.flatten()
-    loss = F.cross_entropy(logits + adjust, y, ignore_index=IGNORE,
-                           label_smoothing=cfg.label_smoothing)
-    if cfg.z_loss > 0:  # keeps the softmax normalizer near 1 (unlabelled positions: none)
-        keep = y != IGNORE  # (N,)
-        z = torch.where(keep, torch.logsumexp(logits, -1).pow(2), 0.0)
-        loss = loss + cfg.z_loss * z.sum() / keep.sum()
-    if stats is not None and cfg.attn_entropy_reg > 0:
-        loss = loss + cfg.attn_entropy_reg * stats.entropy.float().mean()
-    return loss
+    """The training objective of one trial (`stacked_loss` with k = 1): logits `(B[, T], C)`,
+    targets `(B[, T])`, its attention statistics (the entropy regulariser's; or None) and its
+    logit adjustment `(C,)`; a scalar."""
+    if isinstance(adjust, torch.Tensor):
+        adjust = adjust[None]
+    entropy = None if stats is None else stats.entropy[None]
+    return stacked_loss(logits[None], y[None], entropy, cfg, adjust).view(())
 
 
 def graph_blocker(cfg: TrialConfig, device: torch.device) -> str | None:

@@ -29,11 +29,10 @@ from study.replicas import (
     fallback_reason,
     folded_sdpa,
     fused_linear,
-    stacked_loss,
     train_replicas,
 )
 from study.spaces import SpaceError, parse_space
-from study.step import trial_loss
+from study.step import stacked_loss, trial_loss
 from study.tasks import get_task
 from study.tasks.base import IGNORE
 from study.train import EpochResult, run_trial
@@ -315,8 +314,9 @@ def test_autocast_groups_are_cast_once_with_the_same_values(monkeypatch, changes
 @pytest.mark.parametrize("per_token", [pytest.param(False, id="classify"),
                                        pytest.param(True, id="per_token")])
 def test_stacked_loss_is_each_replicates_trial_loss(per_token: bool) -> None:
-    """`stacked_loss` on k replicates' stacked outputs is each one's `trial_loss` (label
-    smoothing, z-loss, the logit adjustment, the entropy regulariser; unlabelled positions)."""
+    """`stacked_loss` on k replicates' stacked outputs (a sum per replicate) is each one's
+    `trial_loss` (k = 1: the mean inside the kernel), with label smoothing, z-loss, the logit
+    adjustment, the entropy regulariser and unlabelled positions."""
     g = torch.Generator().manual_seed(1)
     cfg = TrialConfig(label_smoothing=0.1, z_loss=1e-2, attn_entropy_reg=0.05)
     shape = (2, 5, 7) if per_token else (2, 5)  # (replicates, B[, T])
