@@ -9,13 +9,20 @@
   actors with `num_gpus=0.125` each (each capping its GPU memory share, as a packed sweep
   trial does, and warmed by a first trial) over one such trial alone.
 
-The pure parts (`mfu`, `peak_flops`) are tested in tests/test_bench.py.
+- `mfu_profile`: where that step's time goes (kernels by kind, how busy the GPU was), for
+  `python -m benchmarks.profile_trial --mfu BATCH` (`scripts/gpu-probe`).
+
+The pure parts (`mfu`, `peak_flops`, `kernel_kind`, `kernel_shares`) are tested in
+tests/test_bench.py, and `mfu_profile` on a small model on the CPU.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from study.step import TrainState
 
 # dense bf16 peak FLOP/s by device name (without sparsity)
 PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H200": 989e12,
@@ -81,35 +88,51 @@ def out_of_memory(e: BaseException) -> bool:
     return False
 
 
-def mfu_at(batch: int, warmup: int = 5, steps: int = 20) -> dict[str, Any]:
+def gpt2_step(batch: int, total_steps: int, dims: dict[str, int] = GPT2_SMALL,
+              device: str = "cuda", step_mode: str = "compile"
+              ) -> tuple[TrainState, tuple[Any, ...], float, str | None]:
+    """The MFU measurement's training: this project's model at `dims` (GPT-2 small), bf16
+    autocast, `step_mode`, on random tokens `(batch, seq_len)` with no padding mask. Returns
+    its `TrainState`, the step's inputs, N (the weights of every matmul) and the fallback
+    reason. `mfu_at` times it, `mfu_profile` profiles it (both on CUDA; the tests build a small
+    one on the CPU)."""
     import torch
     from torch import nn
 
-    from benchmarks.attention import timed_steps
     from study.config import TrialConfig
     from study.model import ModelSpec, build_model
     from study.step import train_state
+
+    g = dims
+    cfg = TrialConfig(task="copy", d_model=g["d_model"], n_layers=g["n_layers"],
+                      n_heads=g["n_heads"], d_ff=g["d_ff"], batch_size=batch, lr=3e-4,
+                      pos_encoding="learned", device=device, step_mode=step_mode)
+    # every position is real, as in language-model pretraining: no padding mask, so SDPA may
+    # take its flash kernel (as `get_task` tells the model for a task without padding)
+    spec = ModelSpec(n_classes=g["vocab"], max_len=g["seq_len"], vocab_size=g["vocab"],
+                     per_token=True, padded=False)
+    model = build_model(cfg, spec).to(device)
+    n_matmul = float(sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)))
+    state, why = train_state(model, cfg, total_steps=total_steps)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, y = (torch.randint(0, g["vocab"], (batch, g["seq_len"]), device=device, generator=gen)
+            for _ in range(2))
+    mask = torch.ones(batch, g["seq_len"], dtype=torch.bool, device=device)
+    return state, (x, y, mask), n_matmul, why
+
+
+def mfu_at(batch: int, warmup: int = 5, steps: int = 20) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.attention import timed_steps
 
     torch._dynamo.reset()  # each batch size compiles afresh, from a clean cache
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     g = GPT2_SMALL
-    cfg = TrialConfig(task="copy", d_model=g["d_model"], n_layers=g["n_layers"],
-                      n_heads=g["n_heads"], d_ff=g["d_ff"], batch_size=batch, lr=3e-4,
-                      pos_encoding="learned", device="cuda", step_mode="compile")
-    # every position is real, as in language-model pretraining: no padding mask, so SDPA may
-    # take its flash kernel (as `get_task` tells the model for a task without padding)
-    spec = ModelSpec(n_classes=g["vocab"], max_len=g["seq_len"], vocab_size=g["vocab"],
-                     per_token=True, padded=False)
-    model = build_model(cfg, spec).cuda()
-    n_matmul = float(sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)))
-    state, why = train_state(model, cfg, total_steps=warmup + steps)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randint(0, g["vocab"], (batch, g["seq_len"]), device="cuda", generator=gen)
-    y = torch.randint(0, g["vocab"], (batch, g["seq_len"]), device="cuda", generator=gen)
-    mask = torch.ones(batch, g["seq_len"], dtype=torch.bool, device="cuda")
+    state, inputs, n_matmul, why = gpt2_step(batch, warmup + steps)
     # the warm-up steps compile
-    wall = timed_steps(state, (x, y, mask), torch.device("cuda"), warmup, steps) * steps
+    wall = timed_steps(state, inputs, torch.device("cuda"), warmup, steps) * steps
     tokens_per_s = batch * g["seq_len"] * steps / wall
     name = torch.cuda.get_device_name()
     peak = peak_flops(name)
@@ -122,6 +145,96 @@ def mfu_at(batch: int, warmup: int = 5, steps: int = 20) -> dict[str, Any]:
             "value": None if peak is None else mfu(tokens_per_s, n_matmul, g["n_layers"],
                                                    g["d_model"], g["seq_len"], peak),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
+# What a profiled operation or kernel is, by its name (the first pattern that matches): CUDA
+# kernels (cuBLAS/CUTLASS GEMMs are named gemm, xmma, nvjet; flash and memory-efficient
+# attention flash, fmha; Inductor's fused kernels triton_*) and, on the CPU, ATen operators
+KERNEL_KINDS = (
+    ("attention", r"flash|fmha|attention|sdpa|efficient_attention"),
+    ("matmul", r"gemm|xmma|nvjet|cutlass|cublas|triton_tem_.*mm|"
+               r"aten::(mm|bmm|addmm|baddbmm|addbmm|matmul)$"),
+    ("optimizer", r"adam|multi_tensor_apply|foreach"),
+    ("fused (triton)", r"triton"),
+    ("copy/fill", r"memcpy|memset|copy|fill|aten::cat$"),
+    ("elementwise/reduce", r"elementwise|reduce|softmax|norm|gelu|dropout|nll|loss"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The `KERNEL_KINDS` kind of a kernel or operator name, or "other"."""
+    import re
+
+    low = name.lower()
+    return next((kind for kind, pat in KERNEL_KINDS if re.search(pat, low)), "other")
+
+
+def kernel_shares(times: dict[str, float]) -> dict[str, float]:
+    """Each kind's share of the total time of `times` (name -> time), kinds in
+    `KERNEL_KINDS` order, then "other"; empty when the total is 0."""
+    total = sum(times.values())
+    if total <= 0:
+        return {}
+    out = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for name, t in times.items():
+        out[kernel_kind(name)] += t / total
+    return out
+
+
+def mfu_profile(batch: int = 32, warmup: int = 5, steps: int = 5, rows: int = 25,
+                dims: dict[str, int] = GPT2_SMALL, device: str = "cuda",
+                step_mode: str = "compile") -> dict[str, Any]:
+    """Where a step of the MFU measurement's training goes (`torch.profiler`, `steps` steps
+    after `warmup`, which compile): on CUDA each kernel's device time, on the CPU each
+    operator's self time; their shares by `KERNEL_KINDS`, how much of the wall time the
+    device was busy (`busy_frac`: below 1, the GPU waited on the host), and the matmul
+    kernels' own rate as a fraction of the peak (`matmul_peak_frac`: 6N FLOPs a token over
+    the matmul kernels' time; `names`: how many kernels or operators by name: a CUDA graph's
+    kernels are traced by CUPTI, and a `busy_frac` near 0 would say they were not). `table`:
+    the top `rows` by that time."""
+    import time
+
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from study.step import train_step
+
+    cuda = device == "cuda"
+    if cuda:
+        torch._dynamo.reset()
+    state, inputs, n_matmul, why = gpt2_step(batch, warmup + steps, dims, device, step_mode)
+    for _ in range(warmup):
+        train_step(state, *inputs)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            train_step(state, *inputs)
+        sync()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    if cuda:  # the kernels themselves (a CPU operator's device time is its kernels')
+        times = {e.key: e.device_time_total / 1e6 for e in events
+                 if e.device_type == DeviceType.CUDA}
+        sort = "self_device_time_total"
+    else:
+        times = {e.key: e.self_cpu_time_total / 1e6 for e in events}
+        sort = "self_cpu_time_total"
+    shares = kernel_shares(times)
+    busy = sum(times.values())
+    tokens = batch * dims["seq_len"] * steps
+    peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
+    matmul_s = shares.get("matmul", 0.0) * busy
+    return {"config": {**dims, "batch": batch, "step_mode": state.mode, "fallback": why,
+                       "device": device},
+            "steps": steps, "wall_s": wall, "busy_s": busy, "names": len(times),
+            "busy_frac": busy / wall if cuda else None, "shares": shares,
+            "matmul_peak_frac": (6 * n_matmul * tokens / matmul_s / peak
+                                 if peak and matmul_s > 0 else None),
+            "table": events.table(sort_by=sort, row_limit=rows, max_name_column_width=70)}
 
 
 PACKING_TIMEOUT_S = 300.0  # the most any of the packing section's waits may take

@@ -2,6 +2,7 @@
 session with a GPU takes before it changes anything (`scripts/gpu-check` runs it).
 
     python -m benchmarks.profile_trial [--epochs N] [--seeds 1 4] [--out DIR] [--ops-as-cuda]
+    python -m benchmarks.profile_trial --mfu BATCH [--out DIR]      (CUDA)
 
 For each number of seeds, one trial of the default config (`benchmarks.trials.seeds_time`:
 data built beforehand, batched replicates where they apply), after a warm-up trial, profiled
@@ -9,12 +10,16 @@ whole: the operators by self device time (CUDA) or self CPU time, and the trial'
 (`time_split`'s training, per-epoch evaluation and robustness sets) as profiler ranges. Written
 to `profile-<device>.txt` in DIR (default benchmarks/results). `--ops-as-cuda` prints instead
 the operations each phase dispatches with the evaluation run as on CUDA
-(`benchmarks.trials.dispatch_split`): on a CPU, what a GPU would launch.
+(`benchmarks.trials.dispatch_split`): on a CPU, what a GPU would launch. `--mfu BATCH`
+profiles instead the MFU measurement's GPT-2-small step at that batch
+(`benchmarks.gpu.mfu_profile`: device time by kind of kernel, how busy the GPU was, the
+matmul kernels' rate against the peak), written to `profile-mfu-<device>.txt` and `.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from benchmarks.gpu import mfu_profile
 from benchmarks.run import device_name
 from benchmarks.trials import (
     _phases,
@@ -62,6 +68,26 @@ def profile_trial(epochs: int, k: int, rows: int = 30, cfg: TrialConfig | None =
     return "\n".join(lines)
 
 
+def write_mfu_profile(prof: dict[str, Any], out: Path, device: str) -> Path:
+    """`mfu_profile`'s result as `profile-mfu-<device>.json` (without its table) and `.txt`
+    (a summary line per kind, then the table) in `out`; returns the text file's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = {k: v for k, v in prof.items() if k != "table"}
+    (out / f"profile-mfu-{device}.json").write_text(json.dumps(data, indent=1) + "\n")
+    busy = prof["busy_frac"]
+    lines = [f"## MFU step, batch {prof['config']['batch']}, mode {prof['config']['step_mode']}: "
+             f"{prof['steps']} steps in {prof['wall_s']:.3f} s"
+             + (f", device busy {busy:.1%} of it" if busy is not None else ""), "",
+             "share of the profiled time by kind:"]
+    lines += [f"  {kind}: {share:.1%}" for kind, share in prof["shares"].items()]
+    if prof["matmul_peak_frac"] is not None:
+        lines.append(f"matmul kernels at {prof['matmul_peak_frac']:.1%} of the dense bf16 peak")
+    path = out / f"profile-mfu-{device}.txt"
+    path.write_text("\n".join([*lines, "", prof["table"], ""]))
+    print(path.read_text(), flush=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=None,
@@ -70,8 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--ops-as-cuda", action="store_true",
                     help="print the operations each phase dispatches, evaluation as on CUDA")
+    ap.add_argument("--mfu", type=int, metavar="BATCH", default=None,
+                    help="profile the MFU measurement's GPT-2-small step at this batch (CUDA)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
+    if args.mfu is not None:
+        if not cuda:
+            ap.error("--mfu profiles the GPT-2-small step on a GPU: no CUDA device here")
+        write_mfu_profile(mfu_profile(args.mfu), args.out, device_name(cuda))
+        return
     if not cuda:
         torch.set_num_threads(1)
     epochs = args.epochs or (10 if cuda else 2)

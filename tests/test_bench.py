@@ -1,7 +1,9 @@
 """The benchmark's pure helpers (no timing, no sweeps: `make bench` runs those)."""
 
 import itertools
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -521,3 +523,62 @@ def test_study_mps_without_a_daemon_runs_no_sweep(tmp_path, monkeypatch) -> None
     assert out["mps"]["started"] is False and "default_mps" not in out
     assert out["speedup_mps"] is None and "not on this machine" in out["reason"]
     assert not (tmp_path / "default_mps").exists()
+
+
+@pytest.mark.parametrize(("name", "kind"), [
+    pytest.param("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_cublas", "matmul",
+                 id="cublas_xmma"),
+    pytest.param("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "matmul", id="nvjet"),
+    pytest.param("ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_32x5_tn", "matmul",
+                 id="ampere_gemm"),
+    pytest.param("aten::addmm", "matmul", id="cpu_addmm"),
+    pytest.param("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>",
+                 "attention", id="flash"),
+    pytest.param("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention", id="mem_efficient"),
+    pytest.param("aten::_scaled_dot_product_flash_attention_for_cpu", "attention", id="cpu_sdpa"),
+    pytest.param("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<"
+                 "FusedAdamMathFunctor>", "optimizer", id="fused_adamw"),
+    pytest.param("triton_per_fused__to_copy_add_native_layer_norm_0", "fused (triton)",
+                 id="inductor"),
+    pytest.param("Memcpy DtoD (Device -> Device)", "copy/fill", id="memcpy"),
+    pytest.param("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>",
+                 "elementwise/reduce", id="eager_add"),
+    pytest.param("aten::view", "other", id="other"),
+])
+def test_kernel_kinds(name: str, kind: str) -> None:
+    from benchmarks.gpu import kernel_kind
+
+    assert kernel_kind(name) == kind
+
+
+def test_kernel_shares_sum_to_one_and_keep_every_kind() -> None:
+    from benchmarks.gpu import KERNEL_KINDS, kernel_shares
+
+    got = kernel_shares({"nvjet_tst_128": 3.0, "flash_fwd_kernel": 1.0, "aten::view": 0.0,
+                         "triton_poi_fused_gelu_1": 4.0})
+    assert list(got) == [k for k, _ in KERNEL_KINDS] + ["other"]
+    assert got["matmul"] == 3 / 8 and got["attention"] == 1 / 8
+    assert got["fused (triton)"] == 0.5 and sum(got.values()) == pytest.approx(1.0)
+    assert kernel_shares({"aten::mm": 0.0}) == {}
+
+
+def test_mfu_profile_of_a_small_step_on_the_cpu(tmp_path: Path) -> None:
+    """The MFU step's profile, on a small model on the CPU (on a GPU: GPT-2 small, compiled):
+    every operator's time by kind, the matmuls among them, and both files written."""
+    from benchmarks.gpu import mfu_profile
+    from benchmarks.profile_trial import write_mfu_profile
+
+    dims = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "seq_len": 32,
+            "vocab": 500}
+    prof = mfu_profile(batch=4, warmup=1, steps=2, dims=dims, device="cpu", step_mode="eager")
+    assert prof["config"]["step_mode"] == "eager" and prof["steps"] == 2
+    assert sum(prof["shares"].values()) == pytest.approx(1.0)
+    assert prof["shares"]["matmul"] > 0 and prof["shares"]["attention"] > 0
+    assert prof["shares"]["optimizer"] > 0  # AdamW's step is inside the profiled steps
+    assert prof["busy_frac"] is None and prof["matmul_peak_frac"] is None  # no device here
+    assert 0 < prof["busy_s"] and prof["names"] > 10 and "aten::mm" in prof["table"]
+    path = write_mfu_profile(prof, tmp_path, "cpu")
+    text = path.read_text()
+    assert text.startswith("## MFU step, batch 4, mode eager") and "matmul: " in text
+    saved = json.loads((tmp_path / "profile-mfu-cpu.json").read_text())
+    assert saved["shares"] == prof["shares"] and "table" not in saved
