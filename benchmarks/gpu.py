@@ -18,6 +18,7 @@ tests/test_bench.py, and `mfu_profile` on a small model on the CPU.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -163,8 +164,6 @@ KERNEL_KINDS = (
 
 def kernel_kind(name: str) -> str:
     """The `KERNEL_KINDS` kind of a kernel or operator name, or "other"."""
-    import re
-
     low = name.lower()
     return next((kind for kind, pat in KERNEL_KINDS if re.search(pat, low)), "other")
 
@@ -192,29 +191,21 @@ def mfu_profile(batch: int = 32, warmup: int = 5, steps: int = 5, rows: int = 25
     the matmul kernels' time; `names`: how many kernels or operators by name: a CUDA graph's
     kernels are traced by CUPTI, and a `busy_frac` near 0 would say they were not). `table`:
     the top `rows` by that time."""
-    import time
-
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from study.step import train_step
+    from benchmarks.attention import timed_steps
 
     cuda = device == "cuda"
     if cuda:
         torch._dynamo.reset()
     state, inputs, n_matmul, why = gpt2_step(batch, warmup + steps, dims, device, step_mode)
-    for _ in range(warmup):
-        train_step(state, *inputs)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
+    dev = torch.device(device)
+    timed_steps(state, inputs, dev, 0, warmup)  # outside the profile (they compile), synced
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            train_step(state, *inputs)
-        sync()
-        wall = time.perf_counter() - t0
+        wall = timed_steps(state, inputs, dev, 0, steps) * steps
     events = prof.key_averages()
     if cuda:  # the kernels themselves (a CPU operator's device time is its kernels')
         times = {e.key: e.device_time_total / 1e6 for e in events
