@@ -247,20 +247,36 @@ def test_mfu_takes_the_first_batch_that_fits(monkeypatch: pytest.MonkeyPatch) ->
     class Wrapped(RuntimeError):  # as torch.compile wraps an error raised while compiling
         pass
 
-    def fake(batch: int) -> dict:
+    def fake(batch: int, pad_vocab: bool = True) -> dict:
         if batch == 32:
             try:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
             except torch.cuda.OutOfMemoryError as e:
                 raise Wrapped("backend compiler failed") from e
-        return {"value": batch / 100}
+        speed = 1.0 if pad_vocab else 0.8
+        return {"value": batch / 100 * speed, "tokens_per_s": 1000.0 * speed,
+                "config": {"batch": batch, "pad": pad_vocab}}
 
     monkeypatch.setattr(gpu, "mfu_at", fake)
     got = gpu.mfu_gpt2_small()
     assert got["value"] == 0.16 and list(got["by_batch"]) == [32, 16]
     assert got["by_batch"][32].startswith("out of memory")
+    # the unpadded step at the batch that fitted, beside the padded one
+    assert got["unpadded"]["config"] == {"batch": 16, "pad": False}
+    assert got["unpadded"]["value"] == pytest.approx(0.128)
+    assert got["pad_vocab_speedup"] == pytest.approx(1.25)
 
-    def broken(batch: int) -> dict:
+    def no_unpadded(batch: int, pad_vocab: bool = True) -> dict:
+        if not pad_vocab:
+            raise RuntimeError("compile failed\nmore")
+        return {"value": 0.3, "tokens_per_s": 1.0}
+
+    monkeypatch.setattr(gpu, "mfu_at", no_unpadded)
+    got = gpu.mfu_gpt2_small()  # the headline stands without its comparison
+    assert got["value"] == 0.3 and got["pad_vocab_speedup"] is None
+    assert got["unpadded"] == {"error": "RuntimeError: compile failed"}
+
+    def broken(batch: int, pad_vocab: bool = True) -> dict:
         raise ValueError("not a memory problem")
 
     monkeypatch.setattr(gpu, "mfu_at", broken)
@@ -560,6 +576,27 @@ def test_kernel_shares_sum_to_one_and_keep_every_kind() -> None:
     assert got["matmul"] == 3 / 8 and got["attention"] == 1 / 8
     assert got["fused (triton)"] == 0.5 and sum(got.values()) == pytest.approx(1.0)
     assert kernel_shares({"aten::mm": 0.0}) == {}
+
+
+@pytest.mark.parametrize("pad", [pytest.param(True, id="padded"),
+                                 pytest.param(False, id="unpadded")])
+def test_mfu_step_pads_the_vocabulary_without_crediting_it(pad: bool) -> None:
+    """The MFU step's embedding and head have the vocabulary rounded up to 64 rows (or not);
+    tokens and targets stay below the real vocabulary and N counts only its rows, so a padded
+    and an unpadded step are credited with the same FLOPs a token."""
+    from benchmarks.gpu import gpt2_step, padded_vocab
+
+    assert padded_vocab(50257) == 50304 and padded_vocab(64) == 64 and padded_vocab(65) == 128
+    dims = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "seq_len": 16, "vocab": 500}
+    state, (x, y, mask), n_matmul, why = gpt2_step(2, 3, dims, "cpu", "eager", pad_vocab=pad)
+    model = state.model
+    rows = 512 if pad else 500
+    assert model.head.out_features == rows and model.embed.emb.num_embeddings == rows
+    assert int(x.max()) < 500 and int(y.max()) < 500 and bool(mask.all())
+    d, ff, L = 32, 64, 2
+    # per layer qkv, proj, two MLP matmuls; then the head's 500 real rows
+    assert n_matmul == L * (3 * d * d + d * d + 2 * d * ff) + 500 * d
+    assert why is None
 
 
 def test_mfu_profile_of_a_small_step_on_the_cpu(tmp_path: Path) -> None:
