@@ -46,6 +46,7 @@ cap but can understate the sensitivity of levels that diverge at high LR.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -273,6 +274,16 @@ def lr_sensitivity(trials: pd.DataFrame, params: list[str], target: str, n_bins:
     out = pd.DataFrame(rows, columns=list(LR_COLUMNS))
     out.attrs["notes"] = notes
     return out
+
+
+def lr_sensitivity_targets(trials: pd.DataFrame, params: list[str], targets: Sequence[str]
+                           ) -> pd.DataFrame:
+    """`lr_sensitivity` of each distinct target in `targets` that `trials` has, in one table (a
+    report's objective and the generalization gap: when the objective is the gap itself, its
+    table once, not twice with every count doubled). Empty when none applies."""
+    tables = [lr_sensitivity(trials, params, t) for t in dict.fromkeys(targets) if t in trials]
+    tables = [t for t in tables if not t.empty]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
 def lr_sensitivity_summary(table: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:

@@ -164,7 +164,7 @@ def write_report(sweep: Sweep, out_dir: Path, n_boot: int = 1000, log_to_mlflow:
                  tracking_uri: str | None = None, importance_boot: int = 30) -> Path:
     """Compute the tables, write every file under `out_dir`, log it on the parent run (in
     `tracking_uri`, default the store the sweep was loaded from); returns index.html's path."""
-    from analysis.budget import budget_curves, lr_sensitivity, lr_sensitivity_summary
+    from analysis.budget import budget_curves, lr_sensitivity_summary, lr_sensitivity_targets
     from analysis.effects import effects_report
     from analysis.estimators import outcome_table
     from analysis.importance import importance_table
@@ -195,9 +195,7 @@ def write_report(sweep: Sweep, out_dir: Path, n_boot: int = 1000, log_to_mlflow:
     budget = budget_curves(trials, sweep.params, objective, mode) \
         if objective in trials else pd.DataFrame()
     budget.to_csv(out_dir / "budget.csv", index=False)
-    lr_tables = [lr_sensitivity(trials, sweep.params, t) for t in (objective, "gen_gap_acc")
-                 if t in trials]
-    lr_table = pd.concat([t for t in lr_tables if not t.empty] or [pd.DataFrame()])
+    lr_table = lr_sensitivity_targets(trials, sweep.params, (objective, "gen_gap_acc"))
     if not lr_table.empty:
         lr_table.to_csv(out_dir / "lr_sensitivity.csv", index=False)
         lr_sensitivity_summary(lr_table).to_csv(out_dir / "lr_sensitivity_summary.csv",

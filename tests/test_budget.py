@@ -20,6 +20,7 @@ from analysis.budget import (
     lr_bins,
     lr_sensitivity,
     lr_sensitivity_summary,
+    lr_sensitivity_targets,
     max_weights,
 )
 from analysis.effects import bin_levels
@@ -182,6 +183,20 @@ def test_lr_sensitivity_recovers_planted_optima_and_ranks_flat_below_peaked():
     assert abs(np.log10(gap.loc["pre_ln", "lr_best"]) + 3) <= half
     assert abs(np.log10(gap.loc["post_ln", "lr_best"]) + 2) <= half
     assert gap.loc["pre_ln", "best"] == pytest.approx(0.05, abs=0.01)
+
+
+def test_lr_sensitivity_of_a_report_counts_each_target_once():
+    """The report's LR tables: its objective and the gap, each once, also when the objective
+    is the gap itself (it was counted twice: every n and n_bins doubled)."""
+    trials = _lr_sweep()
+    gap = lr_sensitivity(trials, ["lr", "norm"], "gen_gap_acc", n_bins=5)
+    once = lr_sensitivity_targets(trials, ["lr", "norm"], ("gen_gap_acc", "gen_gap_acc"))
+    pd.testing.assert_frame_equal(once, gap)
+    assert once["n"].sum() == 600  # every trial once
+    pd.testing.assert_frame_equal(lr_sensitivity_summary(once), lr_sensitivity_summary(gap))
+    both = lr_sensitivity_targets(trials, ["lr", "norm"], ("val_acc", "gen_gap_acc", "absent"))
+    assert list(dict.fromkeys(both["target"])) == ["val_acc", "gen_gap_acc"]
+    assert lr_sensitivity_targets(trials, ["lr", "norm"], ("absent",)).empty
 
 
 def test_lr_sensitivity_intervals_bins_and_skips():

@@ -181,6 +181,40 @@ def test_global_null_rarely_calls_an_effect() -> None:
     assert any_effect / 100 <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / 100), any_effect
 
 
+def _small_null_sweep(job: tuple[int, pd.DataFrame]) -> pd.DataFrame:
+    rep, t = job
+    return effects_table(t, ["a", "b"], ["m1", "m2", "m3"], n_boot=400, seed=rep, min_trials=1,
+                         min_effect={"m1": 0.0, "m2": 0.0, "m3": 0.0})
+
+
+@pytest.mark.slow
+def test_small_sweeps_keep_their_error_rates_under_the_null() -> None:
+    """12 trials of 2 params x 3 levels (7 residual degrees of freedom), nothing planted, delta
+    0 so that the calls rest on the tests alone: across 300 reports, the share with any
+    `effect` call and the share with any Bonferroni interval excluding 0 stay within 5% (plus
+    twice the Monte Carlo error), and so do the rates at which the omnibus and the row tests
+    reject at 5% (three times: rows of a report are correlated). With normal quantiles and
+    the omnibus's raw covariance against chi2 they were 0.22, 0.19 and 0.07."""
+    rng = np.random.default_rng(5)
+    effects = {p: {"l0": 0.0, "l1": 0.0, "l2": 0.0} for p in ("a", "b")}
+    tables = [_synthetic(rng, 12, effects, ["m1", "m2", "m3"]) for _ in range(300)]
+    reports = _in_parallel(_small_null_sweep, list(enumerate(tables)))
+    # (a level no trial drew has no row)
+    assert np.mean([len(e) == 18 for e in reports]) > 0.9
+
+    def within(rate: float, n: int, k: float = 2.0) -> bool:
+        return rate <= 0.05 + k * np.sqrt(0.05 * 0.95 / n)
+
+    any_effect = np.mean([bool((e.call == "effect").any()) for e in reports])
+    any_excluded = np.mean([bool(((e.adj_low > 0) | (e.adj_high < 0)).any()) for e in reports])
+    fams = pd.concat([e.drop_duplicates(["target", "param"]) for e in reports])
+    rows = pd.concat(reports)
+    assert within(any_effect, 300), any_effect
+    assert within(any_excluded, 300), any_excluded
+    assert within(float((fams.p_family < 0.05).mean()), len(fams), 3), fams.p_family.describe()
+    assert within(float((rows.p_value < 0.05).mean()), len(rows), 3), rows.p_value.describe()
+
+
 def test_a_planted_zero_is_called_negligible_and_a_thin_level_inconclusive() -> None:
     rng = np.random.default_rng(3)
     t = _synthetic(rng, 300, {"a": {"x": 0.0, "y": 0.0}, "b": {"p": 0.0, "q": 0.05}}, ["m"],
