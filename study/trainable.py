@@ -49,15 +49,20 @@ log = logging.getLogger(__name__)
 
 def seed_summary(per_seed: list[dict[str, float]]) -> dict[str, float]:
     """Mean over seeds, `<name>_seed_std` (the sample std, ddof=1, as everywhere in the
-    analysis; absent with one seed, where it is unknown, not 0) and `seed_<k>/<name>`."""
+    analysis; absent with one seed, where it is unknown, not 0) and `seed_<k>/<name>`.
+
+    A metric only some replicates have (a shot group with no class in one data seed's
+    long-tail profile, with `vary_data_seed`) is summarised over those that have it: their
+    `seed_<k>` values say which (it used to fail the trial, or vanish, by seed 0's names)."""
     out: dict[str, float] = {}
-    for name in per_seed[0]:
-        vals = np.array([m[name] for m in per_seed], dtype=float)
+    for name in dict.fromkeys(n for m in per_seed for n in m):  # every name, first seen first
+        have = [(k, float(m[name])) for k, m in enumerate(per_seed) if name in m]
+        vals = np.array([v for _, v in have])
         out[name] = float(vals.mean())
         if len(vals) > 1:
             out[f"{name}_seed_std"] = float(vals.std(ddof=1))
-        for k, v in enumerate(vals):
-            out[seed_metric(k, name)] = float(v)
+        for k, v in have:
+            out[seed_metric(k, name)] = v
     return out
 
 

@@ -123,6 +123,41 @@ def test_report_logs_no_constant_seed_spread() -> None:
                    for k in logged)
 
 
+def test_a_metric_some_seeds_lack_is_summarised_over_those_that_have_it() -> None:
+    """A robustness metric only some replicates have (a shot group with no class in one data
+    seed's profile): mean, spread and per-seed values over the seeds that have it, wherever
+    seed 0 stands (it failed the trial when seed 0 had it, vanished when it did not)."""
+    from study.trainable import seed_summary
+
+    per_seed = [{"val_acc": 0.5}, {"val_acc": 0.7, "few_shot_acc": 0.2},
+                {"val_acc": 0.6, "few_shot_acc": 0.4}]
+    out = seed_summary(per_seed)
+    assert out["few_shot_acc"] == pytest.approx(0.3)
+    assert out["few_shot_acc_seed_std"] == pytest.approx(0.2 / 2 ** 0.5)
+    assert out["seed_1/few_shot_acc"] == 0.2 and out["seed_2/few_shot_acc"] == 0.4
+    assert "seed_0/few_shot_acc" not in out and out["val_acc"] == pytest.approx(0.6)
+    one = seed_summary([{"val_acc": 0.5, "few_shot_acc": 0.1}, {"val_acc": 0.7}])
+    assert one["few_shot_acc"] == 0.1 and "few_shot_acc_seed_std" not in one
+    assert list(one) == ["val_acc", "val_acc_seed_std", "seed_0/val_acc", "seed_1/val_acc",
+                         "few_shot_acc", "seed_0/few_shot_acc"]
+
+
+def test_replicates_with_different_shot_groups_finish_the_trial() -> None:
+    """mnist1d at imbalance 19.5 with `vary_data_seed`: data seed 2 leaves its rarest class 19
+    training examples (few-shot), data seed 3 leaves it 20 (not), so only the first replicate
+    has `few_shot_acc`; the trial completes and reports it for that replicate."""
+    from study.records import Outcome
+    from study.trainable import lockstep
+
+    cfg = {"task": "mnist1d", "imbalance": 19.5, "data_seed": 2, "seed": 0, "epochs": 1,
+           "d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2, "batch_size": 128,
+           "device": "cpu"}
+    last = list(lockstep(cfg, seeds=2, vary_data_seed=True, batching="vmap"))[-1]
+    assert last.outcome == Outcome.COMPLETED, last.message
+    assert "seed_0/few_shot_acc" in last.metrics and "seed_1/few_shot_acc" not in last.metrics
+    assert last.metrics["few_shot_acc"] == last.metrics["seed_0/few_shot_acc"]
+
+
 def test_callback_logs_every_epoch_once_per_seed(store) -> None:
     """Per-seed values at every epoch, the last one not logged again when the trial ends."""
     from study.records import SweepSpec, TrialReport
