@@ -102,6 +102,24 @@ def test_every_split_and_extra_set_holds_correct_answers(task, built):
         check_rows(task, split)
 
 
+def test_many_class_prototypes_do_not_share_the_training_lengths_stream():
+    """The prototypes' stream is not the one that draws the training lengths (a trailing 0 in
+    its seed made it the same: numpy's SeedSequence drops trailing zeros)."""
+    cfg = make_cfg("many_class")
+    tag = S.rng_tag("many_class")
+    lengths = np.random.default_rng([cfg.data_seed, tag]).integers(
+        cfg.min_len, cfg.max_len + 1, 64)
+    width = max(S.length_grid(cfg.min_len, cfg.max_len, cfg.ood_len_factors))
+    protos = np.random.default_rng([cfg.data_seed, tag, 3]).integers(
+        0, cfg.vocab_size, (cfg.n_classes, width))
+    n = min(64, width)
+    assert abs(np.corrcoef(lengths[:n], protos[0, :n])[0, 1]) < 0.5
+    # the task builds its prototypes from that stream: rows start with their class's symbol
+    data = S.build_many_class(cfg)
+    first = protos[data.train.y.numpy(), 0] + S.SYM0
+    assert (data.train.x[:, 0].numpy() == first).mean() > 0.8  # 10% of symbols replaced
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_sizes_spec_and_training_lengths(task, built):
     data, cfg = built[task], make_cfg(task)

@@ -226,6 +226,32 @@ def test_text_vocab_from_train_only(tmp_path):
     assert td.classes == ["neg", "pos"]
 
 
+@pytest.mark.parametrize("n", [pytest.param(n, id=f"{n}_rows") for n in (3, 4, 5, 6)])
+def test_small_text_classes_reach_every_split(tmp_path, n):
+    """Every class the file check accepts (3 rows or more) has rows in train, val and test:
+    rounding 70/15/15 gave a 3-row class no validation row, a 4- or 5-row class no test row
+    (its test accuracy then silently left out), and a file of only such classes crashed."""
+    rows = [{"text": f"{c} example {i}", "label": c} for c in ("neg", "pos") for i in range(n)]
+    rows += [{"text": f"big example {i}", "label": "big"} for i in range(40)]
+    for name, data in (("mixed", rows), ("small", rows[:2 * n])):
+        path = tmp_path / f"{name}.csv"
+        pd.DataFrame(data).to_csv(path, index=False)
+        d = text_file.prepare(text_cfg(path)).data
+        classes = 3 if name == "mixed" else 2
+        for split in (d.train, d.val, d.test):
+            assert (np.bincount(split.y.numpy(), minlength=classes) >= 1).all(), (name, split)
+        assert len(d.train) + len(d.val) + len(d.test) == len(data)
+
+
+def test_stratified_split_of_large_classes_is_rounding_alone():
+    """Classes large enough for every split split as before (digits' splits unchanged)."""
+    y = np.repeat(np.arange(3), [180, 179, 7])
+    tr, va, te = stratified_split(y, (0.6, 0.2, 0.2), 0)
+    counts = [np.bincount(y[s], minlength=3).tolist() for s in (tr, va, te)]
+    assert counts == [[108, 107, 4], [36, 36, 1], [36, 36, 2]]
+    assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(len(y)))
+
+
 def test_text_corruptions(sample):
     d = sample.data
     check_corruption_sets(d, text_file.CORRUPTIONS, len(d.test))

@@ -73,13 +73,21 @@ class TaskData:
 def stratified_split(
     y: np.ndarray, fractions: tuple[float, float, float], seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded stratified train/val/test indices."""
+    """Seeded stratified train/val/test indices. A class of at least 3 rows has at least one
+    in each split: rounding alone gave a 3-row class no validation row and a 4- or 5-row class
+    no test row at 70/15/15 (the row a split lacked comes out of training; larger classes
+    split as rounding says)."""
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[], [], []]
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
         n_tr = int(round(fractions[0] * len(idx)))
         n_va = int(round(fractions[1] * len(idx)))
+        if len(idx) >= 3:
+            if n_va == 0 and fractions[1] > 0:
+                n_tr, n_va = n_tr - 1, 1
+            if n_tr + n_va >= len(idx) and fractions[2] > 0:
+                n_tr = len(idx) - n_va - 1
         parts[0] += idx[:n_tr].tolist()
         parts[1] += idx[n_tr:n_tr + n_va].tolist()
         parts[2] += idx[n_tr + n_va:].tolist()
