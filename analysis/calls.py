@@ -92,7 +92,9 @@ def apply_calls(effects: pd.DataFrame, min_effect: dict[str, float],
         else:
             calls.append(INCONCLUSIVE)
             notes.append("not detected" if lo <= 0 <= hi else
-                         "significant but not beyond delta, or family not significant")
+                         "its family is not significant after adjustment" if not qf < alpha
+                         else "not significant after adjustment" if not q < alpha
+                         else f"its adjusted interval excludes 0 but reaches into +-{d:g}")
     out["call"] = calls
     out["note"] = notes
     out["beyond_noise"] = out["call"] == EFFECT

@@ -268,6 +268,7 @@ def _budget_rows(bd: BudgetData, levels: dict[str, pd.Series], n_boot: int,
         se = (s_hi - s_lo) / 2 * inflate
         p_family = _omnibus(bpd, pdv, inflate, df)
         n_tr = X[:, cols].sum(axis=0)
+        first = len(rows)
         for li, level in enumerate(names[p]):
             at = X[:, cols[li]] > 0
             obs_at = at & bd.observed
@@ -303,7 +304,22 @@ def _budget_rows(bd: BudgetData, levels: dict[str, pd.Series], n_boot: int,
                 "contrast_completed_only": float(completed_only[p][1][li, 0])
                 if completed_only is not None else float("nan"),
                 "support": "; ".join(why)})
+        _share_thin_support(rows[first:], p)
     return rows, notes
+
+
+def _share_thin_support(rows: list[dict[str, Any]], param: str) -> None:
+    """A level's contrast is against the other levels of its param, so a level with too few
+    trials, or aliased, leaves every contrast of that param without support, not only its own
+    (with two levels the other row is the same contrast, sign flipped: it was called an effect
+    while its mirror was inconclusive). Adds that to the other rows' `support`, in place."""
+    thin = [(r["level"], r["support"]) for r in rows
+            if "min_trials" in r["support"] or "aliased" in r["support"]]
+    for r in rows:
+        also = [f"its contrast rests on {param}={lv} too ({why})" for lv, why in thin
+                if lv != r["level"]]
+        if also:
+            r["support"] = "; ".join([r["support"], *also] if r["support"] else also)
 
 
 def _finish(rows_: list[dict[str, Any]], notes: list[str], min_effect: dict[str, float] | None,
@@ -400,7 +416,10 @@ def effects_report(sweep: Sweep, targets: list[str], n_boot: int = 1000, seed: i
     per_trial = analysed.set_index(TRIAL_KEY)
     levels, notes = studied_levels(per_trial, sweep.params, n_bins)
     epochs = int(spec.epochs) if spec else int(analysed["last_epoch"].max())
-    rungs = rung_epochs(spec.grace_period, spec.reduction_factor, epochs) if spec else []
+    stopped = analysed.loc[analysed["outcome"] == "early_stopped", "last_epoch"]
+    # without the spec, the epochs its trials were stopped at stand for ASHA's rungs
+    rungs = (rung_epochs(spec.grace_period, spec.reduction_factor, epochs) if spec
+             else sorted({int(e) for e in stopped if int(e) < epochs}))
     objective = sweep.objectives[0][0] if sweep.objectives else None
     seed_rows = sweep.trials.groupby(TRIAL_KEY, sort=False).size() if not sweep.trials.empty \
         else None

@@ -113,8 +113,10 @@ def budget_data(trial_table: pd.DataFrame, curves: pd.DataFrame, target: str, ep
         keep = np.isfinite(y)
         return BudgetData(target, FINAL if final else str(epoch), epoch, ESTIMATOR_COMPLETE,
                           [i for i, k in zip(ids, keep) if k], y[keep])
-    below = sorted(r for r in rungs if r < epoch)
     stopped_early = (last < epoch) & (t["outcome"] == Outcome.EARLY_STOPPED.value).to_numpy()
+    # the rungs, and every epoch a trial was stopped at (a store without its spec passes no
+    # rungs: its stopped trials were dropped, the estimate still called imputed)
+    below = sorted({r for r in rungs if r < epoch} | {int(e) for e in last[stopped_early]})
     if not stopped_early.any():
         keep = np.isfinite(y)
         return BudgetData(target, FINAL if final else str(epoch), epoch, ESTIMATOR_OBSERVED,

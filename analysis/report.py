@@ -143,8 +143,9 @@ trials (each trial the mean of its seeds). Under early stopping the stopped tria
 are imputed from their curves (the estimator column). A call is <b>effect</b> when the level's
 multiplicity-adjusted interval lies outside +-delta (the smallest effect of interest),
 <b>negligible</b> when it lies inside, else <b>inconclusive</b> (the note says why: not detected,
-too few trials, aliased). They describe this sweep's sampled configurations, not guaranteed
-causes. Diverged and failed trials are counted per level in outcomes.csv.</p>
+family not significant, not beyond +-delta, too few trials, aliased). They describe this
+sweep's sampled configurations, not guaranteed causes. Diverged and failed trials are counted
+per level in outcomes.csv.</p>
 <h2>Figures</h2>
 {figs or '<p class="note">(no figures: no data)</p>'}
 <h2>Effects of each parameter level</h2>

@@ -14,7 +14,8 @@ from typing import Any, Protocol, cast
 import numpy as np
 import pandas as pd
 
-from analysis.load import Sweep
+from analysis.estimators import ESTIMATOR_IMPUTED
+from analysis.load import TRIAL_KEY, Sweep
 from study.metrics import (
     GEN_GAP_ACC,
     GEN_GAP_LOSS,
@@ -110,6 +111,12 @@ def estimand(sweep: Sweep, effects: pd.DataFrame) -> str:
     return text
 
 
+def _thin(note: object) -> bool:
+    """Whether an effect row's note says its level lacks support (too few trials, aliased, no
+    trial past a rung: `effects._budget_rows`)."""
+    return any(w in str(note) for w in ("trial", "aliased", "went on"))
+
+
 def _delta(rows: pd.DataFrame) -> str:
     return fmt(float(rows["delta"].iloc[0])) if "delta" in rows and len(rows) else "n/a"
 
@@ -128,7 +135,10 @@ def effect_findings(effects: pd.DataFrame, target: str, params: Sequence[str],
     higher = HIGHER_IS_BETTER.get(target)
     direction = None if higher is None else ("higher is better" if higher else
                                              "lower is better")
-    at = "" if budget == "final" else f" at epoch {budget} (all trials that reached it)"
+    imputed = "estimator" in rows and (rows["estimator"] == ESTIMATOR_IMPUTED).any()
+    at = ("" if budget == "final" else
+          f" at epoch {budget} (every analysed trial, those stopped before it imputed)"
+          if imputed else f" at epoch {budget} (every trial reached it)")
     out = []
     called = rows["call"] == "effect" if "call" in rows else rows["beyond_noise"].astype(bool)
     beyond = rows[called]
@@ -144,6 +154,8 @@ def effect_findings(effects: pd.DataFrame, target: str, params: Sequence[str],
         over = (f"{r.param}={others[0]}" if len(others) == 1 else "the other levels")
         note = "adjusted for the other parameters" + (f"; {direction}" if direction else "")
         n = f"; {int(r.n)} trials" if hasattr(r, "n") else ""
+        k = int(getattr(r, "n_imputed", 0) or 0)
+        n += f", {k} of them imputed" if n and k else ""
         out.append(f"{r.param}={r.level} {'raises' if up else 'lowers'} {target}{at} by "
                    f"{fmt(abs(r.contrast))} [{fmt(lo)}, {fmt(hi)}] relative to {over} "
                    f"({note}{n})")
@@ -159,11 +171,15 @@ def effect_findings(effects: pd.DataFrame, target: str, params: Sequence[str],
     for p in [p for p in rest if p not in negligible]:
         pr = rows[rows["param"] == p]
         big = pr.iloc[int(pr["contrast"].abs().fillna(-1).to_numpy().argmax())]
-        thin = [f"{lv} ({note})" for lv, note in zip(pr["level"], pr["note"])
-                if any(w in str(note) for w in ("trial", "aliased", "went on"))]
+        thin = [f"{lv} ({note})" for lv, note in zip(pr["level"], pr["note"]) if _thin(note)]
         ci = (f"CI [{fmt(big['contrast_low'])}, {fmt(big['contrast_high'])}]"
               if np.isfinite(float(big["contrast_low"])) else "no interval")
-        line = (f"{p} on {target}{at}: not detected: largest contrast {p}={big['level']} "
+        why = str(big["note"]) if "note" in big and isinstance(big["note"], str) else ""
+        # "not detected" only where the adjusted interval holds 0; else the note says why not
+        label = ("inconclusive" if _thin(why) else
+                 "not detected" if why in ("", "not detected", "no interval") else
+                 f"inconclusive ({why})")
+        line = (f"{p} on {target}{at}: {label}: largest contrast {p}={big['level']} "
                 f"{fmt(big['contrast'])}, {ci}, MDE {fmt(big['mde'])}")
         if thin:
             line += "; too little support: " + ", ".join(thin)
@@ -178,9 +194,10 @@ def _imp_text(r: pd.Series) -> str:
     return text
 
 
-def importance_finding(importance: pd.DataFrame, target: str) -> str | None:
+def importance_finding(importance: pd.DataFrame, target: str, over: str = "") -> str | None:
     """The top parameter by fANOVA importance (PED-ANOVA when fANOVA is absent), with its
-    bootstrap interval and which params stand above the permutation null."""
+    bootstrap interval and which params stand above the permutation null; `over`: which
+    trials it was computed on (`trials_used`)."""
     if importance is None or importance.empty:
         return None
     rows = importance[importance["target"] == target]
@@ -191,7 +208,9 @@ def importance_finding(importance: pd.DataFrame, target: str) -> str | None:
     rows = rows[rows["evaluator"] == ev].sort_values("importance", ascending=False)
     name = {"fanova": "fANOVA", "ped_anova": "PED-ANOVA"}.get(ev, ev)
     top = rows.iloc[0]
-    line = f"Top parameter for {target} by {name} importance: {top['param']} ({_imp_text(top)})"
+    over = f" ({over})" if over else ""
+    line = (f"Top parameter for {target} by {name} importance{over}: {top['param']} "
+            f"({_imp_text(top)})")
     if len(rows) > 1:
         nxt = rows.iloc[1]
         line += f", next {nxt['param']} ({_imp_text(nxt)})"
@@ -234,6 +253,18 @@ def _any_effect(effects: pd.DataFrame, target: str) -> bool:
     return bool(effects.loc[effects["target"] == target, "beyond_noise"].astype(bool).any())
 
 
+def trials_used(sweep: Sweep) -> str:
+    """Which trials the importance (and measures) tables rest on: the completed ones, which
+    under early stopping are those ASHA let finish, not all that were sampled."""
+    n = sweep.trials[TRIAL_KEY].nunique() if TRIAL_KEY in sweep.trials else 0
+    if not n:
+        return ""
+    text = f"over the {n} completed trials"
+    if sweep.design == "search":
+        text += ", the ones early stopping let finish"
+    return text
+
+
 def findings(effects: pd.DataFrame, importance: pd.DataFrame, measures: pd.DataFrame,
              sweep: Sweep, targets: Sequence[str] | None = None) -> list[str]:
     """The report's plain-language summary, header line first."""
@@ -248,7 +279,7 @@ def findings(effects: pd.DataFrame, importance: pd.DataFrame, measures: pd.DataF
         for b in budgets:
             out.extend(x for x in effect_findings(effects, t, params, b)
                        if " raises " in x or " lowers " in x)
-        line = importance_finding(importance, t)
+        line = importance_finding(importance, t, trials_used(sweep))
         if line:
             if "important" not in importance and not _any_effect(effects, t):
                 line += " (no level is called an effect, so this ranking may be noise)"

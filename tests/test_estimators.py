@@ -268,6 +268,39 @@ def test_imputation_recovers_planted_effects_at_a_later_rung() -> None:
         assert abs(np.mean(values) - truth[level]) < 0.003, (level, np.mean(values))
 
 
+def test_stopped_trials_are_imputed_without_the_spec_rungs() -> None:
+    """A store read without its spec passes no rungs: the epochs its trials were stopped at
+    stand for them, so every stopped trial is still imputed (they were dropped, the estimate
+    still labelled imputed)."""
+    from analysis.estimators import budget_data
+
+    trials, curves, rungs = _asha_like(0)
+    stopped = int((trials["outcome"] == Outcome.EARLY_STOPPED.value).sum())
+    assert stopped > 0
+    for given in (rungs, []):
+        bd = budget_data(trials, curves, "test_acc", 12, True, "search", given, "val_acc")
+        assert bd is not None and bd.estimator == ESTIMATOR_IMPUTED
+        assert len(bd.y) == len(trials) and int((~bd.observed).sum()) == stopped
+        assert [st.rung for st in bd.steps] == [8, 4]
+
+
+def test_a_thin_level_leaves_its_whole_param_inconclusive() -> None:
+    """Two levels, one held by 2 trials: the other row is the same contrast with its sign
+    flipped, so it is inconclusive too (it was called an effect while its mirror was not)."""
+    rng = np.random.default_rng(4)
+    t = _synthetic(rng, 40, {"a": {"y": 0.05}, "b": {"p": 0.0, "q": 0.0}}, ["m"],
+                   trial_sd=0.005, seed_sd=0.002)
+    thin = t.trial_id.isin(["t0", "t1"])
+    t.loc[thin, "a"] = "x"
+    t.loc[thin, "m"] -= 0.05
+    e = effects_table(t, ["a", "b"], ["m"], n_boot=200, min_effect={"m": 0.01})
+    a = e[e.param == "a"].set_index("level")
+    assert set(a.call) == {"inconclusive"}
+    assert "2 trials (fewer than min_trials=3)" in a.loc["x", "note"]
+    assert a.loc["y", "note"].startswith("its contrast rests on a=x too (2 trials")
+    assert a.loc["y", "contrast_low"] > 0.04  # clearly non-zero: the support decides
+
+
 def test_a_planted_zero_is_called_negligible_and_a_thin_level_inconclusive() -> None:
     rng = np.random.default_rng(3)
     t = _synthetic(rng, 300, {"a": {"x": 0.0, "y": 0.0}, "b": {"p": 0.0, "q": 0.05}}, ["m"],

@@ -234,6 +234,8 @@ def test_findings_wording():
     assert any(ln.startswith("norm=post_ln raises test_acc at epoch 4") for ln in lines)
     top = next(ln for ln in lines if ln.startswith("Top parameter for gen_gap_acc"))
     assert "norm (0.700 [0.550, 0.800])" in top and "above their permutation null: norm" in top
+    # which trials the importance rests on: the completed ones, those ASHA let finish
+    assert "importance (over the 2 completed trials, the ones early stopping let finish)" in top
     # measures: Holm-adjusted across all measures tried, never the best of k alone
     assert lines[-1].startswith("Measures vs gen_gap_acc, Holm-adjusted across the 2 measures")
     assert "attn_entropy (Kendall tau -0.500, adjusted p<0.001)" in lines[-1]
@@ -243,6 +245,38 @@ def test_findings_wording():
         "Used 1 trial; skipped: none"
     assert report_targets(["ood_len_acc", "test_acc", "gen_gap_acc", "ece"]) == [
         "gen_gap_acc", "test_acc", "ood_len_acc"]
+
+
+def test_findings_say_which_trials_and_why_a_level_is_inconclusive():
+    """At a rung under imputation the line says the stopped trials were imputed and how many;
+    an inconclusive parameter whose adjusted interval excludes 0 is not "not detected"."""
+    from analysis.estimators import ESTIMATOR_IMPUTED
+    from analysis.summary import effect_findings
+
+    why = "its adjusted interval excludes 0 but reaches into +-0.01"
+    imputed = {"estimator": ESTIMATOR_IMPUTED, "n": 87, "n_imputed": 22}
+    rows = pd.DataFrame([
+        {**_effect("test_acc", "b", "q", 0.054, 0.043, 0.065, "effect", budget="8"), **imputed},
+        {**_effect("test_acc", "b", "p", -0.054, -0.065, -0.043, "effect", budget="8"),
+         **imputed},
+        {**_effect("test_acc", "a", "x", -0.021, -0.030, -0.012, "inconclusive", why, "8"),
+         **imputed},
+        {**_effect("test_acc", "a", "y", 0.021, 0.012, 0.030, "inconclusive", why, "8"),
+         **imputed},
+        _effect("test_acc", "c", "u", 0.004, -0.01, 0.02, "inconclusive", "not detected", "8"),
+        _effect("test_acc", "c", "v", -0.004, -0.02, 0.01, "inconclusive", "not detected", "8"),
+    ])
+    lines = effect_findings(rows, "test_acc", ["a", "b", "c"], "8")
+    assert lines[0].startswith("b=q raises test_acc at epoch 8 (every analysed trial, those "
+                               "stopped before it imputed) by 0.054 [0.043, 0.065]")
+    assert lines[0].endswith("; 87 trials, 22 of them imputed)")
+    a = next(ln for ln in lines if ln.startswith("a on test_acc"))
+    assert f"inconclusive ({why})" in a and "not detected" not in a
+    c = next(ln for ln in lines if ln.startswith("c on test_acc"))
+    assert ": not detected: largest contrast c=u 0.004, CI [-0.010, 0.020]" in c
+    # a budget every trial reached: nothing imputed, and the line says so
+    observed = effect_findings(rows[rows["param"] == "c"], "test_acc", ["c"], "8")
+    assert observed[0].startswith("c on test_acc at epoch 8 (every trial reached it): not det")
 
 
 def test_plots_skip_absent_data_and_draw_present_data():
