@@ -42,6 +42,10 @@ def trial(
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
         raise fail(str(e)) from None
+    import torch
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise fail("device: cuda, but no CUDA device is visible on this machine; set "
+                   "device=auto (the GPU where there is one) or device=cpu")
     from study.device import keep_freed_memory
     from study.tasks import get_task
     from study.train import run_trial

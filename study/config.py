@@ -184,6 +184,11 @@ def _check_ranges(c: TrialConfig) -> None:
         raise ConfigError(f"min_len: {c.min_len} exceeds max_len={c.max_len}")
     if any(f <= 1.0 for f in c.ood_len_factors):
         raise ConfigError("ood_len_factors: every factor must be > 1 (longer than training)")
+    longest = max(c.ood_len_factors, default=1.0) * c.max_len
+    if longest > _MAX["max_len"]:
+        raise ConfigError(f"ood_len_factors: {max(c.ood_len_factors):g} x max_len {c.max_len} "
+                          f"asks for sequences of {longest:g}, over the limit {_MAX['max_len']}; "
+                          "choose smaller factors")
     if c.few_shot_thr > c.many_shot_thr:
         raise ConfigError("few_shot_thr: must not exceed many_shot_thr")
     if c.attn_kind == "low_rank" and c.pos_encoding == "alibi":

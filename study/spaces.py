@@ -41,6 +41,8 @@ from study.records import (
 )
 
 NOT_SEARCHABLE = ("epochs", "seed", "device", "step_mode")
+# metrics that are fractions: a smallest effect of interest above 1 cannot be reached
+FRACTION_METRICS = frozenset(m for m in ALL_METRICS if m.endswith("_acc")) | {"macro_f1", "ece"}
 TOP_KEYS = ("name", "description", "task", "fixed", "params", "constraints", "budget", "seeds",
             "objective", "design", "searcher", "searcher_seed", "num_trials", "max_concurrent",
             "resources", "analysis", "vary_data_seed", "seed_batching")
@@ -278,7 +280,8 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
             f"{where}: expected a list of values or a mapping with 'type'")
     allowed = {"type", "values", "low", "high", "log", "step", "when"}
     extra = set(spec) - allowed
-    _expect(not extra, f"{where}: unknown key(s) {sorted(extra)}; valid: {sorted(allowed)}")
+    _expect(not extra, f"{where}: unknown key(s) {sorted(extra, key=str)}; valid: "
+                       f"{sorted(allowed)}")
     kind = spec.get("type")
     _expect(kind in PARAM_TYPES, f"{where}.type: {kind!r}; valid: {', '.join(PARAM_TYPES)}")
 
@@ -316,7 +319,9 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
         vals = spec.get("values")
         _expect(isinstance(vals, list) and len(vals) > 0,
                 f"{where}.values: expected a non-empty list")
-        return ParamSpec(name, kind, tuple(co(v, "values") for v in vals), when=tuple(when))
+        levels = tuple(co(v, "values") for v in vals)
+        _expect(len(set(levels)) == len(levels), f"{where}.values: a value is repeated")
+        return ParamSpec(name, kind, levels, when=tuple(when))
     if "values" in spec:  # numeric levels: a design's grid, or a set to choose among
         both = sorted({"low", "high", "log", "step"} & set(spec))
         _expect(not both, f"{where}: give either values or low/high, not both (also {both})")
@@ -404,7 +409,7 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
     budget = data.get("budget") or {}
     _expect(isinstance(budget, dict), f"{src}: budget: expected a mapping")
     bad = set(budget) - {"epochs", "grace_period", "reduction_factor"}
-    _expect(not bad, f"{src}: budget: unknown key {sorted(bad)}; "
+    _expect(not bad, f"{src}: budget: unknown key {sorted(bad, key=str)}; "
                      "valid: epochs, grace_period, reduction_factor")
     _expect(not ("epochs" in fixed and "epochs" in budget),
             f"{src}: epochs is given twice (fixed and budget); keep budget.epochs")
@@ -461,6 +466,9 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
             f"{src}: resources: expected a mapping with cpu and/or gpu")
     cpu = check_resource(f"{src}: resources.cpu", "cpu", res.get("cpu", 1))
     gpu = check_resource(f"{src}: resources.gpu", "gpu", res.get("gpu", 0))
+    _expect(not (fixed.get("device") == "cuda" and gpu == 0),
+            f"{src}: fixed.device: cuda, but resources.gpu is 0, so no trial gets a GPU; set "
+            "resources.gpu (e.g. 1, or 0.25 to pack 4 trials a GPU) or use device auto")
     min_effect, min_trials = _analysis(src, data.get("analysis"))
     vary = data.get("vary_data_seed", True)
     _expect(isinstance(vary, bool), f"{src}: vary_data_seed: expected true or false, got {vary!r}")
@@ -504,6 +512,11 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
                     f"{len(points)}")
         space = space.replace(design_points=tuple(points), design_note=note,
                               num_trials=len(points))
+    given = isinstance(data.get("analysis"), dict) and "min_trials" in data["analysis"]
+    _expect(not given or space.min_trials <= space.num_trials,
+            f"{src}: analysis.min_trials: {space.min_trials} is more than the sweep's "
+            f"{space.num_trials} trials, so no level could ever be called; lower it (default "
+            f"{DEFAULT_MIN_TRIALS}) or raise num_trials")
     return space
 
 
@@ -519,7 +532,7 @@ def _design(src: str, raw: Any) -> tuple[str, float | None, int | None]:
     _expect(kind in DESIGNS, f"{src}: design.kind: {kind!r}; valid: {', '.join(DESIGNS)}")
     allowed = {"kind"} | ({"fraction"} if kind == "factorial" else set()) | (
         {"bases"} if kind == "one_at_a_time" else set())
-    extra = sorted(set(raw) - allowed)
+    extra = sorted(set(raw) - allowed, key=str)
     _expect(not extra, f"{src}: design.{extra[0] if extra else ''}: not a key of design {kind}; "
                        f"valid: {', '.join(sorted(allowed))}")
     fraction = raw.get("fraction")
@@ -542,7 +555,7 @@ def _analysis(src: str, raw: Any) -> tuple[dict[str, float], int]:
     raw = {} if raw is None else raw
     _expect(isinstance(raw, dict), f"{src}: analysis: expected a mapping with min_effect "
                                    "and/or min_trials")
-    extra = sorted(set(raw) - {"min_effect", "min_trials"})
+    extra = sorted(set(raw) - {"min_effect", "min_trials"}, key=str)
     _expect(not extra, f"{src}: analysis.{extra[0] if extra else ''}: unknown key; valid: "
                        "min_effect, min_trials")
     effects = raw.get("min_effect") or {}
@@ -555,6 +568,9 @@ def _analysis(src: str, raw: Any) -> tuple[dict[str, float], int]:
                 f"{where}: unknown metric; valid: {', '.join(ALL_METRICS)}")
         _expect(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                 and v > 0, f"{where}: expected a finite number > 0, got {v!r}")
+        _expect(v <= 1 or metric not in FRACTION_METRICS,
+                f"{where}: {v!r} is more than {metric} can differ by (a fraction: at most 1); "
+                "give the smallest difference that matters, e.g. 0.01")
         min_effect[metric] = float(v)
     min_trials = _int(src, "analysis.min_trials",
                       raw.get("min_trials", DEFAULT_MIN_TRIALS), 1)

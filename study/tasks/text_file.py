@@ -166,6 +166,11 @@ def prepare(cfg: TrialConfig) -> TextData:
         raise ConfigError(f"data_path: {path} has no rows with both {cfg.text_column!r} and "
                           f"{cfg.label_column!r}; add labelled rows")
     labels = df[cfg.label_column].tolist()
+    odd = next((v for v in labels if not isinstance(v, (str, int, float, bool))), None)
+    if odd is not None:
+        raise ConfigError(f"label_column: {cfg.label_column!r} in {path} holds a "
+                          f"{type(odd).__name__} ({str(odd)[:40]!r}); labels must be text or "
+                          "numbers, one per row")
     classes = _sorted_labels(list(dict.fromkeys(labels)))
     if len(classes) < 2:
         raise ConfigError(f"label_column: {cfg.label_column!r} in {path} has a single class "
