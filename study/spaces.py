@@ -26,7 +26,16 @@ from study.config import (
     parse_yaml_mapping,
     read_yaml_text,
 )
-from study.metrics import ALL_METRICS, CORE_METRICS
+from study.metrics import (
+    ALL_METRICS,
+    CORE_METRICS,
+    FEW_SHOT_ACC,
+    ID_LEN_ACC,
+    LEN_GEN_RATIO,
+    MANY_SHOT_ACC,
+    MEDIUM_SHOT_ACC,
+    OOD_LEN_ACC,
+)
 from study.records import (
     DEFAULT_MIN_EFFECT,
     DEFAULT_MIN_TRIALS,
@@ -502,6 +511,8 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
         design_fraction=fraction, design_bases=bases, min_effect=min_effect,
         min_trials=min_trials, vary_data_seed=vary, seed_batching=batching)
     _check_feasible(space)
+    why = unmeasured_objective(space)
+    _expect(why is None, f"{src}: objective: {why}")
     if design in FIXED_DESIGNS:
         points, note = (_factorial(space) if design == "factorial"
                         else _one_at_a_time(space))
@@ -714,6 +725,39 @@ def _objectives(src: str, raw: Any) -> tuple[tuple[str, str], ...]:
             "objective drives early stopping every epoch; list a per-epoch metric (e.g. val_acc) "
             "first and this one second")
     return tuple(out)
+
+
+def unmeasured_objective(space: SweepSpec) -> str | None:
+    """Why an objective can never be measured in `space` (None: it can): the length metrics
+    exist only on generated sequence tasks (their `len:` sets; the out-of-distribution ones need
+    `ood_len_factors`), the shot groups only with `imbalance` > 1. The searcher marks every
+    trial that lacks its objective as failed, so such a sweep would fail every trial."""
+    from study.config import TrialConfig
+    from study.tasks import TASKS
+
+    default = TrialConfig()
+    params = {p.name: p for p in space.params}
+
+    def values(name: str) -> list[Any]:
+        p = params.get(name)
+        if p is not None:
+            return list(p.levels) if p.levels else [p.low, p.high]
+        return [space.fixed.get(name, getattr(default, name))]
+
+    for metric, _ in space.objectives:
+        if metric in (ID_LEN_ACC, OOD_LEN_ACC, LEN_GEN_RATIO):
+            other = [t for t in values("task") if TASKS[t].module != "sequences"]
+            if other:
+                return (f"{metric} is measured on generated sequence tasks only (their len: "
+                        f"sets), not on task {other[0]}; choose another objective")
+            if metric != ID_LEN_ACC and not any(values("ood_len_factors")):
+                return (f"{metric} needs lengths beyond training, but ood_len_factors is empty; "
+                        "give factors (e.g. [2.0, 4.0]) or another objective")
+        if metric in (MANY_SHOT_ACC, MEDIUM_SHOT_ACC, FEW_SHOT_ACC) and all(
+                float(v) <= 1 for v in values("imbalance")):
+            return (f"{metric} is measured only on a long-tailed training split (imbalance > 1), "
+                    "and imbalance is 1 here; set imbalance or choose another objective")
+    return None
 
 
 def _check_feasible(space: SweepSpec, tries: int = 2000) -> None:

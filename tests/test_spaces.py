@@ -127,6 +127,10 @@ def test_final_only_metric_cannot_drive_early_stopping(tmp_path: Path) -> None:
         load_space(write(tmp_path, text))
     ok = GOOD.replace("objective: {metric: val_acc, mode: max}",
                       "objective: [{metric: val_acc, mode: max}, {metric: ood_len_acc}]")
+    # ood_len_acc exists on the sequence tasks only (their len: sets)
+    with pytest.raises(SpaceError, match="ood_len_acc is measured on generated sequence tasks"):
+        load_space(write(tmp_path, ok))
+    ok = ok.replace("task: digits\n", "task: sort\n")
     assert load_space(write(tmp_path, ok)).objectives[1] == ("ood_len_acc", "max")
 
 
