@@ -490,7 +490,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as e:
         raise ConfigError(f"--set {e}") from None
     values.update(sets)
-    return make_config(values, source)
+    try:
+        return make_config(values)
+    except ConfigError as e:  # blame what gave the key: a --set value, else the file
+        key = str(e).split(":", 1)[0]
+        where = "--set " if key in sets else f"{source}: " if source else ""
+        raise ConfigError(f"{where}{e}") from None
 
 
 def field_defaults() -> dict[str, Any]:
