@@ -369,25 +369,16 @@ def _studied(table: pd.DataFrame, params: Sequence[str]) -> list[str]:
             and table[p].map(_value_label).nunique(dropna=False) > 1]
 
 
-def _levels(values: pd.Series, max_levels: int = 4, n_bins: int = 3) -> pd.Series:
-    """Ordered level labels of a param's values: its own values, or, for a numeric param with
-    more than `max_levels` values, `n_bins` quantile bins (as the effects table bins them)."""
-    numeric = (pd.api.types.is_numeric_dtype(values)
-               and not pd.api.types.is_bool_dtype(values))
-    num = pd.to_numeric(values, errors="coerce") if numeric else None
-    if num is not None and num.notna().all() and num.nunique() > max_levels:
-        bins = pd.qcut(num, n_bins, duplicates="drop")
-        names = {b: f"{b.left:.3g}–{b.right:.3g}" for b in bins.cat.categories}
-        binned = [names[b] for b in bins]
-        return pd.Series(pd.Categorical(binned, categories=list(names.values()), ordered=True),
-                         index=values.index)
-    labels = [_value_label(v) for v in values]
-    if num is not None and num.notna().all():  # numeric levels in numeric order
-        order = list(dict.fromkeys(labels[i] for i in np.argsort(num.to_numpy(float),
-                                                                   kind="stable")))
-    else:
-        order = sorted(set(labels))
-    return pd.Series(pd.Categorical(labels, categories=order, ordered=True), index=values.index)
+def _trial_levels(d: pd.DataFrame, param: str, unit_key: str) -> pd.Series:
+    """Each row's level of `param` as the effects table bins it (`effects.bin_levels` over one
+    value per trial, so a trial's seeds and corruption rows do not move the bin edges): an
+    ordered categorical aligned with `d`."""
+    from analysis.effects import bin_levels
+
+    lvl = bin_levels(d.groupby(unit_key, sort=False)[param].first())
+    return pd.Series(pd.Categorical(d[unit_key].map(lvl.astype(str)),
+                                    categories=list(lvl.cat.categories), ordered=True),
+                     index=d.index)
 
 
 @_styled
@@ -424,7 +415,7 @@ def accuracy_vs_corruption(per_corruption: pd.DataFrame | None,
         return fig
     fig, axes = _grid(len(studied), 5.6, 3.8, ncols=2)
     for ax, p in zip(axes, studied):
-        g = d.assign(level=_levels(d[p]))
+        g = d.assign(level=_trial_levels(d, p, unit_key))
         # one value per trial, level and severity: the mean over its seeds and the kinds
         per = (g.groupby([unit_key, "level", "severity"], observed=True)["acc"].mean()
                .reset_index())
@@ -571,8 +562,9 @@ CAPTIONS = {
     "per_class": "Per-class test accuracy against the class's number of training examples.",
     "per_corruption": "Accuracy on corrupted test sets vs corruption severity, one panel per "
                       "studied parameter and one line per level (numeric parameters in "
-                      "quantile bins): the mean over the completed trials at that level, each "
-                      "trial averaged over its seeds and the corruption kinds, ± SE across "
+                      "quantile bins of the trials, as in the effects table): the mean "
+                      "over the completed trials at that level, each trial averaged over its "
+                      "seeds and the corruption kinds, ± SE across "
                       "trials; n = trials per level. Other parameters vary freely "
                       "(unadjusted). A sweep with no varied parameter shows one line per "
                       "corruption kind.",
@@ -586,16 +578,16 @@ CAPTIONS = {
               "early-stopped, diverged and failed trials are not counted.",
     "lr_sensitivity": "{target} against the learning rate, one line per level: mean over the "
                       "completed trials (seed means) in each learning-rate bin (equal width in "
-                      "log LR over the swept range, or the grid's own values), ± 95% "
-                      "t-interval over those trials (no bar: one trial); points shifted "
-                      "slightly sideways for legibility. Other parameters vary freely "
-                      "(unadjusted). Sensitivity (legend; Wortsman et al. 2023): the mean over "
-                      "the LR bins that every level has (each level's own bins where fewer "
-                      "than two are shared) of |bin mean − best bin mean| (best: highest for "
-                      "accuracies, lowest for losses and gaps), the expected shortfall from "
-                      "the best LR when the LR is drawn log-uniformly from the range. "
-                      "Diverged trials are left out, so instability at high learning rates "
-                      "can be understated.",
+                      "log LR from the smallest to the largest LR the trials used, or the "
+                      "grid's own values), ± 95% t-interval over those trials (no bar: one "
+                      "trial); points shifted slightly sideways for legibility. Other "
+                      "parameters vary freely (unadjusted). Sensitivity (legend; Wortsman et "
+                      "al. 2023): the mean over the LR bins that every level has (each level's "
+                      "own bins where fewer than two are shared) of |bin mean − best bin mean| "
+                      "(best: highest for accuracies, lowest for losses and gaps), the expected"
+                      " shortfall from the best LR when the LR is drawn log-uniformly over "
+                      "those bins. Diverged trials are left out, so instability at high "
+                      "learning rates can be understated.",
 }
 
 

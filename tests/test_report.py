@@ -279,6 +279,24 @@ def test_findings_say_which_trials_and_why_a_level_is_inconclusive():
     assert observed[0].startswith("c on test_acc at epoch 8 (every trial reached it): not det")
 
 
+def test_corruption_figure_bins_levels_per_trial_as_the_effects_table():
+    """Numeric levels of the corruption figure are the effects table's (`bin_levels` over one
+    value per trial): trials with more seeds or rows do not move the edges, and n counts
+    trials (they were quantile bins over every row, with other edges and counts)."""
+    from analysis.effects import bin_levels
+
+    rows = [dict(trial_id=i, seed=s, d_ff=float(i), severity=sev, kind=kind,
+                 acc=0.9 - 0.1 * sev)
+            for i in range(9) for s in range(2 if i < 3 else 1)
+            for sev in (1, 2, 3) for kind in ("noise", "mask")]
+    table = pd.DataFrame(rows)
+    fig = plots.accuracy_vs_corruption(table, ["d_ff"])
+    shown = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    expected = bin_levels(table.groupby("trial_id")["d_ff"].first()).value_counts(sort=False)
+    assert shown == [f"{lvl} (n = {n})" for lvl, n in expected.items()]
+    assert shown == ["[0, 2.67) (n = 3)", "[2.67, 5.33) (n = 3)", "[5.33, 8] (n = 3)"]
+
+
 def test_plots_skip_absent_data_and_draw_present_data():
     empty = pd.DataFrame()
     assert plots.effect_forest(empty, "gen_gap_acc") is None
