@@ -269,6 +269,7 @@ def _budget_rows(bd: BudgetData, levels: dict[str, pd.Series], n_boot: int,
         p_family = _omnibus(bpd, pdv, inflate, df)
         n_tr = X[:, cols].sum(axis=0)
         first = len(rows)
+        thin: list[tuple[str, str]] = []  # (level, why): levels every contrast of p rests on
         for li, level in enumerate(names[p]):
             at = X[:, cols[li]] > 0
             obs_at = at & bd.observed
@@ -278,6 +279,8 @@ def _budget_rows(bd: BudgetData, levels: dict[str, pd.Series], n_boot: int,
                            f"(fewer than min_trials={min_trials})")
             if (p, li) in aliases:
                 why.append(f"aliased with {aliases[(p, li)]} (the same trials)")
+            if why:
+                thin.append((level, "; ".join(why)))
             if not np.isfinite(c_lo[li]):
                 why.append("too few trials for an interval")
             blind = [st.rung for st in bd.steps
@@ -304,17 +307,17 @@ def _budget_rows(bd: BudgetData, levels: dict[str, pd.Series], n_boot: int,
                 "contrast_completed_only": float(completed_only[p][1][li, 0])
                 if completed_only is not None else float("nan"),
                 "support": "; ".join(why)})
-        _share_thin_support(rows[first:], p)
+        _share_thin_support(rows[first:], p, thin)
     return rows, notes
 
 
-def _share_thin_support(rows: list[dict[str, Any]], param: str) -> None:
+def _share_thin_support(rows: list[dict[str, Any]], param: str,
+                        thin: list[tuple[str, str]]) -> None:
     """A level's contrast is against the other levels of its param, so a level with too few
-    trials, or aliased, leaves every contrast of that param without support, not only its own
-    (with two levels the other row is the same contrast, sign flipped: it was called an effect
-    while its mirror was inconclusive). Adds that to the other rows' `support`, in place."""
-    thin = [(r["level"], r["support"]) for r in rows
-            if "min_trials" in r["support"] or "aliased" in r["support"]]
+    trials, or aliased (`thin`: each such level and why), leaves every contrast of that param
+    without support, not only its own (with two levels the other row is the same contrast,
+    sign flipped: it was called an effect while its mirror was inconclusive). Adds that to the
+    other rows' `support`, in place."""
     for r in rows:
         also = [f"its contrast rests on {param}={lv} too ({why})" for lv, why in thin
                 if lv != r["level"]]

@@ -564,10 +564,9 @@ CAPTIONS = {
                       "studied parameter and one line per level (numeric parameters in "
                       "quantile bins of the trials, as in the effects table): the mean "
                       "over the completed trials at that level, each trial averaged over its "
-                      "seeds and the corruption kinds, ± SE across "
-                      "trials; n = trials per level. Other parameters vary freely "
-                      "(unadjusted). A sweep with no varied parameter shows one line per "
-                      "corruption kind.",
+                      "seeds and the corruption kinds, ± SE across trials; n = trials per "
+                      "level. Other parameters vary freely (unadjusted). A sweep with no "
+                      "varied parameter shows one line per corruption kind.",
     "budget": "Expected best {metric} among n trials drawn at random without replacement "
               "from the completed (full-budget) trials at each level, n = 1 to the level's "
               "trial count N (legend); each trial is its seed mean. Estimator: the exact "

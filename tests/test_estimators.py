@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,36 +45,46 @@ def _curve(final: float, gap: float, epoch: int, rng: np.random.Generator) -> fl
     return final - gap * (1 - epoch / EPOCHS) + float(rng.normal(0, 0.005))
 
 
-def build_asha_store(uri: str, n_trials: int = 160, seed: int = 0) -> dict:
-    """A TPE+ASHA-like sweep: trials arrive one by one; at each rung a trial continues only if
-    its val_acc is in the top 1/RF of the values seen at that rung so far (asynchronous
-    successive halving), else it is early-stopped there."""
-    rng = np.random.default_rng(seed)
-    spec = parse_space(ASHA_SPACE, "asha_planted.yaml")
-    tracker = Tracker(uri)
-    parent = tracker.start_parent("asha", "sweep_asha", spec,
-                                  {"objective": '[["val_acc", "max"]]'})
-    rungs = rung_epochs(GRACE, RF, EPOCHS)
-    seen: dict[int, list[float]] = {r: [] for r in rungs}
-    counts = {"completed": 0, "early_stopped": 0}
-    for i in range(n_trials):
+def asha_trials(rng: np.random.Generator, n_trials: int
+                ) -> Iterator[tuple[dict[str, Any], list[dict[str, float]], Outcome]]:
+    """A TPE+ASHA-like sweep's trials in arrival order, each its params, its epochs' values and
+    its outcome: at each rung a trial continues only if its val_acc is in the top 1/RF of the
+    values seen at that rung so far (asynchronous successive halving), else it is
+    early-stopped there. n_heads=4 raises every epoch by REAL; post_ln learns faster and ends
+    the same."""
+    seen: dict[int, list[float]] = {r: [] for r in rung_epochs(GRACE, RF, EPOCHS)}
+    for _ in range(n_trials):
         p = {"norm": str(rng.choice(["pre_ln", "post_ln"])), "n_heads": int(rng.choice([2, 4])),
              "qk_norm": str(rng.choice(["none", "l2"]))}
-        cfg = TrialConfig(task="digits", epochs=EPOCHS, **p).to_dict()
         final = 0.8 + REAL * (p["n_heads"] == 4) + float(rng.normal(0, 0.03))
         gap = FAST_GAP if p["norm"] == "post_ln" else SLOW_GAP
-        rid = tracker.start_child(parent, f"t{i:04d}", cfg, 1)
-        outcome = Outcome.COMPLETED
+        points, outcome = [], Outcome.COMPLETED
         for e in range(1, EPOCHS + 1):
             test = _curve(final, gap, e, rng)
             val = test + float(rng.normal(0, 0.005))
-            m = {"val_acc": val, "test_acc": test, "epoch": float(e)}
-            tracker.log_metrics(rid, {**m, **{seed_metric(0, k): v for k, v in m.items()}}, e)
+            points.append({"val_acc": val, "test_acc": test, "epoch": float(e)})
             if e in seen:
                 seen[e].append(val)
                 if val < np.quantile(seen[e], 1 - 1 / RF) and len(seen[e]) > 1:
                     outcome = Outcome.EARLY_STOPPED
                     break
+        yield p, points, outcome
+
+
+def build_asha_store(uri: str, n_trials: int = 160, seed: int = 0) -> dict:
+    """`asha_trials` logged to an MLflow store as a sweep's child runs."""
+    spec = parse_space(ASHA_SPACE, "asha_planted.yaml")
+    tracker = Tracker(uri)
+    parent = tracker.start_parent("asha", "sweep_asha", spec,
+                                  {"objective": '[["val_acc", "max"]]'})
+    counts = {"completed": 0, "early_stopped": 0}
+    for i, (p, points, outcome) in enumerate(asha_trials(np.random.default_rng(seed),
+                                                         n_trials)):
+        cfg = TrialConfig(task="digits", epochs=EPOCHS, **p).to_dict()
+        rid = tracker.start_child(parent, f"t{i:04d}", cfg, 1)
+        for m in points:
+            e = int(m["epoch"])
+            tracker.log_metrics(rid, {**m, **{seed_metric(0, k): v for k, v in m.items()}}, e)
         counts[outcome.value] += 1
         tracker.finish_child(rid, outcome, outcome.value)
     tracker.finish_parent(parent)
@@ -215,54 +226,38 @@ def test_small_sweeps_keep_their_error_rates_under_the_null() -> None:
     assert within(float((rows.p_value < 0.05).mean()), len(rows), 3), rows.p_value.describe()
 
 
-def _asha_like(seed: int, n: int = 160, epochs: int = 12, grace: int = 4, rf: int = 2
-               ) -> tuple[pd.DataFrame, pd.DataFrame, list[int]]:
-    """A planted ASHA-like sweep, no Ray: b=q raises every epoch's test_acc by 0.06, a=y
-    learns faster (0.02 below its final value at the start against 0.10) and ends the same;
-    a trial stops at a rung where its val_acc is below the (1 - 1/rf) quantile so far."""
-    rng = np.random.default_rng(seed)
-    rungs = rung_epochs(grace, rf, epochs)
-    seen: dict[int, list[float]] = {r: [] for r in rungs}
+def _asha_like(seed: int, n: int = 160) -> tuple[pd.DataFrame, pd.DataFrame, list[int]]:
+    """`asha_trials` as the tables `budget_data` reads (no store): the trial table, the
+    curves and ASHA's rungs."""
     trials, curves = [], []
-    for i in range(n):
-        a, b = str(rng.choice(["x", "y"])), str(rng.choice(["p", "q"]))
-        final = 0.8 + 0.06 * (b == "q") + rng.normal(0, 0.03)
-        gap = 0.02 if a == "y" else 0.10
-        outcome, last = Outcome.COMPLETED.value, epochs
-        for e in range(1, epochs + 1):
-            test = final - gap * (1 - e / epochs) + rng.normal(0, 0.005)
-            val = test + rng.normal(0, 0.005)
-            curves.append({"trial_id": f"t{i}", "epoch": e, "test_acc": test, "val_acc": val})
-            if e in seen:
-                seen[e].append(val)
-                if len(seen[e]) > 1 and val < np.quantile(seen[e], 1 - 1 / rf):
-                    outcome, last = Outcome.EARLY_STOPPED.value, e
-                    break
-        trials.append({"trial_id": f"t{i}", "outcome": outcome, "last_epoch": last, "a": a,
-                       "b": b, "test_acc": test, "val_acc": val})
-    return pd.DataFrame(trials), pd.DataFrame(curves), rungs
+    for i, (p, points, outcome) in enumerate(asha_trials(np.random.default_rng(seed), n)):
+        curves += [{"trial_id": f"t{i}", **m} for m in points]
+        trials.append({"trial_id": f"t{i}", "outcome": outcome.value,
+                       "last_epoch": int(points[-1]["epoch"]), **p, **points[-1]})
+    return pd.DataFrame(trials), pd.DataFrame(curves), rung_epochs(GRACE, RF, EPOCHS)
 
 
 def test_imputation_recovers_planted_effects_at_a_later_rung() -> None:
     """At epoch 8 of planted ASHA-like sweeps (rungs 4 and 8, half the trials stopped at each)
-    the imputed contrasts average to the truth: a=y +0.0267 (it learns faster), b=q +0.06.
+    the imputed contrasts average to the truth: norm=post_ln +0.0267 (it learns faster),
+    n_heads=4 +0.06.
     With the imputation's former ridge (1e-3 of the mean diagonal, as large as a rung value's
     variance) they came out 0.021 and 0.055."""
     from analysis.effects import _budget_rows, studied_levels
     from analysis.estimators import budget_data
 
-    got: dict[str, list[float]] = {"y": [], "q": []}
+    got: dict[str, list[float]] = {"post_ln": [], "4": []}
     for seed in range(30):
         trials, curves, rungs = _asha_like(seed)
-        levels, _ = studied_levels(trials.set_index("trial_id"), ["a", "b"])
+        levels, _ = studied_levels(trials.set_index("trial_id"), ["norm", "n_heads"])
         bd = budget_data(trials, curves, "test_acc", 8, False, "search", rungs, "val_acc")
         assert bd is not None and bd.estimator == ESTIMATOR_IMPUTED
         rows, _ = _budget_rows(bd, levels, 20, np.random.default_rng(seed), 3)
         for r in rows:
             if r["level"] in got:
                 got[r["level"]].append(r["contrast"])
-    # the x-y gap closes linearly to 0 at epoch 12
-    truth = {"y": (0.10 - 0.02) * (1 - 8 / 12), "q": 0.06}
+    # the pre_ln - post_ln gap closes linearly to 0 at the last epoch
+    truth = {"post_ln": (SLOW_GAP - FAST_GAP) * (1 - 8 / EPOCHS), "4": REAL}
     for level, values in got.items():
         assert len(values) == 30
         assert abs(np.mean(values) - truth[level]) < 0.003, (level, np.mean(values))
