@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from study.tasks import TASKS  # the task table (standard library only, no import of this module)
+# the task table and its data-free checks (standard library only, no import of this module)
+from study.tasks import TASKS, conflict
 
 
 class ConfigError(ValueError):
@@ -204,6 +205,9 @@ def _check_ranges(c: TrialConfig) -> None:
                     f"{name}: {getattr(c, name)!r} does not apply to arch=lstm_attention; "
                     f"use {' or '.join(ok)}"
                 )
+    why = conflict(c)
+    if why:
+        raise ConfigError(why)
     if c.task == "text_file" and not c.data_path:
         raise ConfigError("data_path: task=text_file needs data_path=PATH to a CSV/JSONL/Parquet")
     if c.data_path.startswith("~"):

@@ -429,10 +429,11 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
     grace = _int(src, "budget.grace_period", budget.get("grace_period", 1), 1)
     _expect(grace <= epochs, f"{src}: budget.grace_period ({grace}) exceeds epochs ({epochs})")
     rf = _int(src, "budget.reduction_factor", budget.get("reduction_factor", 3), 2)
-    try:
-        make_config(fixed)  # fixed values alone must form a valid config
+    try:  # fixed values with every other field at its default; the params may mend it
+        make_config(fixed)
+        fixed_error = None
     except ConfigError as e:
-        raise SpaceError(f"{src}: fixed: {e}") from None
+        fixed_error = str(e)
     data_path = fixed.get("data_path")
     if data_path:  # (make_config above refused a '~user' of no user)
         path = Path(data_path).expanduser()
@@ -510,7 +511,7 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
         cpu=cpu, gpu=gpu, description=description, design=design,
         design_fraction=fraction, design_bases=bases, min_effect=min_effect,
         min_trials=min_trials, vary_data_seed=vary, seed_batching=batching)
-    _check_feasible(space)
+    _check_feasible(space, fixed_error)
     why = unmeasured_objective(space)
     _expect(why is None, f"{src}: objective: {why}")
     if design in FIXED_DESIGNS:
@@ -760,15 +761,21 @@ def unmeasured_objective(space: SweepSpec) -> str | None:
     return None
 
 
-def _check_feasible(space: SweepSpec, tries: int = 2000) -> None:
-    """Refuse a space in which no sampled configuration can run (impossible constraints)."""
+def _check_feasible(space: SweepSpec, fixed_error: str | None = None, tries: int = 2000
+                    ) -> None:
+    """Refuse a space in which no sampled configuration can run (impossible constraints, or
+    fixed values no level of the params mends: then `fixed_error`, their own reason, is given
+    as the fixed values' fault)."""
     rng = random.Random(0)
-    first = None
+    first, only_fixed = None, fixed_error is not None
     for _ in range(tries):
         reason = infeasible(space, space.sample(rng), strict=True)
         if reason is None:
             return
         first = first or reason
+        only_fixed = only_fixed and reason == fixed_error
+    if only_fixed:
+        raise SpaceError(f"{space.path}: fixed: {fixed_error}")
     where = "constraints" if space.constraints and "constraint" in (first or "") else "params"
     raise SpaceError(f"{space.path}: {where}: no configuration of {tries} sampled can run "
                      f"(e.g. {first}); widen the ranges or relax the constraints")

@@ -8,7 +8,7 @@ import pytest
 from study.config import ConfigError, TrialConfig
 from study.metrics import CORE_METRICS
 from study.robustness import corruption_metrics, length_metrics, long_tail_metrics
-from study.tasks import get_task
+from study.tasks import TASKS, get_task
 from study.tasks.stressors import flip_labels, long_tail_counts
 from study.train import run_trial
 
@@ -85,11 +85,26 @@ def test_long_tail_metrics_present_only_with_imbalance() -> None:
         get_task(cfg.replace(imbalance=10.0)).train_counts.tolist())
 
 
-def test_per_token_tasks_refuse_label_stressors() -> None:
-    with pytest.raises(ConfigError, match="per-token"):
-        get_task(TrialConfig(task="copy", imbalance=10.0))
-    with pytest.raises(ConfigError, match="truncate"):
-        get_task(TrialConfig(task="sort", length_mode="truncate"))
+@pytest.mark.parametrize("task", [pytest.param(t, id=t) for t in TASKS])
+def test_tasks_refuse_stressors_they_cannot_take_before_any_data(task: str) -> None:
+    """Per-token tasks refuse long tail and label noise; tasks whose label needs the end of
+    the input (and per-token ones) refuse truncation: when the config is made, from the task
+    table, so a space asking for it is refused before a sweep starts."""
+    entry = TASKS[task]
+    extra = {"text_file": {"data_path": "x.csv"}, "associative_recall": {"vocab_size": 64}
+             }.get(task, {})
+    for changes, refused, match in (
+            ({"imbalance": 10.0}, entry.per_token, "per-token"),
+            ({"label_noise": 0.1}, entry.per_token, "per-token"),
+            ({"length_mode": "truncate"}, entry.per_token or not entry.truncatable,
+             "truncate")):
+        if refused:
+            with pytest.raises(ConfigError, match=match):
+                TrialConfig(task=task, **extra, **changes)
+        else:
+            assert TrialConfig(task=task, **extra, **changes).task == task
+    assert [t for t, e in TASKS.items() if not e.truncatable] == ["associative_recall",
+                                                                   "listops"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import study.tasks as T
 import study.tasks.sequences as S  # the generated sequence tasks
 from study.config import ConfigError, TrialConfig
 from study.tasks.base import IGNORE, Split, TaskData
@@ -231,8 +232,25 @@ def test_listops_min_len_is_clamped_to_the_shortest_expression():
 
 
 def test_associative_recall_refuses_more_pairs_than_keys():
-    with pytest.raises(ConfigError, match="vocab_size"):
-        S.build_associative_recall(make_cfg("associative_recall", vocab_size=16))
+    """Refused when the config is made, before any data: its longest evaluation rows (3 x 8 =
+    24 pairs here) need as many distinct keys; 24 keys build (the `built` fixture)."""
+    with pytest.raises(ConfigError, match="vocab_size >= 24"):
+        make_cfg("associative_recall", vocab_size=23)
+    assert make_cfg("associative_recall").vocab_size == 24
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_task_table_knows_what_the_data_holds(task, built):
+    """`study.tasks.TASKS` says, without building data, what the built task holds: per-token
+    targets, and content symbols drawn from `vocab_size` (refused below 2)."""
+    entry, data = T.TASKS[task], built[task]
+    assert entry.per_token == data.spec.per_token
+    assert entry.symbols == (data.spec.vocab_size == make_cfg(task).vocab_size + S.SYM0)
+    if entry.symbols:
+        with pytest.raises(ConfigError, match="at least 2 symbols"):
+            make_cfg(task, vocab_size=1)
+    else:
+        assert make_cfg(task, vocab_size=1).vocab_size == 1
 
 
 

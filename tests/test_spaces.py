@@ -100,6 +100,24 @@ def test_bad_spaces_one_line_errors(tmp_path: Path, text: str, needle: str) -> N
     assert "\n" not in msg and str(p) in msg and needle in msg
 
 
+@pytest.mark.parametrize("fixed, params, mended", [
+    pytest.param("{d_model: 30}", "{n_heads: [2, 3, 4]}", "n_heads", id="heads_divide"),
+    pytest.param("{d_model: 32}", "{vocab_size: [32, 64, 128]}", "vocab_size", id="assoc_keys"),
+    pytest.param("{vocab_size: 32}", "{max_len: [4, 8, 16]}", "max_len", id="assoc_lengths"),
+])
+def test_fixed_values_the_params_mend_are_accepted(tmp_path: Path, fixed: str, params: str,
+                                                   mended: str) -> None:
+    """Fixed values invalid with the other fields at their defaults (n_heads 4 does not divide
+    30; associative_recall's 64 longest pairs against 16 keys) are not the file's fault when
+    levels of the params mend them; the searcher then samples only the levels that can run."""
+    task = "digits" if "d_model: 30" in fixed else "associative_recall"
+    space = load_space(write(tmp_path, f"task: {task}\nfixed: {fixed}\nparams: {params}\n"))
+    rng = random.Random(0)
+    ran = {space.sample(rng)[mended] for _ in range(200)}
+    runs = {v for v in ran if infeasible(space, {mended: v}) is None}
+    assert runs and runs < ran  # some levels run, the others are infeasible
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SpaceError, match="file not found"):
         load_space(tmp_path / "nope.yaml")

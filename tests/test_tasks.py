@@ -150,7 +150,6 @@ def all_splits(data: TaskData) -> dict[str, Split]:
 
 def assert_identical(a: TaskData, b: TaskData) -> None:
     assert a.spec == b.spec and a.id_lengths == b.id_lengths
-    assert a.truncatable == b.truncatable
     assert (a.train_counts is None) == (b.train_counts is None)
     if a.train_counts is not None:
         assert a.train_counts.tolist() == b.train_counts.tolist()

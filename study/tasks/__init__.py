@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
@@ -25,11 +25,16 @@ Builder = Callable[["TrialConfig"], "TaskData"]
 
 @dataclass(frozen=True)
 class TaskEntry:
-    """Where a task's builder lives, and the integer its data RNG seeds mix in."""
+    """Where a task's builder lives, the integer its data RNG seeds mix in, and what the task
+    is known to need before any of its data is built (checked by `conflict`)."""
 
     module: str  # the module `study.tasks.<module>` that defines the builder
     builder: str  # the builder's name in that module: fn(cfg) -> TaskData
     rng_tag: int | None = None  # generated sequence tasks: seeds are [data_seed, rng_tag, ...]
+    per_token: bool = False  # a target per input position (no class counts, no long tail)
+    truncatable: bool = True  # False where the label needs the end of the input
+    symbols: bool = False  # draws its content symbols from `vocab_size` (at least 2)
+    distinct_keys: bool = False  # a row's keys are distinct symbols: vocab_size >= longest row
 
 
 # name -> entry, in display order (the order of CHOICES["task"]). The rng_tag values are part
@@ -37,12 +42,13 @@ class TaskEntry:
 TASKS: dict[str, TaskEntry] = {
     "digits": TaskEntry("digits", "build"),
     "mnist1d": TaskEntry("mnist1d", "build"),
-    "copy": TaskEntry("sequences", "build_copy", rng_tag=1),
-    "reverse": TaskEntry("sequences", "build_reverse", rng_tag=2),
-    "sort": TaskEntry("sequences", "build_sort", rng_tag=3),
-    "associative_recall": TaskEntry("sequences", "build_associative_recall", rng_tag=4),
-    "listops": TaskEntry("sequences", "build_listops", rng_tag=6),
-    "many_class": TaskEntry("sequences", "build_many_class", rng_tag=5),
+    "copy": TaskEntry("sequences", "build_copy", rng_tag=1, per_token=True, symbols=True),
+    "reverse": TaskEntry("sequences", "build_reverse", rng_tag=2, per_token=True, symbols=True),
+    "sort": TaskEntry("sequences", "build_sort", rng_tag=3, per_token=True, symbols=True),
+    "associative_recall": TaskEntry("sequences", "build_associative_recall", rng_tag=4,
+                                    truncatable=False, symbols=True, distinct_keys=True),
+    "listops": TaskEntry("sequences", "build_listops", rng_tag=6, truncatable=False),
+    "many_class": TaskEntry("sequences", "build_many_class", rng_tag=5, symbols=True),
     "text_file": TaskEntry("text_file", "build"),
 }
 
@@ -56,6 +62,40 @@ def rng_tag(name: str) -> int:
     if tag is None:
         raise KeyError(f"task {name!r} has no rng_tag in study.tasks.TASKS")
     return tag
+
+
+def length_grid(lo: int, hi: int, factors: Sequence[float]) -> list[int]:
+    """Evaluation lengths of a generated sequence task: up to 6 evenly spaced in [lo, hi], then
+    round(f * hi) for every OOD factor (at least hi + 1) and the midpoint between hi and each."""
+    grid = {lo + round(i * (hi - lo) / 5) for i in range(6)}
+    for f in factors:
+        far = max(hi + 1, round(f * hi))
+        grid.add(far)
+        mid = round((hi + far) / 2)
+        if hi < mid < far:
+            grid.add(mid)
+    return sorted(grid)
+
+
+def conflict(cfg: TrialConfig) -> str | None:
+    """Why `cfg` asks its task for something the task cannot give (None: nothing), known from
+    the task table alone, so a search space is refused before any data is built."""
+    entry = TASKS[cfg.task]
+    if entry.per_token and (cfg.imbalance > 1 or cfg.label_noise > 0):
+        return (f"imbalance/label_noise: task {cfg.task} has per-token targets; long tail and "
+                "label noise apply to classification tasks")
+    if cfg.length_mode == "truncate" and (entry.per_token or not entry.truncatable):
+        return (f"length_mode: truncate would cut the labelled end of task {cfg.task}'s inputs; "
+                "use pad or bucket")
+    if entry.symbols and cfg.vocab_size < 2:
+        return f"vocab_size: task {cfg.task} needs at least 2 symbols"
+    if entry.distinct_keys:
+        longest = max(length_grid(cfg.min_len, cfg.max_len, cfg.ood_len_factors))
+        if longest > cfg.vocab_size:
+            return (f"vocab_size: {cfg.vocab_size} keys, but {cfg.task} needs {longest} "
+                    "distinct keys for its longest evaluation set (pairs = ood_len_factors x "
+                    f"max_len); set vocab_size >= {longest}")
+    return None
 
 
 def builder(name: str) -> Builder:

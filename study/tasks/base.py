@@ -53,7 +53,6 @@ class TaskData:
     extra: dict[str, Split] = field(default_factory=dict)
     train_counts: np.ndarray | None = None
     id_lengths: tuple[int, int] | None = None  # training length range of sequence tasks
-    truncatable: bool = True  # False where the label needs the end of the input
 
     def has_padding(self) -> bool:
         """Whether any split (evaluation sets included) holds a padded position."""

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from study.config import ConfigError, TrialConfig
+from study.config import TrialConfig
 from study.model import ModelSpec
-from study.tasks import rng_tag
+from study.tasks import length_grid, rng_tag
 from study.tasks.base import IGNORE, SEVERITIES, Split, TaskData
 
 PAD, SEP, BLANK, SYM0 = 0, 1, 2, 3
@@ -54,19 +54,6 @@ LISTOPS_MIN_LEN = 4  # "[ OP d ]"
 LISTOPS_MAX_ARGS = 5
 
 Row = Any  # a task's content representation before encoding
-
-
-def length_grid(lo: int, hi: int, factors: Sequence[float]) -> list[int]:
-    """Evaluation lengths: up to 6 evenly spaced in [lo, hi], then round(f * hi) for every OOD
-    factor (at least hi + 1) and the midpoint between hi and each of them."""
-    grid = {int(v) for v in np.round(np.linspace(lo, hi, 6))}
-    for f in factors:
-        far = max(hi + 1, round(f * hi))
-        grid.add(far)
-        mid = round((hi + far) / 2)
-        if hi < mid < far:
-            grid.add(mid)
-    return sorted(grid)
 
 
 def _pad(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -188,12 +175,7 @@ def _edit_recall(row: ARRow, kind: str, rate: float, V: int, cap: int,
 
 
 def build_associative_recall(cfg: TrialConfig) -> TaskData:
-    V, hi = cfg.vocab_size, cfg.max_len
-    longest = max(length_grid(cfg.min_len, hi, cfg.ood_len_factors))
-    if longest > V:
-        raise ConfigError(
-            f"vocab_size: associative_recall needs {longest} distinct keys for its longest "
-            f"evaluation set (pairs = ood_len_factors x max_len); set vocab_size >= {longest}")
+    V, hi = cfg.vocab_size, cfg.max_len  # vocab_size >= the longest row: study.tasks.conflict
 
     def sample(rng: np.random.Generator, lengths: np.ndarray) -> list[ARRow]:
         N, W = len(lengths), int(lengths.max())
@@ -420,8 +402,6 @@ class _Task:
 def _assemble(cfg: TrialConfig, task: _Task) -> TaskData:
     """Train/val/test at lengths uniform in [lo, hi], the `len:` and `corrupt:` sets, and the
     spec's max_len; every random stream is derived from `cfg.data_seed` alone."""
-    if cfg.vocab_size < 2:
-        raise ConfigError(f"vocab_size: task {task.name} needs at least 2 symbols")
     tag = rng_tag(task.name)  # from the task table study.tasks.TASKS
     rng = np.random.default_rng([cfg.data_seed, tag])
     rows = [task.sample(rng, rng.integers(task.lo, task.hi + 1, n))
@@ -440,7 +420,4 @@ def _assemble(cfg: TrialConfig, task: _Task) -> TaskData:
     max_len = max(s.x.shape[1] for s in (train, val, test, *extra.values()))
     spec = ModelSpec(task.spec.n_classes, max_len, task.spec.vocab_size,
                      per_token=task.spec.per_token)
-    # the answer of associative_recall (the query) and listops (the whole expression) needs
-    # the end of the input, so cutting inputs short is refused for them
-    return TaskData(spec, train, val, test, extra, id_lengths=(task.lo, task.hi),
-                    truncatable=task.name not in ("associative_recall", "listops"))
+    return TaskData(spec, train, val, test, extra, id_lengths=(task.lo, task.hi))
