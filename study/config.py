@@ -197,6 +197,10 @@ def _check_ranges(c: TrialConfig) -> None:
             "pos_encoding: alibi biases key positions, which attn_kind=low_rank projects away; "
             "use rope/sinusoidal/learned/none with low_rank"
         )
+    if c.drop_path > 0 and c.arch == "transformer" and c.n_layers == 1:
+        raise ConfigError(f"drop_path: {c.drop_path:g} does nothing with n_layers=1 (the rate "
+                          "rises linearly from 0 at the first block to drop_path at the last); "
+                          "use n_layers >= 2 or drop_path 0")
     if c.arch == "lstm_attention":
         for name, ok in (("qk_norm", ("none",)), ("attn_kind", ("full",)),
                          ("pos_encoding", ("sinusoidal", "learned", "none"))):

@@ -96,9 +96,17 @@ def sinusoidal_table(n: int, d: int) -> torch.Tensor:
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """Head slopes of ALiBi (Press et al. 2022): a geometric sequence starting at 2^(-8/n)."""
-    start = 2.0 ** (-8.0 / n_heads)
-    return torch.tensor([start ** (i + 1) for i in range(n_heads)])
+    """Head slopes of ALiBi (Press et al. 2022): for n a power of two the geometric sequence
+    2^(-8/n), 2^(-16/n), ...; otherwise, as the paper's reference code, the slopes of the
+    closest power of two below n, then every other slope of twice that power."""
+
+    def geometric(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    below = 2 ** int(math.floor(math.log2(n_heads)))
+    slopes = geometric(below) + geometric(2 * below)[0::2][:n_heads - below]
+    return torch.tensor(slopes)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -560,7 +568,8 @@ def init_weights(model: AttentionModel, cfg: TrialConfig) -> None:
     - deepnorm: Xavier with gain beta = (8L)^(-1/4) on value, output and MLP weights
       (Wang et al. 2022, DeepNet); the matching residual alpha lives in `Block`.
     A Linear's `init_role` (see `InitRole`) picks its gain; biases start at zero. LSTM weights
-    keep PyTorch's default initialization.
+    keep PyTorch's default initialization; low-rank attention's sequence projections keep
+    their N(0, 1/rank) draw (Linformer's random projection), times `init_scale` too.
     """
     s, d, L = cfg.init_scale, cfg.d_model, cfg.n_layers
     beta = (8 * L) ** -0.25
@@ -576,7 +585,11 @@ def init_weights(model: AttentionModel, cfg: TrialConfig) -> None:
     resid_gain = 1.0 / math.sqrt(2 * L) if cfg.init == "normal_002" else 1.0
     deep = beta if cfg.init == "deepnorm" else 1.0
     for mod in model.modules():
-        if isinstance(mod, nn.Embedding):
+        if isinstance(mod, Attention) and mod.low_rank:
+            with torch.no_grad():  # scaled in place: the draw (and every later one) is kept
+                mod.proj_k.mul_(s)
+                mod.proj_v.mul_(s)
+        elif isinstance(mod, nn.Embedding):
             fill(mod.weight)
         elif isinstance(mod, nn.Linear):
             if mod.bias is not None:

@@ -299,6 +299,41 @@ def test_alibi_with_low_rank_is_rejected():
         make_cfg({"pos_encoding": "alibi", "attn_kind": "low_rank"})
 
 
+
+
+def _press_reference_slopes(n: int) -> list[float]:
+    """`get_slopes` of Press et al.'s reference code (ofirpress/attention_with_linear_biases,
+    fairseq/models/transformer.py), as written there."""
+    def get_slopes_power_of_2(n: int) -> list[float]:
+        start = 2 ** (-2 ** -(math.log2(n) - 3))
+        ratio = start
+        return [start * ratio**i for i in range(n)]
+
+    if math.log2(n).is_integer():
+        return get_slopes_power_of_2(n)
+    closest_power_of_2 = 2 ** math.floor(math.log2(n))
+    return (get_slopes_power_of_2(closest_power_of_2)
+            + _press_reference_slopes(2 * closest_power_of_2)[0::2][:n - closest_power_of_2])
+
+
+@pytest.mark.parametrize("n", [pytest.param(n, id=f"heads{n}") for n in range(1, 17)])
+def test_alibi_slopes_are_the_papers(n):
+    got = study.model.alibi_slopes(n).tolist()
+    assert got == pytest.approx(_press_reference_slopes(n), rel=1e-6)
+    assert len(set(got)) == n  # every head its own slope
+
+
+def test_drop_path_that_would_do_nothing_is_refused():
+    """The rate rises from 0 at the first block: with one layer drop_path would change nothing
+    (found: a 1-layer digits trial gave the same losses at 0 and 0.3)."""
+    with pytest.raises(ConfigError, match=r"^drop_path: 0.3 does nothing with n_layers=1"):
+        make_cfg({"n_layers": 1, "drop_path": 0.3})
+    spec = SPECS[0].values[0]
+    model = make_model({"drop_path": 0.5}, spec).train()  # 2 layers: the last block drops
+    x, mask = random_inputs(spec, SHORT_T, torch.Generator().manual_seed(0)), prefix_mask(SHORT_T)
+    outs = {tuple(model(x, mask)[0].flatten()[:8].tolist()) for _ in range(6)}
+    assert len(outs) > 1
+
 @pytest.mark.parametrize("changes", [
     {"pos_encoding": "rope"}, {"pos_encoding": "alibi"}, {"qk_norm": "l2"},
     {"qk_norm": "layernorm"}, {"attn_kind": "local"}, {"attn_kind": "low_rank"},
@@ -404,6 +439,20 @@ def test_init_statistics_per_role():
         q, k, v = block.attn.qkv.weight.split(d)
         assert v.std().item() / q.std().item() == pytest.approx(beta, rel=0.05)
         assert k.std().item() / q.std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_init_scale_reaches_low_rank_projections():
+    """`init_scale` multiplies every initial weight, the low-rank sequence projections too
+    (they kept their N(0, 1/rank) draw whatever `init_scale`); the draw itself is unchanged."""
+    spec = SPECS[0].values[0]
+    stds = {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        model = make_model({"attn_kind": "low_rank", "init_scale": scale}, spec)
+        stds[scale] = [(b.attn.proj_k.std().item(), b.attn.proj_v.std().item(),
+                        b.attn.qkv.weight.std().item()) for b in model.blocks]
+    for big, small in zip(stds[1.0], stds[0.1], strict=True):
+        assert small == pytest.approx(tuple(0.1 * v for v in big), rel=1e-5)
 
 
 def _masks(B: int, nh: int, T: int) -> list:

@@ -43,7 +43,9 @@ pytestmark = pytest.mark.filterwarnings("error:There is a performance drop:UserW
 
 SMALL = {"task": "digits", "d_model": 16, "d_ff": 32, "n_layers": 1, "n_heads": 2,
          "epochs": 2, "batch_size": 128, "device": "cpu", "seed": 3}
-DROPOUT = {"attn_dropout": 0.2, "resid_dropout": 0.2, "emb_dropout": 0.2, "drop_path": 0.2}
+# two layers: drop_path leaves the first block alone, so one layer would not exercise it
+DROPOUT = {"attn_dropout": 0.2, "resid_dropout": 0.2, "emb_dropout": 0.2, "drop_path": 0.2,
+           "n_layers": 2}
 # compared within float rounding (rtol); differences of two such values: absolute
 CLOSE = (M.TRAIN_LOSS, M.TRAIN_ACC, M.VAL_LOSS, M.VAL_ACC, M.TEST_LOSS, M.TEST_ACC, M.ECE,
          M.ATTN_ENTROPY, M.ATTN_ENTROPY_MIN, M.PARAM_NORM, M.GRAD_NORM, M.N_PARAMS,
@@ -437,7 +439,7 @@ def test_dropout_results_have_the_unbatched_distribution(one_thread) -> None:
         b = np.array([r.metrics[name] for r in batched])
         u = np.array([r.metrics[name] for r in alone])
         assert stats.ttest_ind(b, u, equal_var=False).pvalue > 0.05, name
-        assert abs(b.mean() - u.mean()) < 0.03 * abs(u.mean()), name
+        assert 0.5 < b.std() / u.std() < 2.0, name  # the same spread, not just the same mean
         assert not np.array_equal(b, u)  # the masks really differ from run_trial's
         assert len(set(b.round(6))) > 1  # and between replicates
 
