@@ -13,13 +13,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from study.config import ConfigError
+from study.console import SafeConsole
 from study.records import REPORT_OUTCOME
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Which attention design choices make a model generalize and stay robust?")
 spaces_app = typer.Typer(no_args_is_help=True, help="Search-space files.")
 app.add_typer(spaces_app, name="spaces")
-console = Console(stderr=True)
+console = SafeConsole(stderr=True)  # masks a URI's password
 
 
 def fail(msg: str, code: int = 2) -> typer.Exit:

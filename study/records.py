@@ -276,10 +276,18 @@ class ParamSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ParamSpec:
-        return cls(name=str(d["name"]), kind=str(d["kind"]), values=tuple(d.get("values", ())),
+        """The inverse of `to_json`: values (and `when` values) back in their config field's
+        type, as `SweepSpec.from_json` does for `fixed` (JSON has lists where a tuple-valued
+        field such as `ood_len_factors` holds tuples)."""
+        from study.config import coerce
+
+        name = str(d["name"])
+        return cls(name=name, kind=str(d["kind"]),
+                   values=tuple(coerce(name, v) for v in d.get("values", ())),
                    low=d.get("low", 0.0), high=d.get("high", 0.0), log=bool(d.get("log", False)),
                    step=d.get("step"),
-                   when=tuple((str(k), tuple(v)) for k, v in d.get("when", ())))
+                   when=tuple((str(k), tuple(coerce(str(k), x) for x in v))
+                              for k, v in d.get("when", ())))
 
 
 @dataclass(frozen=True)

@@ -369,18 +369,21 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
     return ParamSpec(name, kind, low=low, high=high, log=log, step=step, when=tuple(when))
 
 
-def load_space(path: str | Path) -> SweepSpec:
-    """Parse and validate a search-space YAML file; raises `SpaceError` with one line."""
+def load_space(path: str | Path, base: str | Path | None = None) -> SweepSpec:
+    """Parse and validate a search-space YAML file; raises `SpaceError` with one line.
+    A relative `fixed.data_path` is found from `base` (default: the working directory)."""
     p = Path(path)
     try:
         text = read_yaml_text(p)  # a bounded, UTF-8, non-binary regular file
     except ConfigError as e:
         raise SpaceError(str(e)) from None
-    return parse_space(text, str(p), p.stem)
+    return parse_space(text, str(p), p.stem, base)
 
 
-def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
-    """Parse and validate the text of a search space; errors name `src`."""
+def parse_space(text: str, src: str, default_name: str = "space",
+                base: str | Path | None = None) -> SweepSpec:
+    """Parse and validate the text of a search space; errors name `src`. A relative
+    `fixed.data_path` is found from `base` (default: the working directory)."""
     try:
         data = parse_yaml_mapping(text, src)
     except ConfigError as e:
@@ -436,7 +439,7 @@ def parse_space(text: str, src: str, default_name: str = "space") -> SweepSpec:
         fixed_error = str(e)
     data_path = fixed.get("data_path")
     if data_path:  # (make_config above refused a '~user' of no user)
-        path = Path(data_path).expanduser()
+        path = Path(base or ".") / Path(data_path).expanduser()  # (an absolute path stays)
         _expect(path.is_file(), f"{src}: fixed.data_path: {data_path} not found; give the path "
                 "of a local CSV/JSONL/Parquet file")
         fixed["data_path"] = str(path.resolve())  # trials run in other working directories

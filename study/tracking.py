@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from study.console import redact
 from study.records import (
     EXPERIMENT_KIND_ML,
     KIND_SWEEP,
@@ -211,7 +212,7 @@ def short_error(e: BaseException) -> str:
     error (an MLflow error wraps the database's), else its first line."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     named = [ln for ln in lines if re.search(r"Error\)|Error:|error code", ln)]
-    text = f"{type(e).__name__}: {(named or lines or [''])[0]}"
+    text = redact(f"{type(e).__name__}: {(named or lines or [''])[0]}")  # URLs it echoes
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -561,7 +562,7 @@ class Outbox:
             self.down_since = now
         self.failures += 1
         self.next_try = now + min(MAX_BACKOFF_S, 0.25 * 2 ** min(self.failures, 10))
-        store = f"the MLflow store {self.tracker.uri}"
+        store = f"the MLflow store {redact(self.tracker.uri)}"
         if not is_outage(e):
             self.fault = self.fault or f"{store} refused a write ({short_error(e)})"
         elif now - self.down_since > self.outage_s:

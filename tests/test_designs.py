@@ -393,6 +393,19 @@ def test_sweep_spec_json_round_trip(extra: str) -> None:
                                                       s.min_trials, s.vary_data_seed)
 
 
+def test_sweep_spec_json_round_trip_keeps_tuple_valued_levels() -> None:
+    """Levels (and `when` values) of a tuple-valued field come back as tuples, not JSON's
+    lists, so `levels`, `active` and membership tests agree on a spec read back."""
+    s = parse_space("task: copy\nfixed: {vocab_size: 16}\nparams:\n"
+                    "  ood_len_factors: [[2.0, 4.0], [3.0]]\n"
+                    "  attn_dropout: {type: float, low: 0.0, high: 0.2,\n"
+                    "                 when: {ood_len_factors: [[3.0]]}}\n", "t.yaml")
+    back = SweepSpec.from_json(s.to_json())
+    assert back == s
+    assert back.params[0].values == ((2.0, 4.0), (3.0,))
+    assert back.params[1].active({"ood_len_factors": (3.0,)})
+
+
 def test_older_sweep_spec_json_loads_with_defaults() -> None:
     d = json.loads(space("").to_json())
     for key in ("design", "design_fraction", "design_bases", "design_points", "design_note",

@@ -319,10 +319,21 @@ def test_killed_driver_report_damaged_state_and_resume(space, tmp_path) -> None:
     assert res.returncode == 2 and "tuner.pkl is missing" in one_error_line(res.stderr)
     assert {r["run_id"]: r for r in sweep.children()} == before
 
-    # the state back: the resume finishes the sweep and keeps every run
+    # the state back and the store moved, its new address given: the resume finishes the
+    # sweep there, where the trials (whose callback Ray restores as pickled) write too, and
+    # keeps every run
     (sweep.exp_dir / "tuner.bak").rename(sweep.exp_dir / "tuner.pkl")
-    res = resume(sweep)
+    old_db, moved = sweep.db, tmp_path / "moved" / "mlflow.db"
+    moved.parent.mkdir()
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{old_db}{suffix}").exists():
+            Path(f"{old_db}{suffix}").rename(f"{moved}{suffix}")
+    sweep.db, sweep.uri = moved, f"sqlite:///{moved}"
+    res = run_cli("resume", sweep.name, "--storage", str(sweep.storage), "--tracking-uri",
+                  sweep.uri, timeout=400)
+    print(res.stderr[-2000:])
     assert res.returncode == 0, res.stderr[-3000:]
+    assert not old_db.exists()  # nothing written at the store's old place
     after = {r["run_id"]: r for r in sweep.children()}
     assert set(before) <= set(after)
     for rid, r in before.items():
@@ -606,6 +617,45 @@ def test_resume_keeps_every_run_and_links_restarts(tmp_path) -> None:
     assert loaded.used == 5 and loaded.skipped.get("orphaned") == 1
     assert sorted(loaded.trial_table["trial_id"]) == ["again", "done", "half", "restart", "stale"]
     assert len(loaded.runs) == 9  # every run kept
+    tracking._OUTBOXES.clear()
+
+
+def test_a_finished_trial_whose_rerun_was_not_closed_counts_its_rerun(tmp_path) -> None:
+    """A trial with an orphaned finished run (an earlier resume left it) and a newer run its
+    driver never closed, which Ray has as finished: the newer run is closed with Ray's record
+    and counted (the orphan stood for it: the newer run was marked interrupted and the trial
+    never counted)."""
+    from analysis.load import load_sweep
+    from study import tracking
+    from study.records import (
+        TAG_ORPHAN,
+        TAG_RETRIES,
+        TAG_RETRY_OF,
+        Outcome,
+        SweepSpec,
+        TrialReport,
+    )
+    from study.sweep.callbacks import TrackingCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = SweepSpec(name="rerun", path="", text="name: rerun\n", fixed={}, params=(), seeds=1)
+    tr = tracking.Tracker(uri)
+    parent = tr.start_parent("rerun", "sweep_rerun", spec, {"objective": '[["val_acc", "max"]]'})
+    cfg = {"n_heads": 2, "epochs": 2}
+    old = tr.start_child(parent, "t", cfg, 1)
+    tr.finish_child(old, Outcome.COMPLETED, "completed 2 epochs")
+    tr.set_tags(old, {TAG_ORPHAN: "ended after the saved state"})
+    new = tr.start_child(parent, "t", cfg, 1, {TAG_RETRY_OF: old, TAG_RETRIES: "1"})
+    for epoch in (1, 2):
+        tr.log_metrics(new, {"val_acc": 0.1 * epoch, "seed_0/val_acc": 0.1 * epoch}, epoch)
+    last = TrialReport(2, {"val_acc": 0.2}, Outcome.COMPLETED, "completed 2 epochs").to_ray()
+    cb = TrackingCallback(tr, parent, spec)
+    cb.on_step_begin(0, [FakeTrial("t", cfg, "TERMINATED", last)])
+    assert cb.runs == {"t": new}
+    run = tr.client.get_run(new)
+    assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "completed"
+    loaded = load_sweep(uri, experiment="rerun")
+    assert loaded.used == 1 and len(loaded.runs) == 2  # counted once, both runs kept
     tracking._OUTBOXES.clear()
 
 

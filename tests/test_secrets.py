@@ -97,3 +97,29 @@ def test_planted_secrets_leak_nowhere_and_progress_reads_well(cli, tmp_path: Pat
     assert all("best val_acc" in ln and "n_heads=" in ln for ln in progress)
     assert not RAY_OUTPUT.search(sweep.stderr), sweep.stderr
     assert "make report" in lines[-1]
+
+
+@pytest.mark.parametrize("text, shown", [
+    pytest.param("http://alice:s3cr3t@127.0.0.1:5000/api", "http://alice:***@127.0.0.1:5000/api",
+                 id="http"),
+    pytest.param("store postgresql+psycopg2://u:p%40ss@db:5432/m failed",
+                 "store postgresql+psycopg2://u:***@db:5432/m failed", id="postgres"),
+    pytest.param("http://alice@host and sqlite:////tmp/a:b@c.db", "http://alice@host and "
+                 "sqlite:////tmp/a:b@c.db", id="no_password"),
+])
+def test_redact_masks_only_a_uris_password(text: str, shown: str) -> None:
+    from study.console import redact
+
+    assert redact(text) == shown
+
+
+def test_a_password_in_the_store_uri_stays_off_the_console(cli, tmp_path: Path) -> None:
+    """A `--tracking-uri` with credentials: the refusal names the store without its password
+    (the store does not answer here), and the sweep writes nothing."""
+    password = f"planted-{uuid.uuid4().hex}"
+    res = cli("sweep", str(SMOKE), "--tracking-uri", f"http://alice:{password}@127.0.0.1:9",
+              "--storage", str(tmp_path / "ray"), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "http://alice:***@127.0.0.1:9" in res.stderr
+    assert password not in res.stderr + res.stdout
+    assert not any(tmp_path.iterdir())

@@ -1,6 +1,7 @@
 """Search-space parsing: every shipped file is valid; bad files get one-line errors."""
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from study.spaces import SpaceError, infeasible, load_space
 
 ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_CSV = ROOT / "study" / "data" / "sample_sentiment.csv"
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
 GOOD = """
@@ -116,6 +118,21 @@ def test_fixed_values_the_params_mend_are_accepted(tmp_path: Path, fixed: str, p
     ran = {space.sample(rng)[mended] for _ in range(200)}
     runs = {v for v in ran if infeasible(space, {mended: v}) is None}
     assert runs and runs < ran  # some levels run, the others are infeasible
+
+
+def test_relative_data_path_is_found_from_the_given_base(tmp_path: Path, monkeypatch) -> None:
+    """`study resume` parses the saved space from where the sweep started (`study.json`'s
+    cwd), so a relative `data_path` is found whatever directory the resume runs in."""
+    (tmp_path / "start" / "data").mkdir(parents=True)
+    shutil.copy(SAMPLE_CSV, tmp_path / "start" / "data" / "s.csv")
+    saved = write(tmp_path, "task: text_file\nfixed: {data_path: data/s.csv}\n"
+                            "params: {n_heads: [1, 2]}\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(SpaceError, match="fixed.data_path: data/s.csv not found"):
+        load_space(saved)
+    space = load_space(saved, base=tmp_path / "start")
+    assert space.fixed["data_path"] == str(tmp_path / "start" / "data" / "s.csv")
 
 
 def test_missing_file(tmp_path: Path) -> None:

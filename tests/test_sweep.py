@@ -41,6 +41,9 @@ def test_smoke_sweep_end_to_end(cli, tmp_path: Path) -> None:
     res = cli(*sweep_args(tmp_path, SMOKE, "smoke_e2e"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "study ui" in res.stderr and "4/4 trials" in res.stderr
+    # where the space's relative paths were found, for a resume run from elsewhere
+    meta = json.loads((tmp_path / "ray" / "smoke_e2e" / "study.json").read_text())
+    assert meta["cwd"] == str(ROOT)
     # the progress a user reads (tests/test_secrets.py checks it on its sweep in more detail):
     # what starts, before any trial finished; an ETA; nothing running at the end
     lines = res.stderr.splitlines()

@@ -17,17 +17,20 @@ Ctrl-C stops it (`halt`) and says why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
 from study.config import make_config
+from study.console import redact
 from study.records import (
     NODE_TAGS,
     SKIP_ORPHANED,
@@ -105,6 +108,23 @@ def _finished(run: TrialRecord) -> bool:
     return run.outcome is not None and run.outcome is not Outcome.INTERRUPTED
 
 
+# the resume's tracker while Ray's `Tuner.restore` unpickles the saved run config (`resuming`)
+_RESUMING: list[Tracker] = []
+
+
+@contextlib.contextmanager
+def resuming(tracker: Tracker) -> Iterator[None]:
+    """While `Tuner.restore` unpickles the callbacks saved when the sweep started, each
+    `TrackingCallback` takes `tracker`, the resume's store and spool, not the pickled one (Ray
+    restores the run config as saved: a `study resume --tracking-uri` naming the store's new
+    address, or a moved experiment folder, would leave the trials writing to the old ones)."""
+    _RESUMING.append(tracker)
+    try:
+        yield
+    finally:
+        _RESUMING.remove(tracker)
+
+
 class TrackingCallback(Callback):
     """Logs every trial to MLflow from the driver; `heartbeat_s`: how often it says on the
     parent run that the driver is alive (None: never)."""
@@ -128,6 +148,8 @@ class TrackingCallback(Callback):
     def __setstate__(self, state: dict) -> None:
         # a callback pickled before these existed (`study resume` of an older sweep)
         self.__dict__.update({"previous": {}, "unclaimed": {}, "heartbeat_s": None, **state})
+        if _RESUMING:
+            self.tracker = _RESUMING[-1]
 
     def get_state(self) -> dict:
         return {}
@@ -146,7 +168,8 @@ class TrackingCallback(Callback):
             for run in self.tracker.child_runs(self.parent_id):
                 attempts[run.trial_id].append(run)
         except Exception as e:  # without the runs it would start unlinked ones: stop
-            halt(f"the MLflow store {self.tracker.uri} could not be read ({short_error(e)})")
+            halt(f"the MLflow store {redact(self.tracker.uri)} could not be read "
+                 f"({short_error(e)})")
             return
         self.runs, self.previous, self.unclaimed = {}, {}, {}
         for tid, runs in attempts.items():
@@ -166,7 +189,9 @@ class TrackingCallback(Callback):
             if trial is None:  # started after the last state that reached the disk
                 self.unclaimed[_config_key(runs[-1].config)] = (runs[-1].run_id, len(runs))
             unfinished = [r for r in runs if r.outcome is None]
-            if trial is not None and done and unfinished and not any(map(_finished, runs)):
+            # an orphan is an earlier attempt, never the trial's finished run
+            finished = [r for r in runs if _finished(r) and not r.orphan]
+            if trial is not None and done and unfinished and not finished:
                 outcome, message, last = trial_end(trial, trial.status == "ERROR")
                 self.tracker.finish_child(unfinished[-1].run_id, outcome, message, last.tables)
                 unfinished[-1].outcome = outcome
@@ -178,7 +203,7 @@ class TrackingCallback(Callback):
                 self.tracker.finish_child(
                     r.run_id, Outcome.INTERRUPTED, f"its driver stopped before the trial "
                     f"finished; {restart} links to this run (retry_of)")
-            finished = [r for r in runs if _finished(r)]
+            finished = [r for r in runs if _finished(r) and not r.orphan]
             if done and finished:
                 self.runs[tid] = finished[-1].run_id
             else:

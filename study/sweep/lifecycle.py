@@ -26,7 +26,7 @@ from typing import Any
 from study.preflight import check_cluster, check_overrides, check_start
 from study.records import TAG_HEARTBEAT_S, TAG_OBJECTIVE, Outcome, SweepSpec
 from study.spaces import SpaceError, load_space
-from study.sweep.callbacks import clear_halt, halt, halted
+from study.sweep.callbacks import clear_halt, halt, halted, resuming
 from study.sweep.progress import announce, console, first_step_warning, starting_line
 from study.tracking import (
     StoreFault,
@@ -222,6 +222,7 @@ def run_sweep(space_path: str | Path, name: str | None = None, trials: int | Non
             "name": name, "space_path": spec.path, "tracking_uri": uri,
             "parent_run_id": parent, "num_trials": spec.num_trials, "address": address,
             "created": time.time(), "state_saves": STATE_SAVES,
+            "cwd": os.getcwd(),  # where the space's relative paths were found (resume)
             "overrides": {k: v for k, v in cli_values.items() if v is not None}}, indent=1))
         console().print(
             f"sweep {name}: Ray on {resources.get('CPU', 0):g} CPUs / "
@@ -666,8 +667,10 @@ def resume_sweep(name: str, storage: str | Path | None = None,
             f"nothing was changed. Start a new sweep instead: `study sweep "
             f"{meta.get('space_path', 'SPACE.yaml')} --name NEW_NAME` (the finished runs of "
             f"{name} stay in MLflow)", exit_code=2)
-    spec = override(load_space(exp_dir / "space.yaml"), meta.get("overrides", {}))
-    uri = tracking_uri or meta["tracking_uri"]
+    # the space as it started: relative paths found where they were then
+    spec = override(load_space(exp_dir / "space.yaml", base=meta.get("cwd")),
+                    meta.get("overrides", {}))
+    uri = resolve_uri(tracking_uri) if tracking_uri else meta["tracking_uri"]
     check_start(spec, name, storage=store, tracking_uri=uri,
                 address=address or meta.get("address"), resume=True)
     # a sweep started before its tuner saved the state at each trial's end: every step, as then
@@ -693,8 +696,9 @@ def resume_sweep(name: str, storage: str | Path | None = None,
                              f"resumed: once it takes writes, `study resume {name}` again"
                              ) from None
         from ray import tune
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(spec),
-                                   resume_unfinished=True, resume_errored=False)
+        with resuming(tracker):  # the trials write where this resume does
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(spec),
+                                       resume_unfinished=True, resume_errored=False)
         clear_halt()
         _fit(tuner)
         return _end(tracker, meta["parent_run_id"], spec, name, exp_dir)

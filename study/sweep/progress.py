@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ray.tune import Callback
-from rich.console import Console
 
+from study.console import console
 from study.records import Outcome, ParamSpec, SweepSpec
 from study.sweep.callbacks import RAY_DONE, trial_end
 
@@ -27,10 +27,6 @@ REASON_CHARS = 100  # a failed trial's reason on its line (MLflow has the whole 
 # get shorter (the first ones on a worker also start it) or longer (ASHA promotes more)
 ETA_WINDOW = 20
 _begun: list[float] = []  # when the sweep now starting printed its first line (`announce`)
-
-
-def console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def announce(line: str) -> None:
