@@ -369,6 +369,28 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
     return ParamSpec(name, kind, low=low, high=high, log=log, step=step, when=tuple(when))
 
 
+def _check_conditions(src: str, fixed: dict[str, Any], params: list[ParamSpec]) -> None:
+    """Refuse a `when:` that can never hold: on a fixed field whose value it does not list, or
+    on a param none of whose levels (or no value of whose range) it lists; that param would
+    never be used."""
+    by_name = {p.name: p for p in params}
+    for p in params:
+        for k, vals in p.when:
+            q = by_name.get(k)
+            if q is None:
+                held = fixed[k] in vals
+                what = f"{k} is fixed to {fixed[k]!r}"
+            elif q.levels:
+                held = any(v in vals for v in q.levels)
+                what = f"no level of params.{k} ({', '.join(map(repr, q.levels))}) is listed"
+            else:
+                held = any(isinstance(v, (int, float)) and q.low <= v <= q.high for v in vals)
+                what = f"params.{k} ranges over [{q.low}, {q.high}]"
+            _expect(held, f"{src}: params.{p.name}.when: {k} in {list(vals)!r} never holds "
+                          f"({what}), so {p.name} would never be used; fix the condition or "
+                          "remove the param")
+
+
 def load_space(path: str | Path, base: str | Path | None = None) -> SweepSpec:
     """Parse and validate a search-space YAML file; raises `SpaceError` with one line.
     A relative `fixed.data_path` is found from `base` (default: the working directory)."""
@@ -452,6 +474,7 @@ def parse_space(text: str, src: str, default_name: str = "space",
         _expect(name not in fixed, f"{src}: params.{name}: also in fixed; keep one")
         params.append(_param(src, name, spec, known))
         known[name] = True
+    _check_conditions(src, fixed, params)
     cons_raw = data.get("constraints") or []
     _expect(isinstance(cons_raw, list) and all(isinstance(c, str) for c in cons_raw),
             f"{src}: constraints: expected a list of expressions (strings)")
