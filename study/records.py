@@ -14,6 +14,7 @@ Names here are read by other parts and by users' scripts: keep them exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -261,14 +262,21 @@ class ParamSpec:
         """Sample uniformly (in log space where `log`), for feasibility checks."""
         if self.values:
             return rng.choice(self.values)
-        if self.log:
+        if self.step:  # on the grid low, low + step, ... <= high, as Optuna suggests
+            v = self.low + self.step * rng.randint(0, int((self.high - self.low) / self.step
+                                                          + 1e-9))
+        elif self.log:
             v = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
         else:
             v = rng.uniform(self.low, self.high)
         return int(round(v)) if self.kind == "int" else v
 
     def active(self, context: dict[str, Any]) -> bool:
-        return all(context.get(k) in vals for k, vals in self.when)
+        """Whether every condition holds in `context` (the fixed and sampled values); a field
+        not in it (a conditional param left unsampled) has its default, as the trial will."""
+        defaults = _field_defaults()
+        return all((context[k] if k in context else defaults.get(k)) in vals
+                   for k, vals in self.when)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "values": list(self.values),
@@ -288,6 +296,13 @@ class ParamSpec:
                    step=d.get("step"),
                    when=tuple((str(k), tuple(coerce(str(k), x) for x in v))
                               for k, v in d.get("when", ())))
+
+
+@functools.cache
+def _field_defaults() -> dict[str, Any]:
+    from study.config import field_defaults
+
+    return field_defaults()
 
 
 @dataclass(frozen=True)

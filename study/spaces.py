@@ -366,6 +366,11 @@ def _param(src: str, name: str, spec: Any, known: dict[str, Any]) -> ParamSpec:
         step = co(step, "step", limits=False)
         _expect(math.isfinite(step) and step > 0, f"{where}.step: must be a finite number > 0, "
                                                   f"got {step}")
+        n = (high - low) / step  # Optuna's grid is low, low + step, ...: high must lie on it
+        _expect(abs(n - round(n)) <= 1e-9 * max(1.0, abs(n)),
+                f"{where}.step: {step} does not divide high - low = {high - low:g}, so high "
+                f"({high}) is off the grid; set high to "
+                f"{low + step * math.floor(n + 1e-9):g} or change step")
     return ParamSpec(name, kind, low=low, high=high, log=log, step=step, when=tuple(when))
 
 
@@ -787,21 +792,37 @@ def unmeasured_objective(space: SweepSpec) -> str | None:
     return None
 
 
-def _check_feasible(space: SweepSpec, fixed_error: str | None = None, tries: int = 2000
-                    ) -> None:
+# feasibility probe: random draws of a space (at parse time, and a searcher's fallback draws)
+FEASIBLE_TRIES = 2000
+# a searched space needs this many of the probe's draws to run: at that share (0.5%) the
+# searcher's fallback of FEASIBLE_TRIES draws misses with probability about 5e-5
+MIN_FEASIBLE = 10
+
+
+def _check_feasible(space: SweepSpec, fixed_error: str | None = None,
+                    tries: int = FEASIBLE_TRIES) -> None:
     """Refuse a space in which no sampled configuration can run (impossible constraints, or
     fixed values no level of the params mends: then `fixed_error`, their own reason, is given
-    as the fixed values' fault)."""
+    as the fixed values' fault), or, searched, too few for a searcher to find one
+    (`MIN_FEASIBLE` of `tries`; a fixed design's points are checked one by one)."""
     rng = random.Random(0)
-    first, only_fixed = None, fixed_error is not None
+    first, only_fixed, feasible = None, fixed_error is not None, 0
+    need = 1 if space.design in FIXED_DESIGNS else MIN_FEASIBLE
     for _ in range(tries):
         reason = infeasible(space, space.sample(rng), strict=True)
         if reason is None:
-            return
+            feasible += 1
+            if feasible >= need:
+                return
+            continue
         first = first or reason
         only_fixed = only_fixed and reason == fixed_error
-    if only_fixed:
+    if feasible == 0 and only_fixed:
         raise SpaceError(f"{space.path}: fixed: {fixed_error}")
     where = "constraints" if space.constraints and "constraint" in (first or "") else "params"
+    if feasible:
+        raise SpaceError(f"{space.path}: {where}: only {feasible} of {tries} sampled "
+                         f"configurations can run (the others fail, e.g. {first}), too few for a "
+                         "searcher to find; widen the ranges or relax the constraints")
     raise SpaceError(f"{space.path}: {where}: no configuration of {tries} sampled can run "
                      f"(e.g. {first}); widen the ranges or relax the constraints")

@@ -327,6 +327,24 @@ def test_trials_override_is_refused_for_a_fixed_design() -> None:
     assert override(space("design: random\n"), {"num_trials": 5}).num_trials == 5
 
 
+def test_flags_are_checked_and_followed_like_the_files_values() -> None:
+    """--gpu, --epochs, --max-concurrent are written into the file's text, which is parsed
+    again: the defaults that follow them (seed batching on a GPU) follow, and so do the checks
+    and a fixed design's points; the text kept is the user's file."""
+    from study.sweep.lifecycle import override
+
+    base = space("")
+    assert base.gpu == 0 and base.seed_batching == "lockstep"
+    packed = override(base, {"gpu": 0.125, "max_concurrent": 8, "epochs": 3})
+    assert (packed.gpu, packed.seed_batching, packed.max_concurrent) == (0.125, "vmap", 8)
+    assert packed.epochs == packed.fixed["epochs"] == 3 and packed.text == base.text
+    kept = space("seed_batching: lockstep\n")
+    assert override(kept, {"gpu": 1.0}).seed_batching == "lockstep"  # the file's own choice
+    grid = space("design: factorial\n")
+    assert all(p["epochs"] == 2 for p in (override(grid, {"epochs": 2}).fixed,))
+    assert override(space(""), {"num_trials": 1}).num_trials == 1  # a short trial run
+
+
 def test_the_trainable_gets_the_vary_data_seed_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     from ray import tune
 

@@ -222,3 +222,64 @@ def test_every_searcher_runs_a_real_sweep(ray_session, tmp_path: Path, searcher:
 def test_tpe_startup_is_a_fifth_of_the_budget_within_bounds(n, want):
     from study.sweep.searcher import tpe_startup
     assert tpe_startup(n) == want
+
+
+def test_a_sampler_that_keeps_proposing_infeasible_points_falls_back_to_feasible_draws(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_RESAMPLE infeasible proposals (forced here with 1) a suggestion is a seeded
+    random draw that runs, enqueued so the study records it; the same seed gives the same
+    sequence (a space with too few runnable draws is refused when parsed: test_spaces)."""
+    import study.sweep.searcher as S
+
+    monkeypatch.setattr(S, "MAX_RESAMPLE", 1)
+    spec = parse_space("task: digits\nfixed: {n_heads: 1}\nparams:\n"
+                       "  d_model: {type: int, low: 1, high: 1000}\n"
+                       "constraints: ['d_model > 900']\nsearcher: random\nnum_trials: 20\n",
+                       "s.yaml")
+    runs = []
+    for _ in range(2):
+        search = StudySearch(spec)
+        runs.append([search.suggest(f"t{i}")["d_model"] for i in range(20)])
+        assert search.resampled > 0  # the fallback was used
+        live = [t for t in search.study.trials if t.state == State.RUNNING]
+        assert sorted(t.params["d_model"] for t in live) == sorted(runs[-1])
+    assert runs[0] == runs[1] and min(runs[0]) > 900
+
+
+def test_conditions_on_an_unsampled_param_see_its_default() -> None:
+    """`when: {learned_temperature: false}` holds where learned_temperature is not sampled
+    (its own condition fails) and so keeps its default, false, as the trial runs it."""
+    spec = parse_space("task: digits\nparams:\n  qk_norm: [none, l2]\n"
+                       "  learned_temperature: {type: categorical, values: [false, true],\n"
+                       "                        when: {qk_norm: none}}\n"
+                       "  attn_temperature: {type: float, low: 0.25, high: 4.0, log: true,\n"
+                       "                     when: {learned_temperature: false}}\n"
+                       "searcher: random\nnum_trials: 30\n", "c.yaml")
+    search = StudySearch(spec)
+    for i in range(30):
+        config = search.suggest(f"t{i}")
+        learned = config.get("learned_temperature", False)
+        assert ("attn_temperature" in config) == (not learned), config
+
+
+def test_nsga2_generations_advance_within_a_sweep_whose_trials_asha_mostly_stops() -> None:
+    """regularization.yaml: 40 trials, ASHA keeping about 1 in 9 to the end. NSGA-II's
+    generations fill with completed trials only, so with Optuna's default of 50 the whole
+    sweep stayed in its random generation 0; sized to the expected completions it advances."""
+    from study.spaces import load_space
+    from study.sweep.searcher import expected_completed, nsga2_population
+
+    spec = load_space(Path(__file__).resolve().parent.parent / "search_spaces"
+                      / "regularization.yaml")
+    assert expected_completed(spec) == pytest.approx(40 / 9)
+    assert nsga2_population(spec) == 2
+    search = StudySearch(spec)
+    for i in range(spec.num_trials):
+        search.suggest(f"t{i}")
+        number = search.live.pop(f"t{i}")
+        if i % 9 in (0, 4):  # completed
+            search.study.tell(number, [0.5 + 0.01 * i, 0.1])
+        else:  # stopped by ASHA
+            search.study.tell(number, state=State.PRUNED)
+    generations = {t.system_attrs.get("NSGAIISampler:generation") for t in search.study.trials}
+    assert max(generations) >= 2

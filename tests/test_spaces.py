@@ -90,6 +90,15 @@ BAD = [
                  "at least one", id="empty-objective"),
     pytest.param(GOOD.replace("low: 1, high: 3}", "low: 1, high: 3, step: 0.5}"), "step",
                  id="float-step-on-int"),
+    pytest.param(GOOD.replace("low: 1, high: 3}", "low: 1, high: 4, step: 2}"),
+                 "step: 2 does not divide high - low = 3", id="high-off-the-step-grid"),
+    # every value a step grid holds (8, 24, 40) breaks the constraint; others would not
+    pytest.param("task: digits\nfixed: {n_heads: 4}\nparams:\n  d_model: {type: int, low: 8,"
+                 " high: 40, step: 16}\nconstraints: ['d_model % 16 == 0']\n",
+                 "no configuration of 2000 sampled can run", id="step-grid-infeasible"),
+    pytest.param("task: digits\nfixed: {n_heads: 1}\nparams:\n  d_model: {type: int, low: 1,"
+                 " high: 1000}\nconstraints: ['d_model == 500']\n",
+                 "too few for a searcher to find", id="searcher-would-rarely-find-one"),
 ]
 
 

@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from study.preflight import check_cluster, check_overrides, check_start
+from study.preflight import OVERRIDE_FLAGS, check_cluster, check_overrides, check_start
 from study.records import TAG_HEARTBEAT_S, TAG_OBJECTIVE, Outcome, SweepSpec
-from study.spaces import SpaceError, load_space
+from study.spaces import SpaceError, load_space, parse_space
 from study.sweep.callbacks import clear_halt, halt, halted, resuming
 from study.sweep.progress import announce, console, first_step_warning, starting_line
 from study.tracking import (
@@ -632,20 +632,49 @@ def _ray_classes() -> dict[str, type]:
     return classes
 
 
-def override(spec: SweepSpec, values: dict[str, Any]) -> SweepSpec:
-    """Command-line overrides of a parsed space, checked like the file's own values."""
+def override(spec: SweepSpec, values: dict[str, Any],
+             base: str | Path | None = None) -> SweepSpec:
+    """Command-line overrides of a parsed space, checked like the file's own values: the
+    file's text with them written in is parsed again (so the checks and the defaults that
+    depend on them, e.g. `seed_batching` on `resources.gpu`, constraints and design points on
+    the epochs, follow them); a problem names the flags. `--trials` only sets the number of
+    trials. `base`: where the space's relative paths are found (`load_space`)."""
+    import yaml
+
+    from study.config import parse_yaml_mapping
+
     values = {k: v for k, v in values.items() if v is not None}
     check_overrides(values)
+    if not values:
+        return spec
     if (spec.design_points and "num_trials" in values
             and values["num_trials"] != spec.num_trials):
         raise SpaceError(f"--trials: design {spec.design} runs exactly {spec.num_trials} trials "
                          f"({spec.design_note}); drop --trials")
+    if "epochs" in values and spec.grace_period > values["epochs"]:
+        raise SpaceError(f"--epochs: {values['epochs']} is below the space's grace_period "
+                         f"({spec.grace_period})")
+    raw = parse_yaml_mapping(spec.text, spec.path)
     if "epochs" in values:
-        if spec.grace_period > values["epochs"]:
-            raise SpaceError(f"--epochs: {values['epochs']} is below the space's grace_period "
-                             f"({spec.grace_period})")
-        values["fixed"] = {**spec.fixed, "epochs": values["epochs"]}
-    return spec.replace(**values)
+        fixed = raw.get("fixed") or {}
+        if "epochs" in fixed:
+            raw["fixed"] = {**fixed, "epochs": values["epochs"]}
+        else:
+            raw["budget"] = {**(raw.get("budget") or {}), "epochs": values["epochs"]}
+    if "gpu" in values:
+        raw["resources"] = {**(raw.get("resources") or {}), "gpu": values["gpu"]}
+    if "max_concurrent" in values:
+        raw["max_concurrent"] = values["max_concurrent"]
+    flags = " ".join(f"{OVERRIDE_FLAGS[k]} {v:g}" for k, v in values.items())
+    try:
+        new = parse_space(yaml.safe_dump(raw, sort_keys=False), spec.path,
+                          Path(spec.path).stem, base)
+    except SpaceError as e:
+        raise SpaceError(f"{flags}: {e}") from None
+    # the file as the user wrote it; --trials below the file's analysis.min_trials is allowed
+    # (a short trial run: the report then says no level has the trials for a call)
+    return new.replace(name=spec.name, text=spec.text,
+                       num_trials=values.get("num_trials", new.num_trials))
 
 
 def resume_sweep(name: str, storage: str | Path | None = None,
@@ -668,8 +697,9 @@ def resume_sweep(name: str, storage: str | Path | None = None,
             f"{meta.get('space_path', 'SPACE.yaml')} --name NEW_NAME` (the finished runs of "
             f"{name} stay in MLflow)", exit_code=2)
     # the space as it started: relative paths found where they were then
-    spec = override(load_space(exp_dir / "space.yaml", base=meta.get("cwd")),
-                    meta.get("overrides", {}))
+    base = meta.get("cwd")
+    spec = override(load_space(exp_dir / "space.yaml", base=base), meta.get("overrides", {}),
+                    base)
     uri = resolve_uri(tracking_uri) if tracking_uri else meta["tracking_uri"]
     check_start(spec, name, storage=store, tracking_uri=uri,
                 address=address or meta.get("address"), resume=True)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import pickle
+import random
 from typing import Any, Literal
 
 from ray.tune.search import Searcher
 
 from study.records import Outcome, SweepSpec, TrialReport
-from study.spaces import infeasible
+from study.spaces import FEASIBLE_TRIES, infeasible
 
 MAX_RESAMPLE = 200
 # Ray's sentinel for "no more trials" (a str, though `Searcher.suggest` is annotated dict | None)
@@ -40,10 +41,30 @@ def make_sampler(spec: SweepSpec) -> Any:
     if spec.searcher == "cmaes":  # needs the `cmaes` package (a dependency)
         return optuna.samplers.CmaEsSampler(seed=s, warn_independent_sampling=False)
     if spec.searcher == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s)
+        return optuna.samplers.NSGAIISampler(seed=s, population_size=nsga2_population(spec))
     return optuna.samplers.TPESampler(seed=s, multivariate=True, group=True,
                                       constant_liar=True,
                                       n_startup_trials=tpe_startup(spec.num_trials))
+
+
+def expected_completed(spec: SweepSpec) -> float:
+    """About how many trials train the whole budget: ASHA (Li et al. 2020) keeps a
+    1 / reduction_factor share at each rung grace_period x reduction_factor^k below the
+    budget; without early stopping, every trial."""
+    if not spec.early_stopping:
+        return float(spec.num_trials)
+    rungs, t = 0, spec.grace_period
+    while t < spec.epochs:
+        rungs, t = rungs + 1, t * spec.reduction_factor
+    return spec.num_trials / spec.reduction_factor ** rungs
+
+
+def nsga2_population(spec: SweepSpec) -> int:
+    """NSGA-II's generation size (Deb et al. 2002): a generation fills with completed trials
+    only (those ASHA stops are pruned, which NSGA-II leaves out), so Optuna's default of 50
+    would keep a sweep of a few dozen trials in its random first generation: a third of the
+    trials expected to complete (3 generations), between 2 and 50."""
+    return int(min(50, max(2, expected_completed(spec) // 3)))
 
 
 def tpe_startup(num_trials: int) -> int:
@@ -108,7 +129,19 @@ class StudySearch(Searcher):
                 return config
             self.resampled += 1
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        raise RuntimeError(f"no feasible configuration in {MAX_RESAMPLE} samples")
+        # the sampler keeps proposing where nothing runs (TPE learns nothing from the FAIL
+        # trials): a configuration drawn as the space's feasibility check draws them, seeded,
+        # enqueued so the study records it
+        rng = random.Random(f"{self.spec.searcher_seed}:{len(self.study.trials)}")
+        for _ in range(FEASIBLE_TRIES):
+            sampled = self.spec.sample(rng)
+            if infeasible(self.spec, sampled) is None:
+                self.study.enqueue_trial(sampled)
+                trial = self.study.ask()
+                self.live[trial_id], self._trials[trial_id] = trial.number, trial
+                return sample_config(self.spec, trial)
+        raise RuntimeError(f"no feasible configuration in {MAX_RESAMPLE} suggestions and "
+                           f"{FEASIBLE_TRIES} random draws")
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         trial = self._trials.get(trial_id)
