@@ -224,8 +224,10 @@ def _aliases(X: np.ndarray, blocks: dict[str, list[int]], names: dict[str, list[
 
 def _budget_rows(bd: BudgetData, levels: dict[str, pd.Series], n_boot: int,
                  rng: np.random.Generator, min_trials: int,
-                 seed_rows: pd.Series | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-    """Effect rows of one target at one budget (no calls yet)."""
+                 seed_rows: pd.Series | None = None, n_seeds: int = 1
+                 ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Effect rows of one target at one budget (no calls yet). `seed_rows`: the trial x seed
+    rows of each completed trial; a trial stopped early (not in it) ran `n_seeds`."""
     notes: list[str] = []
     rows: list[dict[str, Any]] = []
     lev = {p: s.reindex(bd.trial_ids) for p, s in levels.items()}
@@ -288,9 +290,10 @@ def _budget_rows(bd: BudgetData, levels: dict[str, pd.Series], n_boot: int,
             if blind:
                 why.append(f"no trial at this level went on past epoch {blind[0]}, so its "
                            "stopped trials' later values cannot be estimated")
-            ids = [t for t, a in zip(bd.trial_ids, at) if a]
-            rows_at = int(seed_rows.reindex(ids).fillna(0).sum()) if seed_rows is not None \
-                else int(at.sum())
+            # the rows behind the values observed at this budget (an imputed trial has none)
+            ids = [t for t, a in zip(bd.trial_ids, at & bd.observed) if a]
+            rows_at = int(seed_rows.reindex(ids).fillna(n_seeds).sum()) \
+                if seed_rows is not None else len(ids)
             z = abs(float(con[li])) / float(se[li]) if se[li] > 0 else float("nan")
             rows.append({
                 "target": bd.target, "param": p, "level": level,
@@ -426,6 +429,7 @@ def effects_report(sweep: Sweep, targets: list[str], n_boot: int = 1000, seed: i
     objective = sweep.objectives[0][0] if sweep.objectives else None
     seed_rows = sweep.trials.groupby(TRIAL_KEY, sort=False).size() if not sweep.trials.empty \
         else None
+    n_seeds = int(spec.seeds) if spec else int(seed_rows.max()) if seed_rows is not None else 1
     rng = np.random.default_rng(seed)
     floors = {t: _quiet_floor(sweep.trials, t, TRIAL_KEY) for t in targets
               if t in sweep.trials}
@@ -440,7 +444,7 @@ def effects_report(sweep: Sweep, targets: list[str], n_boot: int = 1000, seed: i
             bd = budget_data(table, sweep.curves, t, epoch, final, design, rungs, objective)
             if bd is None or len(bd.y) < 2 or np.nanstd(bd.y) == 0:
                 continue
-            r, nts = _budget_rows(bd, levels, n_boot, rng, min_trials, seed_rows)
+            r, nts = _budget_rows(bd, levels, n_boot, rng, min_trials, seed_rows, n_seeds)
             out_rows += r
             notes += nts
     return _finish(out_rows, notes, getattr(spec, "min_effect", None), min_trials, floors)

@@ -51,6 +51,7 @@ from study.records import (
     SweepSpec,
     TrialRecord,
     current_runs,
+    replicate_seeds,
     split_seed_tables,
 )
 from study.tracking import resolve_uri
@@ -367,6 +368,7 @@ def load_sweep(tracking_uri: str | None = None, experiment: str | None = None,
                   if r.outcome in (Outcome.COMPLETED, Outcome.EARLY_STOPPED)]
     configs = pd.DataFrame([u.config for u in analysable])
     spec = _load_spec(parent.info.artifact_uri, uri)
+    vary = bool(spec and spec.vary_data_seed)  # sweeps without a spec shared one data seed
     # a conditional param (`when:` in the space) holds its default where inactive, which would
     # make one of its levels stand for "the condition is off": it is left out of the analysis
     conditional = set(spec.conditional) if spec else set()
@@ -378,8 +380,10 @@ def load_sweep(tracking_uri: str | None = None, experiment: str | None = None,
         for k, m in sorted(u.seeds.items()):
             names |= set(m)
             epoch = m.get("epoch", u.config.get("epochs"))
+            seed, data_seed = replicate_seeds(u.config["seed"], u.config["data_seed"], k, vary)
             rows.append({**u.config, "run_id": u.run_id, "trial_id": u.trial_id,
-                         "seed": u.config["seed"] + k, "seed_index": k, "status": u.status,
+                         "seed": seed, "data_seed": data_seed, "seed_index": k,
+                         "status": u.status,
                          "stop_reason": u.outcome.value if u.outcome else None,
                          "epoch": int(epoch) if epoch is not None else None,
                          **{n: v for n, v in m.items() if n != "epoch"}})

@@ -298,6 +298,13 @@ class ParamSpec:
                               for k, v in d.get("when", ())))
 
 
+def replicate_seeds(seed: int, data_seed: int, k: int, vary_data_seed: bool
+                    ) -> tuple[int, int]:
+    """Replicate k's (seed, data_seed) for a trial's (seed, data_seed): seed + k, and
+    data_seed + k when `vary_data_seed` (else the shared data_seed)."""
+    return seed + k, (data_seed + k if vary_data_seed else data_seed)
+
+
 @functools.cache
 def _field_defaults() -> dict[str, Any]:
     from study.config import field_defaults

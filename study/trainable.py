@@ -36,6 +36,7 @@ from study.records import (
     Outcome,
     TrialReport,
     completed_message,
+    replicate_seeds,
     seed_metric,
 )
 
@@ -69,9 +70,8 @@ def seed_summary(per_seed: list[dict[str, float]]) -> dict[str, float]:
 def replicate(cfg: TrialConfig, k: int, vary_data_seed: bool) -> TrialConfig:
     """The config of replicate k of `cfg` (a TrialConfig): seed + k, and data_seed + k when
     `vary_data_seed`."""
-    if vary_data_seed:
-        return cfg.replace(seed=cfg.seed + k, data_seed=cfg.data_seed + k)
-    return cfg.replace(seed=cfg.seed + k)
+    seed, data_seed = replicate_seeds(cfg.seed, cfg.data_seed, k, vary_data_seed)
+    return cfg.replace(seed=seed, data_seed=data_seed)
 
 
 def replicate_epochs(cfgs: list[TrialConfig], datas: list[TaskData],

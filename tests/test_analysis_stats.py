@@ -84,6 +84,10 @@ def test_trials_one_row_per_trial_and_seed_typed(stores, sweep) -> None:
     assert list(t.columns[:7]) == ["run_id", "trial_id", "seed", "seed_index", "status",
                                    "stop_reason", "epoch"]
     assert (t.groupby("run_id").seed_index.apply(sorted).map(tuple) == tuple(range(seeds))).all()
+    # replicate k ran with seed + k and, the space varying data seeds, data_seed + k
+    assert sweep.spec is not None and sweep.spec.vary_data_seed
+    for col in ("seed", "data_seed"):
+        assert ((t[col] - t.seed_index).groupby(t.run_id).nunique() == 1).all(), col
     assert (t.status == "FINISHED").all() and (t.stop_reason == "completed").all()
     assert (t.epoch == stores["truth"]["epochs"]).all()
     assert sorted(sweep.params) == sorted(stores["truth"]["params"])

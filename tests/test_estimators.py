@@ -122,6 +122,10 @@ def test_early_stopping_bias_is_removed_and_the_early_advantage_shows(asha_sweep
     early = rung.loc[("norm", "post_ln")]
     assert early.call == "effect" and early.contrast > 0  # the early advantage, at the rung
     assert early.n_imputed == 0  # every trial reached the first rung
+    # n_rows: the trial x seed rows behind the observed values (one seed a trial here): at the
+    # rung every trial's, stopped ones too; at the final budget none for the imputed trials
+    assert early.n_rows == early.n
+    assert heads.n_rows == heads.n - heads.n_imputed
 
 
 def _synthetic(rng: np.random.Generator, n_trials: int, effects: dict[str, dict[str, float]],
