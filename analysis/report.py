@@ -38,13 +38,17 @@ tr.beyond td{background:#fde2e0;font-weight:600}
 
 
 def _ordered(df: pd.DataFrame | None, columns: Sequence[str]) -> pd.DataFrame:
-    """The table with exactly `columns`, in that order (an empty table keeps the header)."""
+    """The table with exactly `columns`, in that order (an empty table keeps the header), its
+    `attrs` (the notes) kept."""
     if df is None or df.empty:
-        return pd.DataFrame(columns=list(columns))
-    missing = [c for c in columns if c not in df]
-    if missing:
-        raise ValueError(f"table lacks columns {missing}")
-    return df[list(columns)].reset_index(drop=True)
+        out = pd.DataFrame(columns=list(columns))
+    else:
+        missing = [c for c in columns if c not in df]
+        if missing:
+            raise ValueError(f"table lacks columns {missing}")
+        out = df[list(columns)].reset_index(drop=True)
+    out.attrs = dict(df.attrs) if df is not None else {}
+    return out
 
 
 def _png(fig: Any) -> bytes:

@@ -98,6 +98,8 @@ def estimand(sweep: Sweep, effects: pd.DataFrame) -> str:
     text = ("Estimand: each level's adjusted contrast (its mean minus the mean of the other "
             "levels of the same parameter, the other parameters held as observed) at the "
             + (f"final budget ({epochs} epochs)" if epochs else "final budget"))
+    if final.empty:
+        text += " (not estimated: see the notes below)"
     if budgets:
         text += f" and at ASHA's rung epochs {', '.join(budgets)} (common budgets)"
     text += f"; design: {sweep.design}"
@@ -272,6 +274,10 @@ def findings(effects: pd.DataFrame, importance: pd.DataFrame, measures: pd.DataF
     if targets is None:
         targets = report_targets(sweep.metrics)
     out = ([estimand(sweep, effects)] if "budget" in effects else []) + [header(sweep)]
+    # a target left out at a budget (e.g. too few trials past a rung to impute the stopped
+    # ones): said, so that no call there is not read as no effect
+    out += [f"Effects not estimated: {note}" for note in effects.attrs.get("notes", [])
+            if " at budget " in note]
     budgets = (sorted({str(b) for b in effects["budget"] if str(b) != "final"}, key=int)
                if "budget" in effects else [])
     for t in finding_targets(targets):

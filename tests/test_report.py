@@ -245,6 +245,16 @@ def test_findings_wording():
         "Used 1 trial; skipped: none"
     assert report_targets(["ood_len_acc", "test_acc", "gen_gap_acc", "ece"]) == [
         "gen_gap_acc", "test_acc", "ood_len_acc"]
+    # only rung rows (the final budget skipped: too few trials past a rung): the estimand says
+    # so, and the summary gives the reason, so no call there is not read as no effect
+    rung_only = effects[effects.budget == "4"].copy()
+    why = "test_acc at budget final: too few trials past a rung to impute the stopped ones, " \
+          "skipped"
+    rung_only.attrs["notes"] = [why, "ece: absent, skipped"]
+    lines = findings(rung_only, importance, measures, sweep)
+    assert "at the final budget (not estimated: see the notes below)" in lines[0]
+    assert f"Effects not estimated: {why}" in lines
+    assert not any("ece: absent" in ln for ln in lines)
 
 
 def test_findings_say_which_trials_and_why_a_level_is_inconclusive():
