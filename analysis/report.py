@@ -37,6 +37,13 @@ tr.beyond td{background:#fde2e0;font-weight:600}
 """
 
 
+# every file a report writes in its folder besides figures/*.png (the last two: where the
+# learning rate varies)
+REPORT_FILES = ("index.html", "summary.md", "trials.csv", "effects.csv", "importance.csv",
+                "measures.csv", "outcomes.csv", "budget.csv", "lr_sensitivity.csv",
+                "lr_sensitivity_summary.csv")
+
+
 def _ordered(df: pd.DataFrame | None, columns: Sequence[str]) -> pd.DataFrame:
     """The table with exactly `columns`, in that order (an empty table keeps the header), its
     `attrs` (the notes) kept."""
@@ -179,8 +186,10 @@ def write_report(sweep: Sweep, out_dir: Path, n_boot: int = 1000, log_to_mlflow:
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    for stale in fig_dir.glob("*.png"):  # a figure whose data are gone must not linger
-        stale.unlink()
+    # a file of an earlier report whose data are gone (a figure, lr_sensitivity.csv) must not
+    # linger, nor be logged as this report's
+    for stale in [*fig_dir.glob("*.png"), *(out_dir / name for name in REPORT_FILES)]:
+        stale.unlink(missing_ok=True)
     trials = sweep.trials
     targets = [t for t in report_targets(sweep.metrics) if t in trials]
     raw_effects = effects_report(sweep, targets, n_boot=n_boot, seed=0)
@@ -255,10 +264,15 @@ def _outcomes(sweep: Sweep, table_fn: Any) -> pd.DataFrame:
 
 
 def log_report(parent_run_id: str, out_dir: Path, tracking_uri: str | None = None) -> None:
-    """Log the report folder as artifacts `report/` of the sweep's parent run."""
+    """Log the report's files (`REPORT_FILES` and figures/*.png, nothing else the folder may
+    hold) as artifacts `report/` of the sweep's parent run."""
     import logging
 
     from mlflow.tracking import MlflowClient
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    MlflowClient(tracking_uri=tracking_uri).log_artifacts(parent_run_id, str(out_dir),
-                                                          artifact_path="report")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for name in REPORT_FILES:
+        if (out_dir / name).is_file():
+            client.log_artifact(parent_run_id, str(out_dir / name), artifact_path="report")
+    for png in sorted((out_dir / "figures").glob("*.png")):
+        client.log_artifact(parent_run_id, str(png), artifact_path="report/figures")

@@ -189,10 +189,16 @@ def _after_sweep(summary: dict, storage: Path | None = None) -> None:
     # MLflow 3's UI opens experiments on its GenAI view unless told the workflow type
     page = (f"{base}/#/experiments/{summary['experiment_id']}"
             "?workflowType=machine_learning" if summary.get("experiment_id") else base)
-    how = "" if served else f"study ui --tracking-uri {uri}  (or make ui), then "
+    from study.tracking import resolve_uri
+
+    # `make ui` / `make report` read ./mlflow.db: offered only where that is this store
+    make = uri == resolve_uri(None) and Path("Makefile").is_file()
+    how = "" if served else (f"study ui --tracking-uri {uri}"
+                             + ("  (or make ui)" if make else "") + ", then ")
     console.print(f"browse the trials: {how}open {page}", highlight=False, soft_wrap=True)
-    console.print("report with calls and intervals: make report  (or study report "
-                  f"--experiment {summary['name']} --tracking-uri {uri})", highlight=False,
+    report = f"study report --experiment {summary['name']} --tracking-uri {uri}"
+    console.print("report with calls and intervals: "
+                  + (f"make report  (or {report})" if make else report), highlight=False,
                   soft_wrap=True)
     if not summary["complete"]:
         console.print(_resume_hint(summary["name"], storage), highlight=False, soft_wrap=True)
@@ -214,8 +220,16 @@ def report(
     if experiment and run:
         raise fail("--experiment and --run: pass one of them, not both")
     from analysis.load import ReportError, load_sweep
+    from study.preflight import check_storage, check_tracking_uri
+    from study.spaces import SpaceError
     from study.tracking import resolve_uri
     uri = resolve_uri(tracking_uri)
+    try:  # before the store is opened (which would write MLflow's schema into a stray file)
+        check_tracking_uri(uri, existing=True)
+        if out is not None:
+            check_storage(out, "--out")
+    except SpaceError as e:
+        raise fail(str(e)) from None
     try:
         sweep_ = load_sweep(uri, experiment=experiment, run_id=run)
         from analysis.report import write_report
@@ -240,8 +254,14 @@ def ui(
     """Serve the MLflow UI over the same store (127.0.0.1 unless --host says otherwise)."""
     import os
 
+    from study.preflight import check_tracking_uri
+    from study.spaces import SpaceError
     from study.tracking import resolve_uri
     uri = resolve_uri(tracking_uri)
+    try:  # (a new SQLite file is created: an empty store to browse)
+        check_tracking_uri(uri)
+    except SpaceError as e:
+        raise fail(str(e)) from None
     console.print(f"MLflow UI on http://{host}:{port} over {uri}", highlight=False)
     args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
             "--port", str(port)]

@@ -10,6 +10,7 @@ code 2); nothing is written by any check.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -194,9 +195,11 @@ def _reason(e: BaseException) -> str:
 
 
 # --- MLflow tracking URI ---------------------------------------------------------------------
-def check_tracking_uri(uri: str) -> None:
+def check_tracking_uri(uri: str, existing: bool = False) -> None:
     """A scheme MLflow knows; a SQLite file in an existing, writable folder (and a SQLite
-    database if it exists); a writable folder for file stores; an answering http(s) server."""
+    database if it exists; with `existing`, as `study report` and `study ui` read one, an
+    MLflow store that exists); no file store (MLflow 3 serves none); an answering http(s)
+    server."""
     parsed = urllib.parse.urlparse(uri)
     scheme = parsed.scheme.lower()
     base = scheme.split("+", 1)[0]
@@ -204,18 +207,19 @@ def check_tracking_uri(uri: str) -> None:
         base = ""
     if base not in ("", *TRACKING_SCHEMES):
         raise SpaceError(f"--tracking-uri: unknown scheme {scheme!r} in {uri!r}; use "
-                         "sqlite:///PATH.db, http(s)://HOST:PORT (an MLflow server), file:///DIR "
+                         "sqlite:///PATH.db, http(s)://HOST:PORT (an MLflow server) "
                          "or a database URI (postgresql://, mysql://, mssql://)")
     if base == "sqlite":
-        _check_sqlite(uri)
-    elif base in ("", "file"):
-        path = Path(urllib.parse.unquote(parsed.path) if base == "file" else uri).expanduser()
-        check_storage(path.resolve(), "--tracking-uri")
+        _check_sqlite(uri, existing)
+    elif base in ("", "file"):  # MLflow 3 refuses every call to a file store ("maintenance")
+        raise SpaceError(f"--tracking-uri: {uri!r} is a file store, which MLflow 3 no longer "
+                         "serves; use a SQLite file, e.g. sqlite:///mlflow.db (`mlflow "
+                         "migrate-filestore` converts an existing one)")
     elif base in ("http", "https"):
         _check_server(uri)
 
 
-def _check_sqlite(uri: str) -> None:
+def _check_sqlite(uri: str, existing: bool = False) -> None:
     if sqlite_in_memory(uri):
         raise SpaceError(f"--tracking-uri: {uri!r} is an in-memory store: nothing would be kept "
                          "when the command ends; name a file, e.g. sqlite:///mlflow.db")
@@ -235,13 +239,32 @@ def _check_sqlite(uri: str) -> None:
         if head and head != b"SQLite format 3\x00":
             raise SpaceError(f"--tracking-uri: {db} is not a SQLite database; name a new or "
                              "an MLflow SQLite file")
+        if existing and not _mlflow_tables(db):  # opening it would write MLflow's schema
+            raise SpaceError(f"--tracking-uri: {db} holds no MLflow store; pass the file a "
+                             "sweep logged to")
         check_storage(db.parent, "--tracking-uri")
         return
+    if existing:
+        raise SpaceError(f"--tracking-uri: no MLflow store at {db}: run `study sweep SPACE` "
+                         "first, or pass --tracking-uri where a sweep was logged")
     parent = db.parent
     if not parent.is_dir():
         raise SpaceError(f"--tracking-uri: the folder {parent} of the SQLite file does not "
                          "exist; create it or fix the URI")
     check_storage(parent, "--tracking-uri")
+
+
+def _mlflow_tables(db: Path) -> bool:
+    """Whether the SQLite file `db` holds MLflow's tables (read only)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as c:
+            names = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = "
+                                             "'table'")}
+    except sqlite3.Error:
+        return False
+    return {"experiments", "runs"} <= names
 
 
 def _check_server(uri: str) -> None:

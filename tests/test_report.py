@@ -158,6 +158,35 @@ def test_cli_report_refuses_bad_input(planted, tmp_path, cli):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --run: "), res.stderr
+    res = cli("report", "--experiment", "planted", "--tracking-uri", planted.uri, "--out",
+              "/proc/report", timeout=60)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --out: /proc/report is under "
+                                                    "/proc"), res.stderr
+
+
+def test_a_report_replaces_its_own_files_and_logs_only_them(planted, tmp_path):
+    """Into a folder holding an earlier report's file whose data are gone (lr_sensitivity.csv:
+    lr is not searched here) and a file of the user's: the stale report file goes, the user's
+    stays, and only this report's files are logged on the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from analysis.load import load_sweep
+    from analysis.report import REPORT_FILES
+
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "lr_sensitivity.csv").write_text("stale\n")
+    (out / "notes.txt").write_text("mine\n")
+    sweep = load_sweep(planted.uri, experiment="planted")
+    write_report(sweep, out, n_boot=50, tracking_uri=planted.uri, importance_boot=5)
+    assert not (out / "lr_sensitivity.csv").exists() and (out / "notes.txt").exists()
+    logged = {a.path for a in MlflowClient(planted.uri).list_artifacts(sweep.parent_run_id,
+                                                                       "report")}
+    assert "report/notes.txt" not in logged and "report/lr_sensitivity.csv" not in logged
+    assert logged <= {f"report/{n}" for n in REPORT_FILES} | {"report/figures"}
+    assert "report/index.html" in logged and "report/figures" in logged
 
 
 def test_analysis_never_imports_torch_or_ray():
