@@ -296,10 +296,13 @@ def spaces_validate(
     files: Annotated[list[Path], typer.Argument(help="Search-space YAML file(s).")],
 ) -> None:
     """Check search-space files and print each parsed space."""
-    from study.spaces import SpaceError, load_space
+    from study.preflight import name_where
+    from study.spaces import SpaceError, check_name, load_space
     for f in files:
         try:
             space = load_space(f)
+            # the name `study sweep FILE` would use (without --name), checked as it checks it
+            check_name(space.name, name_where(space, space.name, resume=False))
         except SpaceError as e:
             raise fail(str(e)) from None
         typer.echo(space.summary())

@@ -40,7 +40,7 @@ def check_start(spec: SweepSpec, name: str, *, storage: str | Path | None,
     from study.sweep.lifecycle import storage_dir
     from study.tracking import resolve_uri
 
-    check_name(name, _name_where(spec, name, resume))
+    check_name(name, name_where(spec, name, resume))
     if address:
         check_address(address)
     elif os.environ.get("RAY_ADDRESS"):  # ray.init() connects to it
@@ -57,7 +57,8 @@ def check_start(spec: SweepSpec, name: str, *, storage: str | Path | None,
     check_data(spec)
 
 
-def _name_where(spec: SweepSpec, name: str, resume: bool) -> str:
+def name_where(spec: SweepSpec, name: str, resume: bool) -> str:
+    """Where the sweep name `name` comes from, as an error names it."""
     if resume:
         return "NAME"
     if name != spec.name:
