@@ -660,17 +660,28 @@ def _factorial(space: SweepSpec) -> tuple[list[dict[str, Any]], str]:
     if space.design_fraction is None or space.design_fraction >= 1.0:
         return points, f"full grid: {note}"
     keep = max(1, round(space.design_fraction * len(points)))
+    # greedy covers from several orders (a greedy cover need not be the smallest), seeded
+    orders = random.Random(space.searcher_seed)
     cover = _cover(space, points)
+    for _ in range(COVER_TRIES - 1):
+        if len(cover) <= keep:
+            break
+        other = _cover(space, orders.sample(points, len(points)))
+        cover = other if len(other) < len(cover) else cover
     _expect(len(cover) <= keep,
             f"{src}: design.fraction: {space.design_fraction:g} keeps {keep} of {len(points)} "
-            f"feasible grid points, fewer than the {len(cover)} needed to keep every level of "
-            f"every param; use fraction >= {math.ceil(len(cover) / len(points) * 100) / 100:g}")
+            f"feasible grid points, fewer than the {len(cover)} the smallest set found holding "
+            f"every level of every param has; use fraction >= "
+            f"{math.ceil(len(cover) / len(points) * 100) / 100:g}")
     chosen = {id(p) for p in cover}
     rest = [p for p in points if id(p) not in chosen]
     subset = cover + rest[:keep - len(cover)]
     rng.shuffle(subset)
     return subset, (f"fraction {space.design_fraction:g}: {keep} of the {len(points)} feasible "
                     f"points, every level kept ({note})")
+
+
+COVER_TRIES = 32  # greedy covers tried (from shuffled orders) before a fraction is refused
 
 
 def _cover(space: SweepSpec, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -701,7 +712,8 @@ def _cover(space: SweepSpec, points: list[dict[str, Any]]) -> list[dict[str, Any
 
 def _one_at_a_time(space: SweepSpec) -> tuple[list[dict[str, Any]], str]:
     """`bases` distinct feasible base configurations drawn at random from the levels, each
-    followed by its variations: one param set to each of its other levels, the rest held."""
+    followed by its variations: one param set to each of its other levels, the rest held; a
+    point two bases share runs once (identical trials would count one result twice)."""
     src, bases = space.path, space.design_bases or 1
     per = sum(len(p.levels) - 1 for p in space.params)
     _expect(bases * (1 + per) <= MAX_GRID,
@@ -709,12 +721,20 @@ def _one_at_a_time(space: SweepSpec) -> tuple[list[dict[str, Any]], str]:
             f"points, over {MAX_GRID}; use fewer bases or levels")
     rng = random.Random(space.searcher_seed)
     drawn: list[dict[str, Any]] = []
-    for _ in range(1000 + 100 * bases):
-        if len(drawn) == bases:
-            break
-        base = {p.name: rng.choice(p.levels) for p in space.params}
-        if base not in drawn and infeasible(space, base, strict=True) is None:
-            drawn.append(base)
+
+    def apart(base: dict[str, Any], other: dict[str, Any]) -> int:
+        return sum(base[k] != other[k] for k in base)
+
+    # bases 3 or more params apart share no point (a variation is 1 param from its base);
+    # where too few are that far apart, any distinct ones (their shared points run once)
+    for far in (3, 1):
+        for _ in range(1000 + 100 * bases):
+            if len(drawn) == bases:
+                break
+            base = {p.name: rng.choice(p.levels) for p in space.params}
+            if (all(apart(base, d) >= far for d in drawn)
+                    and infeasible(space, base, strict=True) is None):
+                drawn.append(base)
     _expect(len(drawn) == bases, f"{src}: design.bases: only {len(drawn)} distinct feasible "
                                  f"base configurations found; use bases <= {len(drawn)}")
     grid: list[dict[str, Any]] = []
@@ -722,8 +742,12 @@ def _one_at_a_time(space: SweepSpec) -> tuple[list[dict[str, Any]], str]:
         grid.append(base)
         grid.extend({**base, p.name: v} for p in space.params for v in p.levels
                     if v != base[p.name])
-    points, dropped, why = _feasible_points(space, grid)
+    # a variation of one base can be another base or its variation: run each point once
+    unique = list({tuple(sorted(p.items(), key=lambda kv: kv[0])): p for p in grid}.values())
+    repeats = len(grid) - len(unique)
+    points, dropped, why = _feasible_points(space, unique)
     return points, (f"{bases} bases x (1 + {per} one-param variations) = {len(grid)} points"
+                    + (f", {repeats} repeated dropped" if repeats else "")
                     + _dropped(dropped, why))
 
 

@@ -106,7 +106,8 @@ BAD = [
                  "design one_at_a_time runs 14 trials", id="oat-num-trials"),
     pytest.param(BASE + "design: {kind: factorial, fraction: 0.05}\n",
                  "design.fraction: 0.05 keeps 2 of 36 feasible grid points, fewer than the 3 "
-                 "needed to keep every level of every param; use fraction >= 0.09",
+                 "the smallest set found holding every level of every param has; use "
+                 "fraction >= 0.09",
                  id="fraction-too-small"),
     pytest.param(BASE + "design: {kind: factorial, fraction: 1.5}\n",
                  "design.fraction: expected a number in (0, 1]", id="fraction-range"),
@@ -217,11 +218,20 @@ def test_fractional_factorial_keeps_every_level(fraction: float, seed: int) -> N
     assert again.design_points == s.design_points  # seeded
 
 
-@pytest.mark.parametrize("bases", [pytest.param(1, id="1"), pytest.param(4, id="4")])
+@pytest.mark.parametrize("bases", [pytest.param(1, id="1"), pytest.param(2, id="2"),
+                                   pytest.param(4, id="4")])
 def test_one_at_a_time_varies_one_param_around_each_base(bases: int) -> None:
     s = space(f"design: {{kind: one_at_a_time, bases: {bases}}}\nsearcher_seed: 3\n")
     per = 1 + sum(len(v) - 1 for v in LEVELS.values())
-    assert s.num_trials == len(s.design_points) == bases * per
+    # every point once: a point two bases share (bases fewer than 3 params apart, where no 4
+    # are that far apart in this 36-point space) is not run twice
+    keys = [_key(p) for p in s.design_points]
+    assert len(set(keys)) == len(keys) == s.num_trials
+    repeats = bases * per - s.num_trials
+    assert (f"{repeats} repeated dropped" in s.design_note) == (repeats > 0)
+    if repeats:  # the blocks are no longer whole: the points are distinct, as checked
+        assert bases == 4
+        return
     blocks = [s.design_points[i * per:(i + 1) * per] for i in range(bases)]
     assert len({_key(b[0]) for b in blocks}) == bases  # distinct bases
     for block in blocks:
@@ -512,3 +522,18 @@ max_concurrent: 2
     assert all(r.outcome is Outcome.COMPLETED for r in runs)
     got = sorted((r.config["qk_norm"], r.config["attn_dropout"]) for r in runs)
     assert got == sorted((p["qk_norm"], p["attn_dropout"]) for p in spec.design_points)
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, id=f"seed{s}") for s in range(8)])
+def test_a_fraction_a_small_enough_cover_allows_is_accepted_whatever_the_seed(seed: int) -> None:
+    """6 feasible points of a 3 x 3 grid, fraction 0.5 keeps 3, and 3 points hold every level:
+    accepted for every searcher seed (one greedy cover, in the seed's order, could need 4)."""
+    s = parse_space("task: digits\nfixed: {d_model: 64}\nparams:\n  n_heads: [1, 2, 4]\n"
+                    "  norm: [pre_ln, post_ln, rmsnorm]\nconstraints:\n"
+                    "  - n_heads != 2 or norm == 'pre_ln'\n"
+                    "  - not (n_heads == 4 and norm == 'rmsnorm')\n"
+                    f"design: {{kind: factorial, fraction: 0.5}}\nsearcher_seed: {seed}\n",
+                    "c.yaml")
+    assert len(s.design_points) == 3
+    assert {p["n_heads"] for p in s.design_points} == {1, 2, 4}
+    assert {p["norm"] for p in s.design_points} == {"pre_ln", "post_ln", "rmsnorm"}
