@@ -65,7 +65,8 @@ BUDGET_COLUMNS = ("metric", "param", "level", "n_trials", "mean", "low", "high",
 LR_COLUMNS = ("target", "param", "level", "lr_bin", "lr_low", "lr_high", "mean", "low",
               "high", "n")
 LR_SUMMARY_COLUMNS = ("target", "param", "level", "best", "lr_best", "sensitivity", "n_bins",
-                      "support", "n")
+                      "support", "n", "noise_floor")
+NOISE_SIMS = 4000  # flat curves simulated for the LR sensitivity's noise floor
 LR = "lr"
 MODES = ("max", "min")
 
@@ -286,6 +287,40 @@ def lr_sensitivity_targets(trials: pd.DataFrame, params: list[str], targets: Seq
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
+def sensitivity(means: npt.ArrayLike, mode: str = "max") -> float:
+    """Wortsman et al.'s LR sensitivity of bin means: the mean over bins of |mean - best|
+    (best: the highest for `mode` "max", the lowest for "min")."""
+    v = np.asarray(means, dtype=float)
+    best = v.max(axis=-1, keepdims=True) if mode == "max" else v.min(axis=-1, keepdims=True)
+    return float(np.mean(np.abs(v - best))) if v.ndim == 1 else np.mean(np.abs(v - best), -1)
+
+
+def sensitivity_noise_floor(se: npt.ArrayLike, mode: str = "max", sims: int = NOISE_SIMS,
+                            seed: int = 0) -> float:
+    """The expected `sensitivity` of a flat curve (every bin's true mean equal) whose bin means
+    carry the standard errors `se`: simulated, seeded. NaN when a bin has no standard error
+    (a single trial) or fewer than 2 bins."""
+    s = np.asarray(se, dtype=float)
+    if s.size < 2 or not np.isfinite(s).all():
+        return float("nan")
+    draws = np.random.default_rng(seed).normal(0.0, 1.0, (sims, s.size)) * s
+    return float(np.mean(sensitivity(draws, mode)))
+
+
+def _bin_se(bins: pd.DataFrame, level: float = 0.95) -> FloatArray:
+    """Each bin's standard error under a flat curve: the trials' standard deviation pooled over
+    the bins (each bin's from its t interval, `lr_sensitivity`'s low/high and n) over the
+    square root of the bin's trials; NaN where no bin has 2 trials."""
+    n = bins["n"].to_numpy(dtype=float)
+    half = (bins["high"].to_numpy(dtype=float) - bins["low"].to_numpy(dtype=float)) / 2
+    two = n >= 2
+    if not two.any():
+        return np.full(n.shape, np.nan)
+    sd = half[two] / stats.t.ppf((1 + level) / 2, n[two] - 1) * np.sqrt(n[two])
+    pooled = float(np.sqrt(np.sum((n[two] - 1) * sd**2) / np.sum(n[two] - 1)))
+    return np.asarray(pooled / np.sqrt(n), dtype=np.float64)
+
+
 def lr_sensitivity_summary(table: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
     """Wortsman et al.'s LR sensitivity per (target, param, level) of an `lr_sensitivity` table.
 
@@ -294,7 +329,10 @@ def lr_sensitivity_summary(table: pd.DataFrame, mode: str | None = None) -> pd.D
     over the bins every level of the param has trials in ("shared" support, so levels are
     compared over the same LR range), or each level's own bins where fewer than 2 are shared
     ("own"). best, lr_best: the best bin mean over those bins and its bin centre; n_bins: bins
-    used; n: trials in them. Columns: `LR_SUMMARY_COLUMNS`."""
+    used; n: trials in them; noise_floor: the sensitivity a flat curve would show with these
+    bins' trials and the level's pooled trial spread (`sensitivity_noise_floor`): the best of
+    noisy bin means is chosen by the noise, so sensitivity is above 0 even where the target
+    ignores the LR, and more so for a level with fewer trials. Columns: `LR_SUMMARY_COLUMNS`."""
     rows: list[dict[str, Any]] = []
     if table is None or table.empty:
         return pd.DataFrame(rows, columns=list(LR_SUMMARY_COLUMNS))
@@ -315,6 +353,7 @@ def lr_sensitivity_summary(table: pd.DataFrame, mode: str | None = None) -> pd.D
             best = float(vals[k])
             rows.append({"target": target, "param": param, "level": x, "best": best,
                          "lr_best": float(c["lr_bin"].iloc[k]),
-                         "sensitivity": float(np.mean(np.abs(vals - best))),
-                         "n_bins": len(vals), "support": support, "n": int(c["n"].sum())})
+                         "sensitivity": sensitivity(vals, m),
+                         "n_bins": len(vals), "support": support, "n": int(c["n"].sum()),
+                         "noise_floor": sensitivity_noise_floor(_bin_se(c), m)})
     return pd.DataFrame(rows, columns=list(LR_SUMMARY_COLUMNS))

@@ -585,8 +585,11 @@ CAPTIONS = {
                       "own bins where fewer than two are shared) of |bin mean − best bin mean| "
                       "(best: highest for accuracies, lowest for losses and gaps), the expected"
                       " shortfall from the best LR when the LR is drawn log-uniformly over "
-                      "those bins. Diverged trials are left out, so instability at high "
-                      "learning rates can be understated.",
+                      "those bins. It is above 0 from noise alone (the best bin is chosen by "
+                      "it): 'flat curve' is what a level whose target ignores the LR would show "
+                      "with these bins' standard errors (simulated); only a sensitivity well "
+                      "above it says the LR matters. Diverged trials are left out, so "
+                      "instability at high learning rates can be understated.",
 }
 
 
@@ -689,8 +692,9 @@ def lr_sensitivity_figure(table: pd.DataFrame | None, param: str,
         err = np.vstack([np.where(np.isfinite(lo), m - lo, 0.0),
                          np.where(np.isfinite(hi), hi - m, 0.0)])
         sens = summary["sensitivity"].get(lvl, float("nan"))
+        floor = summary["noise_floor"].get(lvl, float("nan"))
         ax.errorbar(x, m, yerr=err, color=colors[lvl], marker="o", ms=4, lw=1.6, capsize=3,
-                    label=f"{lvl} (sensitivity {sens:.3g})")
+                    label=f"{lvl} (sensitivity {sens:.3g}; flat curve: {floor:.3g})")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (geometric bin centre; log scale)")
     ax.set_ylabel(f"{tgt} ({unit(tgt)})\nmean ± 95% t-interval over trials")

@@ -257,3 +257,24 @@ def test_figures_draw_present_data_with_the_legend_outside_and_skip_absent_data(
     assert plots.budget_figures(None, None) == {}
     assert "{metric}" in plots.CAPTIONS["budget"]
     assert "{target}" in plots.CAPTIONS["lr_sensitivity"]
+
+
+def test_lr_sensitivity_noise_floor_is_what_a_flat_curve_shows():
+    """val_acc ignores the LR (0.8 plus trial noise) for both levels, one with 5x the trials:
+    their sensitivities are noise, larger for the level with fewer trials, and each level's
+    noise floor estimates it (its mean over sweeps within 25%)."""
+    sens: dict[str, list[float]] = {"many": [], "few": []}
+    floor: dict[str, list[float]] = {"many": [], "few": []}
+    for sweep in range(40):
+        rng = np.random.default_rng(100 + sweep)
+        rows = [{"lr": float(10 ** rng.uniform(-4, -1)), "arm": arm,
+                 "val_acc": float(0.8 + 0.02 * rng.normal())}
+                for arm, n in (("many", 150), ("few", 30)) for _ in range(n)]
+        s = lr_sensitivity_summary(lr_sensitivity(_trials(rows, seeds=1), ["lr", "arm"],
+                                                  "val_acc", n_bins=5)).set_index("level")
+        for arm, values in sens.items():
+            values.append(s.loc[arm, "sensitivity"])
+            floor[arm].append(s.loc[arm, "noise_floor"])
+    assert np.mean(sens["few"]) > 1.5 * np.mean(sens["many"])  # noise, not the LR
+    for arm, values in sens.items():
+        assert np.mean(floor[arm]) == pytest.approx(np.mean(values), rel=0.25), arm
