@@ -97,6 +97,7 @@ N_BOOT = 30  # bootstrap resamples of the trials per target (the interval)
 N_PERM = 30  # shuffles of the target per target (the null)
 CI = 0.95  # the bootstrap percentile interval's coverage
 NULL_QUANTILE = 0.95  # null_high: this quantile of the param's importance under the null
+ALPHA = 1 - NULL_QUANTILE  # `important` also needs its permutation p-value at most this
 FANOVA_TREES = 32  # trees per fANOVA forest (Optuna: 64; 32 halves the cost, see Cost)
 EVALUATORS = ("fanova", "ped_anova")
 MAX_WORKERS = 8  # processes for the fits of `importance_table` (default; fewer CPUs: fewer)
@@ -420,7 +421,9 @@ def _importance_table(trials: pd.DataFrame, params: list[str], targets: list[str
                     "evaluator": name, "rank": rank, "n_trials": n,
                     "importance_low": float(low[j]), "importance_high": float(high[j]),
                     "null_high": float(null_high[j]),
-                    "important": bool(low[j] > null_high[j]),
+                    # and p <= ALPHA: with few shuffles (under 19) the null's quantile is
+                    # coarse, and p cannot reach it, so nothing is called important
+                    "important": bool(low[j] > null_high[j] and p_value[j] <= ALPHA),
                     "p_value": float(p_value[j])})
     out = pd.DataFrame(rows, columns=list(IMPORTANCE_COLUMNS))
     out["important"] = out["important"].astype(bool)
