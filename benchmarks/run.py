@@ -121,8 +121,11 @@ def table(summary: dict[str, Any], detail: dict[str, Any]) -> str:
     rows = [("key", "goal", "measured", "met")]
     for key, (goal, ok) in goals(device, (detail.get("harness") or {}).get("epochs")).items():
         v = summary.get(key)
+        censored = key == "search_epochs_ratio" and (detail.get("search") or {}).get("censored")
         if v is None:
             measured, met = "null", "-"
+        elif censored:  # a lower bound: above the goal it is not met, below it unknown
+            measured, met = f">= {v:.3g} (censored)", "no" if not ok(v) else "unknown"
         else:
             measured, met = f"{v:.3g}", {None: "-", True: "yes", False: "no"}[ok(v)]
         rows.append((key, goal, measured, met))

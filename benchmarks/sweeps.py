@@ -329,8 +329,10 @@ def _timed_sweep(tmp: Path, space: Path, trials: int, epochs: int | None,
                                "fit_start": t["fit_start"] - t["command_start"]},
         "after_fit_s": t["command_end"] - t["fit_end"],
         "tail_idle_s": tail,
-        "overhead_frac": overhead_frac(own + tail, cmd, slots),
-        "overhead_frac_with_tail": overhead_frac(own, cmd, slots),
+        # over the process's whole wall time, its exit included, as a user waits for it
+        "overhead_frac": overhead_frac(own + tail, res.exit_s, slots),
+        "overhead_frac_command": overhead_frac(own + tail, cmd, slots),
+        "overhead_frac_with_tail": overhead_frac(own, res.exit_s, slots),
         "overhead_frac_fit": overhead_frac(own + tail, fit, slots),
         "overhead_s_per_trial_in_fit": (fit * slots - own - tail) / trials,
         "disk": _disk(res, trials, run_epochs, diskio.dir_bytes(tmp / "ray" / "sweep"))}

@@ -619,3 +619,14 @@ def test_mfu_profile_of_a_small_step_on_the_cpu(tmp_path: Path) -> None:
     assert text.startswith("## MFU step, batch 4, mode eager") and "matmul: " in text
     saved = json.loads((tmp_path / "profile-mfu-cpu.json").read_text())
     assert saved["shares"] == prof["shares"] and "table" not in saved
+
+
+@pytest.mark.parametrize(("ratio", "met"), [pytest.param(0.31, "unknown", id="below_goal"),
+                                            pytest.param(0.93, "no", id="above_goal")])
+def test_a_censored_search_ratio_is_shown_as_a_lower_bound(ratio: float, met: str) -> None:
+    """A TPE + ASHA run that never reached the target counts all its epochs: the ratio is a
+    lower bound, so below the goal it cannot be scored met (a censored 0.31 read "yes")."""
+    detail = {"search": {"ratio": ratio, "censored": True}}
+    row = next(r for r in run.table(run.summarize(detail, "cpu"), detail).splitlines()
+               if r.startswith("search_epochs_ratio"))
+    assert f">= {ratio:.3g} (censored)" in row and row.split()[-1] == met

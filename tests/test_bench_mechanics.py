@@ -30,8 +30,11 @@ def test_packing_times_warmed_actors_without_a_gpu() -> None:
     out = packing(epochs=1, k=2, gpu=False)
     assert out["distinct_processes"] == 2  # one process per trial
     assert len(out["packed_samples_per_s"]) == 2 and out["one_samples_per_s"] > 0
-    assert out["value"] == pytest.approx(sum(out["packed_samples_per_s"])
-                                         / out["one_samples_per_s"])
+    # by the clock (k trials' work over the time they took together, against one alone), not
+    # the sum of each trial's own rate, which counts trials that did not overlap as if they had
+    assert out["value"] == pytest.approx(2 * out["one_wall_s"] / out["packed_wall_s"])
+    assert out["sum_of_rates"] == pytest.approx(sum(out["packed_samples_per_s"])
+                                                / out["one_samples_per_s"])
 
 
 def test_packing_probe_reports_a_failed_child() -> None:
