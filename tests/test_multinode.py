@@ -50,7 +50,8 @@ def two_node_cluster(monkeypatch):
     # worker node and the drivers (this test, `study sweep --address`) must use it too
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--block", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats",
+    # a (logical) GPU on each node: a trial asking for none must not see it
+    common = ["--block", "--num-cpus=1", "--num-gpus=1", "--disable-usage-stats",
               "--node-ip-address=127.0.0.1"]
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are bounded
     procs: list[subprocess.Popen] = []
@@ -91,6 +92,19 @@ def test_sweep_on_two_local_nodes(cli, tmp_path: Path, two_node_cluster: str) ->
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == [2, 2]
+    # what a trial that asks for no GPU sees on a node with one, connected as a sweep connects
+    # (Ray 2.60 leaves every GPU visible to it unless its worker is told otherwise)
+    probe = ("import json, os, ray\n"
+             "from study.sweep.lifecycle import init_ray, sweep_environment\n"
+             "def seen(): return os.environ.get('CUDA_VISIBLE_DEVICES')\n"
+             "with sweep_environment():\n"
+             f"    init_ray({two_node_cluster!r})\n"
+             "    print(json.dumps([ray.get(ray.remote(num_gpus=g, num_cpus=0.1)(seen)"
+             ".remote()) for g in (0, 1)]))\n")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=180, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == ["", "0"]
     db = tmp_path / "mlflow.db"
     res = cli("sweep", str(ROOT / "search_spaces" / "smoke.yaml"), "--name", "cluster",
               "--address", two_node_cluster, "--tracking-uri", f"sqlite:///{db}",

@@ -52,12 +52,15 @@ HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "STUDY_HEARTBEAT_S", 60.0
 # driver still never loses or reruns a finished trial; each trial's record keeps only what a
 # resume reads (`CompactResults`: MLflow holds the rest).
 STATE_PERIOD_S = 60
+ACCEL_ZERO = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
 RAY_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
            "TUNE_GLOBAL_CHECKPOINT_S": str(STATE_PERIOD_S), "RAY_AIR_NEW_OUTPUT": "0",
            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "1000",
            "RAY_DEDUP_LOGS": "0", "RAY_TRAIN_V2_ENABLED": "0",
-           # a trial asking for no GPU sees none (Ray's current default, stated explicitly)
-           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", "TUNE_MAX_PENDING_TRIALS_PG": "4",
+           # a trial asking for no GPU sees none (Ray 2.60 defaults to leaving every GPU
+           # visible to it; each worker reads this, so a cluster's get it in the job's
+           # runtime env too: `init_ray`)
+           ACCEL_ZERO: "1", "TUNE_MAX_PENDING_TRIALS_PG": "4",
            "RAY_CHDIR_TO_TRIAL_DIR": "0",
            # an MLflow call that cannot reach its server fails within seconds, not minutes:
            # the tracker's outbox keeps the write and re-sends it (study/tracking.py)
@@ -157,7 +160,9 @@ def init_ray(address: str | None, quiet: bool = True) -> dict[str, float]:
                                   "configure_logging": True}
         if address:
             kwargs["address"] = address
-            kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).parents[1])]}
+            # the nodes' workers did not inherit this process's environment (a local Ray's do)
+            kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).parents[1])],
+                                     "env_vars": {ACCEL_ZERO: "1"}}
         ray.init(**kwargs)
     # quiet: not even Ray's errors (a failed trial's traceback): the sweep reports them itself
     level = logging.CRITICAL if quiet else logging.INFO
