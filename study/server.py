@@ -8,6 +8,7 @@ stops the MLflow server, and PostgreSQL too unless it was already running before
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 PG_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pg-local"
 DEFAULT_DIR = Path(".tracking")
@@ -53,6 +55,16 @@ def client_uri(host: str, port: int) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = socket.getfqdn()
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def allowed_hosts(client_host: str) -> list[str]:
+    """The Host headers the MLflow server accepts: its defaults (localhost and private IPs,
+    any port) and the host name drivers are told to use (`client_uri`), which MLflow 3's
+    default (DNS-rebinding protection) refuses: a server on 0.0.0.0 would answer /health and
+    refuse every API call through the URI it printed."""
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    return [*get_default_allowed_hosts(), client_host, f"{client_host}:*"]
 
 
 def port_free(host: str, port: int) -> bool:
@@ -125,6 +137,16 @@ def serve(data_dir: Path = DEFAULT_DIR, host: str = "127.0.0.1", port: int = 500
     data_dir = data_dir.resolve()
     if not port_free(host, port):
         raise ServerError(f"{host}:{port} is in use (another server?); choose another --port")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # one server a folder: a second would overwrite mlflow.pid, and the first to stop would
+    # stop the PostgreSQL the other still serves from (released when this process ends)
+    lock = os.open(data_dir / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise ServerError(f"--dir: {data_dir} is served by another study server; stop it, or "
+                          "use another --dir") from None
     artifacts = data_dir / "artifacts"
     uri = client_uri(host, port)
     pid_file = data_dir / "mlflow.pid"  # the server's PID, also its process group
@@ -142,6 +164,8 @@ def serve(data_dir: Path = DEFAULT_DIR, host: str = "127.0.0.1", port: int = 500
         args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
                 "--serve-artifacts", "--artifacts-destination", str(artifacts),
                 "--host", host, "--port", str(port), "--workers", str(workers)]
+        if host not in LOOPBACK:
+            args += ["--allowed-hosts", ",".join(allowed_hosts(urlsplit(uri).hostname or host))]
         say(f"backend store {backend} (PostgreSQL, password in {data_dir / 'pgpass'}), "
             f"artifacts {artifacts}")
         # a session of its own: Ctrl-C reaches this process only, which stops the whole group
@@ -173,6 +197,7 @@ def serve(data_dir: Path = DEFAULT_DIR, host: str = "127.0.0.1", port: int = 500
                 res = pg_local("stop", data_dir)
                 say(res.stderr.strip() or f"pg-local stop: exit {res.returncode}")
         finally:
+            os.close(lock)  # (releases the folder's lock)
             signal.signal(signal.SIGINT, previous_int)
             signal.signal(signal.SIGTERM, previous)
 

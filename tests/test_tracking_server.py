@@ -228,3 +228,60 @@ def test_ctrl_c_stops_the_server_and_not_a_postgres_it_found(server: dict[str, A
     res = pg_local("stop", data)
     assert res.returncode == 0, res.stderr
     assert not _alive(pg_pid) and _postmaster_pid(data) is None
+
+
+def test_a_stale_pid_file_never_makes_another_postgres_ours(tmp_path: Path) -> None:
+    """A postmaster.pid left by a crash whose number now belongs to another process named
+    postgres (here a copy of sleep, started in another folder): pg-local neither reports it
+    as this folder's server nor stops it."""
+    why = _why_skip()
+    if why:
+        pytest.skip(why)
+    fake = tmp_path / "bin" / "postgres"
+    fake.parent.mkdir()
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", fake)
+    proc = subprocess.Popen([str(fake), "300"], cwd=tmp_path / "bin")
+    try:
+        (tmp_path / "srv" / "pgdata").mkdir(parents=True)
+        (tmp_path / "srv" / "pgdata" / "postmaster.pid").write_text(f"{proc.pid}\n")
+        assert _alive(proc.pid, "postgres")
+        status = pg_local("status", tmp_path / "srv")
+        assert status.returncode == 3 and "not running" in status.stderr, status.stderr
+        stop = pg_local("stop", tmp_path / "srv")
+        assert stop.returncode == 0, stop.stderr
+        assert proc.poll() is None  # still running: not ours to stop
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_one_server_a_folder(tmp_path: Path) -> None:
+    """A second `study server` on a folder another one serves is refused at once, before it
+    touches the folder's PostgreSQL or its mlflow.pid (the lock is released at exit)."""
+    import fcntl
+
+    from study.server import ServerError, serve
+
+    folder = tmp_path / "srv"
+    folder.mkdir()
+    held = os.open(folder / "server.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ServerError, match="served by another study server"):
+            serve(folder, port=on_free_port(lambda p: p))
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in folder.iterdir()) == ["server.lock"]
+
+
+def test_a_wildcard_server_accepts_the_host_it_prints() -> None:
+    """On 0.0.0.0 the URI printed names this host, which MLflow 3's default Host check
+    refuses (only localhost and private IPs): the server is told to accept it."""
+    from mlflow.server.security_utils import get_default_allowed_hosts, is_allowed_host_header
+
+    from study.server import allowed_hosts
+
+    name = "head-node.cluster.internal"
+    assert not is_allowed_host_header(get_default_allowed_hosts(), f"{name}:5000")
+    assert is_allowed_host_header(allowed_hosts(name), f"{name}:5000")
+    assert is_allowed_host_header(allowed_hosts(name), "localhost:5000")
