@@ -238,9 +238,10 @@ def importance_bars(importance: pd.DataFrame,
 @_styled
 def measure_bars(measures: pd.DataFrame) -> Figure | None:
     """(c) Which measures rank trials by their generalization gap? Kendall tau and granulated
-    Kendall tau (Jiang et al. 2020) per measure, with their 95% bootstrap intervals (trials
-    resampled for tau, groups within each param for the granulated tau) where the table has
-    them; each measure's label gives the number of groups behind its granulated tau."""
+    Kendall tau (Jiang et al. 2020) per measure, with their 95% intervals where the table has
+    them (tau: a trial bootstrap; granulated: a stratified t interval over groups); a value
+    not computed is marked "n/a", not drawn as 0; each measure's label gives the number of
+    groups behind its granulated tau."""
     if measures is None or measures.empty:
         return None
     stats_ = {"kendall_tau": ("Kendall τ", "tau_low", "tau_high"),
@@ -262,6 +263,8 @@ def measure_bars(measures: pd.DataFrame) -> Figure | None:
             y = ys - 0.4 + height * (k + 0.5)
             v = d[col].to_numpy(dtype=float)
             ax.barh(y, np.nan_to_num(v), height=height, color=colors[k])
+            for yy in y[~np.isfinite(v)]:  # not computed: said, not a bar of length 0
+                ax.text(0.02, yy, "n/a", va="center", ha="left", fontsize=7, color=colors[k])
             if {lo, hi} <= set(d):
                 low, high = d[lo].to_numpy(dtype=float), d[hi].to_numpy(dtype=float)
                 ok = np.isfinite(v) & np.isfinite(low) & np.isfinite(high)
@@ -283,10 +286,23 @@ def measure_bars(measures: pd.DataFrame) -> Figure | None:
                                      in enumerate(stats_.values())]
     if drawn:
         handles.append(Line2D([], [], color="0.15", marker="|", markersize=8, lw=1.0,
-                              label="95% bootstrap interval"))
+                              label="95% interval (τ: trial bootstrap; granulated: "
+                                    "stratified t over groups)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
     fig.suptitle("Which measures predict the generalization gap?")
     return fig
+
+
+def trial_points(rows: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
+    """One point per trial and `by` group: the mean of `value` over the trial's seeds (and
+    anything else not in `by`), so that an SE drawn over the points is over trials (over
+    trial x seed rows it counted each trial's seed noise once per seed). Rows without a trial
+    or run id are returned as they are."""
+    unit = next((k for k in ("trial_id", "run_id") if k in rows), None)
+    if unit is None:
+        return rows
+    keys = [unit, *(c for c in by if c and c in rows)]
+    return rows.groupby(keys, dropna=False, observed=True)[value].mean().reset_index()
 
 
 @_styled
@@ -297,9 +313,10 @@ def accuracy_vs_length(per_length: pd.DataFrame | None,
     if per_length is None or per_length.empty or not {"length", "acc"} <= set(per_length):
         return None
     hue = "pos_encoding" if "pos_encoding" in params and "pos_encoding" in per_length else None
+    per = trial_points(per_length, ["length", "split", hue or ""], "acc")
     fig = _figure(7, 4.5)
     ax = fig.subplots()
-    sns.lineplot(data=per_length, x="length", y="acc", hue=hue, marker="o", errorbar="se",
+    sns.lineplot(data=per, x="length", y="acc", hue=hue, marker="o", errorbar="se",
                  ax=ax, palette="colorblind" if hue else None)
     lengths = sorted(per_length["length"].unique())
     if len(lengths) > 1 and min(lengths) > 0 and max(lengths) / min(lengths) >= 8:
@@ -315,7 +332,8 @@ def accuracy_vs_length(per_length: pd.DataFrame | None,
                   + (", log scale)" if ax.get_xscale() == "log" else ")"))
     ax.set_ylabel("accuracy (fraction correct)")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Does accuracy hold beyond the training lengths? (mean ± SE over runs)")
+    ax.set_title("Does accuracy hold beyond the training lengths? (mean ± SE over trials, "
+                 "each the mean of its seeds)")
     return fig
 
 
@@ -404,14 +422,16 @@ def accuracy_vs_corruption(per_corruption: pd.DataFrame | None,
         ax.set_ylim(-0.02, 1.02)
 
     if not studied or unit_key is None:
+        per_kind = trial_points(d, ["kind", "severity"], "acc")
         fig = _figure(7.5, 4.5)
         ax = fig.subplots()
-        sns.lineplot(data=d, x="severity", y="acc", hue="kind", marker="o", errorbar="se",
-                     ax=ax, palette="colorblind")
+        sns.lineplot(data=per_kind, x="severity", y="acc", hue="kind", marker="o",
+                     errorbar="se", ax=ax, palette="colorblind")
         _axes_labels(ax)
         ax.legend(title="corruption kind", loc="upper left", bbox_to_anchor=(1.02, 1.0),
                   frameon=False)
-        ax.set_title("How fast does accuracy fall with corruption? (mean ± SE over runs)")
+        ax.set_title("How fast does accuracy fall with corruption? (mean ± SE over "
+                     + ("trials)" if unit_key else "runs)"))
         return fig
     fig, axes = _grid(len(studied), 5.6, 3.8, ncols=2)
     for ax, p in zip(axes, studied):
@@ -532,10 +552,14 @@ CAPTIONS = {
                "dependence mean from one additive model over all studied parameters (so "
                "adjusted for the others) minus the mean of the other levels of the same "
                "parameter, with its 95% trial-bootstrap percentile interval (trials resampled, "
-               "each as its seed mean), at the final budget (completed trials, full epoch "
-               "budget; the title names the budget and the estimator); numeric parameters in "
+               "each as its seed mean; not adjusted for the number of comparisons), at the "
+               "budget and with the estimator the title names: the final budget where it "
+               "could be estimated (under design: search the completed trials and the early-"
+               "stopped ones, their later values imputed from their learning curves; else "
+               "the completed trials), otherwise the last rung; numeric parameters in "
                "quantile bins. n = trials at the level (right). Colour: the call against the "
-               "smallest effect of interest (dotted lines), multiplicity-adjusted, where the "
+               "smallest effect of interest (dotted lines), made on the multiplicity-adjusted "
+               "interval (effects.csv adj_low/adj_high, wider than the bar drawn), where the "
                "table has calls (effect, negligible, inconclusive), else whether the interval "
                "excludes 0 beyond the seed-noise floor; grey band: ± the seed-noise floor "
                "(median spread of one configuration across seeds).",
@@ -547,7 +571,13 @@ CAPTIONS = {
                   "target shuffled across trials (permutation null); pale bars: interval not "
                   "above the null. Shares sum to 1 per target and evaluator.",
     "measures": "Kendall τ between each measure and the generalization gap over trials, and "
-                "its granulated version (mean τ when only one parameter varies).",
+                "its granulated version (Jiang et al. 2020: the mean τ within groups of "
+                "trials that differ in one parameter; numeric parameters with more than 4 "
+                "values are binned to form the groups, so they still vary within a group and "
+                "a correlation they drive can leak in: measures.csv's note says where). "
+                "Intervals: 95%, a trial bootstrap for τ, a stratified t interval over "
+                "groups for the granulated τ (at least 3 groups a parameter); n/a: not "
+                "computed (the note says why).",
     "pareto": "One point per completed configuration (seed means). Colour and size: "
               "training cost as flops_per_sample (analytic training FLOPs per sample: 3 x "
               "(2 x matmul weights x tokens + 4 x layers x tokens² x d_model); lower is "
@@ -562,7 +592,9 @@ CAPTIONS = {
     "per_class": "Per-class test accuracy against the class's number of training examples.",
     "per_corruption": "Accuracy on corrupted test sets vs corruption severity, one panel per "
                       "studied parameter and one line per level (numeric parameters in "
-                      "quantile bins of the trials, as in the effects table): the mean "
+                      "quantile bins of the completed trials shown, made as the effects "
+                      "table makes them; its bins also count early-stopped trials, so an "
+                      "edge can differ slightly from effects.csv's): the mean "
                       "over the completed trials at that level, each trial averaged over its "
                       "seeds and the corruption kinds, ± SE across trials; n = trials per "
                       "level. Other parameters vary freely (unadjusted). A sweep with no "
@@ -573,7 +605,9 @@ CAPTIONS = {
               "average of the best over all n-subsets of those trials, unbiased (Dodge et al. "
               "2019; Tang et al. 2020). Band: ± one standard deviation of the best of n under "
               "the same draw, clipped to the observed range: how much an n-trial search varies, "
-              "not a confidence interval. Numeric parameters binned as in the effects table; "
+              "not a confidence interval. Numeric parameters in quantile bins of the completed "
+              "trials shown, made as the effects table makes them (its bins also count "
+              "early-stopped trials, so an edge can differ slightly from effects.csv's); "
               "early-stopped, diverged and failed trials are not counted.",
     "lr_sensitivity": "{target} against the learning rate, one line per level: mean over the "
                       "completed trials (seed means) in each learning-rate bin (equal width in "

@@ -82,8 +82,13 @@ def header(sweep: Sweep) -> str:
     used = sweep.used
     k = sweep.seeds()
     seeds = f" (x {k} seed{'s' if k != 1 else ''})" if k else ""
-    return (f"Used {used} trial{'s' if used != 1 else ''}{seeds}; skipped: "
+    text = (f"Used {used} trial{'s' if used != 1 else ''}{seeds}; skipped: "
             + sweep.skipped_text())
+    stopped = sweep.skipped.get("early_stopped", 0)
+    if stopped and sweep.design == "search":  # (the effects table takes them, imputed)
+        text += (f"; the effects also use the {stopped} early-stopped, their later values "
+                 "imputed from their learning curves")
+    return text
 
 
 def estimand(sweep: Sweep, effects: pd.DataFrame) -> str:
@@ -172,16 +177,25 @@ def effect_findings(effects: pd.DataFrame, target: str, params: Sequence[str],
                    f"adjusted interval lies within +-{_delta(rows)})")
     for p in [p for p in rest if p not in negligible]:
         pr = rows[rows["param"] == p]
-        big = pr.iloc[int(pr["contrast"].abs().fillna(-1).to_numpy().argmax())]
+        # the level the label speaks of: the largest contrast among the levels not called
+        # negligible (a negligible level's would contradict "not detected"/"inconclusive")
+        open_ = pr[pr["call"] != "negligible"]
+        big = open_.iloc[int(open_["contrast"].abs().fillna(-1).to_numpy().argmax())]
         thin = [f"{lv} ({note})" for lv, note in zip(pr["level"], pr["note"]) if _thin(note)]
-        ci = (f"CI [{fmt(big['contrast_low'])}, {fmt(big['contrast_high'])}]"
-              if np.isfinite(float(big["contrast_low"])) else "no interval")
+        # the interval the call was made on: multiplicity-adjusted (the unadjusted one can
+        # exclude 0 where the adjusted one, and so the label, does not)
+        lo_key, hi_key = (("adj_low", "adj_high") if "adj_low" in big.index
+                          else ("contrast_low", "contrast_high"))
+        ci = (f"{'adjusted ' if lo_key == 'adj_low' else ''}CI [{fmt(big[lo_key])}, "
+              f"{fmt(big[hi_key])}]" if np.isfinite(float(big[lo_key])) else "no interval")
         why = str(big["note"]) if "note" in big and isinstance(big["note"], str) else ""
         # "not detected" only where the adjusted interval holds 0; else the note says why not
         label = ("inconclusive" if _thin(why) else
                  "not detected" if why in ("", "not detected", "no interval") else
                  f"inconclusive ({why})")
-        line = (f"{p} on {target}{at}: {label}: largest contrast {p}={big['level']} "
+        largest = "largest contrast" if len(open_) == len(pr) else \
+            "largest contrast of the levels not negligible"
+        line = (f"{p} on {target}{at}: {label}: {largest} {p}={big['level']} "
                 f"{fmt(big['contrast'])}, {ci}, MDE {fmt(big['mde'])}")
         if thin:
             line += "; too little support: " + ", ".join(thin)

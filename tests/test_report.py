@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from analysis import plots
 from analysis.load import Sweep
 from analysis.report import write_report
-from analysis.summary import findings, header, report_targets
+from analysis.summary import effect_findings, findings, header, report_targets
 from study.records import EFFECT_CSV_COLUMNS, IMPORTANCE_CSV_COLUMNS, MEASURE_CSV_COLUMNS
 from tests.helpers import render_images
 
@@ -246,7 +247,9 @@ def test_findings_wording():
     assert "at ASHA's rung epochs 4" in lines[0] and "design: search" in lines[0]
     assert "trials per level 30-30" in lines[0] and "complete-case" in lines[0]
     assert lines[1] == ("Used 30 trials (x 2 seeds); skipped: 2 early_stopped (stopped by ASHA "
-                        "before the last epoch), 1 diverged (NaN/inf loss or gradient)")
+                        "before the last epoch), 1 diverged (NaN/inf loss or gradient); the "
+                        "effects also use the 2 early-stopped, their later values imputed from "
+                        "their learning curves")
     # two levels: one line, not a mirrored "pre_ln lowers" twin; largest effect first
     assert lines[2].startswith("norm=post_ln raises gen_gap_acc by 0.081 [0.070, 0.093] "
                                "relative to norm=pre_ln (adjusted for the other parameters")
@@ -312,7 +315,7 @@ def test_findings_say_which_trials_and_why_a_level_is_inconclusive():
     a = next(ln for ln in lines if ln.startswith("a on test_acc"))
     assert f"inconclusive ({why})" in a and "not detected" not in a
     c = next(ln for ln in lines if ln.startswith("c on test_acc"))
-    assert ": not detected: largest contrast c=u 0.004, CI [-0.010, 0.020]" in c
+    assert ": not detected: largest contrast c=u 0.004, adjusted CI [-0.010, 0.020]" in c
     # a budget every trial reached: nothing imputed, and the line says so
     observed = effect_findings(rows[rows["param"] == "c"], "test_acc", ["c"], "8")
     assert observed[0].startswith("c on test_acc at epoch 8 (every trial reached it): not det")
@@ -360,3 +363,38 @@ def test_pareto_front_counts_throughput_as_a_third_objective():
     # the slow-but-accurate point stays; the dominated one in 2-D returns by being fastest
     assert plots.pareto_mask(acc, gap, [1.0, 1.0, 5.0]).tolist() == [True, True, True]
     assert plots.pareto_mask(acc, gap, [5.0, 5.0, 1.0]).tolist() == [True, True, False]
+
+
+def test_a_not_detected_line_shows_the_interval_its_call_rests_on():
+    """The label comes from the multiplicity-adjusted interval, so the line prints that one
+    (an unadjusted CI excluding 0 beside "not detected" read as a contradiction); and it
+    speaks of the largest level not called negligible (a negligible level's contrast beside
+    "inconclusive" named the wrong level)."""
+    row = _effect("gen_gap_acc", "t", "hot", 0.006, 0.001, 0.011, "inconclusive",
+                  "not detected")
+    row.update(adj_low=-0.003, adj_high=0.015)
+    line = effect_findings(pd.DataFrame([row]), "gen_gap_acc", ["t"])[0]
+    assert "not detected" in line and "adjusted CI [-0.003, 0.015]" in line
+    assert "[0.001, 0.011]" not in line
+    rows = [_effect("test_acc", "p", "a", 0.004, 0.002, 0.006, "negligible"),
+            _effect("test_acc", "p", "b", -0.003, -0.02, 0.015, "inconclusive",
+                    "5 trials (fewer than min_trials=6)"),
+            _effect("test_acc", "p", "c", 0.001, -0.004, 0.005, "negligible")]
+    line = effect_findings(pd.DataFrame(rows), "test_acc", ["p"])[0]
+    assert "largest contrast of the levels not negligible p=b -0.003" in line
+    assert "p=a" not in line
+
+
+def test_length_and_corruption_points_are_trial_means():
+    """The per-length figure's SE is over trials, each the mean of its seeds (it was over
+    trial x seed rows: 3 seeds made it about sqrt(3) too narrow)."""
+    rng = np.random.default_rng(0)
+    rows = [{"trial_id": f"t{t}", "seed": s, "length": L, "split": "id", "acc": rng.random()}
+            for t in range(5) for s in range(3) for L in (4, 8)]
+    d = pd.DataFrame(rows)
+    per = plots.trial_points(d, ["length", "split"], "acc")
+    assert len(per) == 10 and set(per.columns) == {"trial_id", "length", "split", "acc"}
+    at4 = d[d.length == 4].groupby("trial_id")["acc"].mean()
+    assert np.allclose(per[per.length == 4].set_index("trial_id")["acc"], at4)
+    fig = plots.accuracy_vs_length(d)
+    assert fig is not None and "SE over trials" in fig.axes[0].get_title()
