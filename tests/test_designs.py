@@ -351,7 +351,11 @@ def test_flags_are_checked_and_followed_like_the_files_values() -> None:
     kept = space("seed_batching: lockstep\n")
     assert override(kept, {"gpu": 1.0}).seed_batching == "lockstep"  # the file's own choice
     grid = space("design: factorial\n")
-    assert all(p["epochs"] == 2 for p in (override(grid, {"epochs": 2}).fixed,))
+    longer = override(grid, {"epochs": 3})  # the file's budget is 2
+    assert longer.epochs == longer.fixed["epochs"] == 3
+    assert longer.design_points == grid.design_points and longer.num_trials == grid.num_trials
+    with pytest.raises(SpaceError, match=r"--epochs 3: .*constraint 'epochs <= 2'"):
+        override(space("design: factorial\nconstraints: ['epochs <= 2']\n"), {"epochs": 3})
     assert override(space(""), {"num_trials": 1}).num_trials == 1  # a short trial run
 
 

@@ -276,17 +276,25 @@ def test_captured_runs_eagerly_off_cuda():
 
 @pytest.mark.parametrize("gpu", [pytest.param(None, id="none"), pytest.param(0.0, id="cpu"),
                                  pytest.param(1.0, id="whole"), pytest.param(0.25, id="share")])
-def test_packed_trials_cap_their_gpu_memory(gpu):
-    """A fractional GPU caps the process's memory share at that fraction (CUDA only)."""
+def test_packed_trials_cap_their_gpu_memory(gpu, monkeypatch):
+    """A fractional GPU caps the process's memory share at that fraction; no GPU or a whole
+    one sets no cap. On the CPU the CUDA calls are recorded (as if a device were there), so
+    that the cap's call is checked here, not only on a GPU; on a GPU it is the real call."""
     from study.trainable import gpu_memory_cap
 
+    calls: list[float] = []
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                            lambda f, *a, **k: calls.append(f))
     try:
         got = gpu_memory_cap(gpu)
     finally:  # the cap is per process: lift it for the tests that follow
-        if torch.cuda.is_available():
-            torch.cuda.set_per_process_memory_fraction(1.0)
-    want = gpu if (gpu is not None and 0 < gpu < 1 and torch.cuda.is_available()) else None
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    want = gpu if (gpu is not None and 0 < gpu < 1) else None
     assert got == want
+    if calls:  # (on the CPU: every call seen, the lift included)
+        assert calls == ([gpu] if want else []) + [1.0]
 
 
 @pytest.mark.parametrize("error,want", [
