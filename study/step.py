@@ -32,12 +32,16 @@ log = logging.getLogger(__name__)
 
 
 def lr_lambda(total: int, warmup_frac: float) -> Callable[[int], float]:
-    """Linear warmup over `warmup_frac` of `total` steps, then cosine decay to zero."""
-    warm = max(1, int(round(warmup_frac * total)))
+    """The LR multiplier of step 0..total-1: `warm` = round(warmup_frac x total) steps of
+    linear warmup below the peak (1/(warm+1), ..., warm/(warm+1)), the peak once at step
+    `warm`, then cosine decay toward zero (reached one step after the last). warmup_frac 0:
+    the peak at step 0, no warmup. (The peak used to fall on two steps, and a warmup of one
+    step ran at the peak, so short runs had none.)"""
+    warm = min(int(round(warmup_frac * total)), max(total - 1, 0))
 
     def f(step: int) -> float:
         if step < warm:
-            return (step + 1) / warm
+            return (step + 1) / (warm + 1)
         t = (step - warm) / max(1, total - warm)
         return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
     return f

@@ -409,7 +409,8 @@ def test_grouped_parameters_train_as_the_modules_own(monkeypatch, autocast_on, c
         out[grouped] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()},
                         epoch_metrics(model, data, torch.device("cpu")), casts.n, state)
     (l0, p0, m0, c0, _), (l1, p1, m1, c1, s1) = out[False], out[True]
-    assert l1 == pytest.approx(l0, rel=1e-5)
+    # bf16 autocast: the groups' casts round in another order (4.6e-5 seen after 5 steps)
+    assert l1 == pytest.approx(l0, rel=2e-4 if autocast_on else 1e-5)
     assert p1.keys() == p0.keys()
     d = cfg.d_model
     for n, a in p0.items():
@@ -417,7 +418,9 @@ def test_grouped_parameters_train_as_the_modules_own(monkeypatch, autocast_on, c
         if n.endswith("qkv.bias"):  # the key bias: its gradient is rounding noise (softmax is
             # invariant to it), which Adam scales to lr-sized steps either way
             a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+        # (bf16: the conv weight, 6.4e-5 apart after 5 steps, a small part of one Adam step)
+        tol = {"rtol": 1e-3, "atol": 2e-4} if autocast_on else {"rtol": 1e-4, "atol": 1e-5}
+        torch.testing.assert_close(a, b, **tol, msg=n)
     assert float(m1["val_loss"]) == pytest.approx(float(m0["val_loss"]), rel=1e-4)
     assert s1.groups is not None
     n_cast = sum(len(names) for (_, c), names in s1.groups.groups.items() if c)

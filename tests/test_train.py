@@ -187,3 +187,29 @@ def test_ece_bin_edges_and_count():
     conf = torch.tensor([0.3, 0.9])
     one_bin = M.expected_calibration_error(conf, torch.tensor([1.0, 1.0]), n_bins=1)
     assert one_bin.item() == pytest.approx(1.0 - 0.6)
+
+
+@pytest.mark.parametrize(("total", "frac", "want"), [
+    pytest.param(10, 0.2, [1 / 3, 2 / 3, 1.0], id="warmup_2_of_10"),
+    pytest.param(10, 0.1, [0.5, 1.0], id="warmup_1_of_10"),
+    pytest.param(10, 0.0, [1.0], id="no_warmup"),
+    pytest.param(2, 0.5, [0.5, 1.0], id="two_steps")])
+def test_lr_schedule_warms_up_below_the_peak_and_decays_from_it_once(total, frac, want):
+    """Linear warmup below the peak, the peak on exactly one step, then cosine decay to 0
+    (the peak fell on two steps, and a one-step warmup, any run of 14 steps or fewer at the
+    default 0.1, ran at the peak)."""
+    import math
+
+    from study.step import lr_lambda
+
+    f = lr_lambda(total, frac)
+    rates = [f(s) for s in range(total)]
+    assert rates[:len(want)] == pytest.approx(want)
+    assert rates.count(1.0) == 1
+    assert all(a > b for a, b in zip(rates[len(want) - 1:], rates[len(want):]))  # decays
+    warm = len(want) - 1
+    assert f(total) == pytest.approx(0.0, abs=1e-12) or total - warm == 1
+    if total - warm > 1:
+        mid = warm + (total - warm) // 2
+        assert f(mid) == pytest.approx(0.5 * (1 + math.cos(math.pi * (mid - warm)
+                                                           / (total - warm))))
