@@ -287,12 +287,12 @@ def lr_sensitivity_targets(trials: pd.DataFrame, params: list[str], targets: Seq
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
-def sensitivity(means: npt.ArrayLike, mode: str = "max") -> float:
-    """Wortsman et al.'s LR sensitivity of bin means: the mean over bins of |mean - best|
-    (best: the highest for `mode` "max", the lowest for "min")."""
+def sensitivity(means: npt.ArrayLike, mode: str = "max") -> FloatArray:
+    """Wortsman et al.'s LR sensitivity of bin means (the last axis): the mean over bins of
+    |mean - best| (best: the highest for `mode` "max", the lowest for "min")."""
     v = np.asarray(means, dtype=float)
     best = v.max(axis=-1, keepdims=True) if mode == "max" else v.min(axis=-1, keepdims=True)
-    return float(np.mean(np.abs(v - best))) if v.ndim == 1 else np.mean(np.abs(v - best), -1)
+    return np.asarray(np.mean(np.abs(v - best), axis=-1), dtype=np.float64)
 
 
 def sensitivity_noise_floor(se: npt.ArrayLike, mode: str = "max", sims: int = NOISE_SIMS,
@@ -353,7 +353,7 @@ def lr_sensitivity_summary(table: pd.DataFrame, mode: str | None = None) -> pd.D
             best = float(vals[k])
             rows.append({"target": target, "param": param, "level": x, "best": best,
                          "lr_best": float(c["lr_bin"].iloc[k]),
-                         "sensitivity": sensitivity(vals, m),
+                         "sensitivity": float(sensitivity(vals, m)),
                          "n_bins": len(vals), "support": support, "n": int(c["n"].sum()),
                          "noise_floor": sensitivity_noise_floor(_bin_se(c), m)})
     return pd.DataFrame(rows, columns=list(LR_SUMMARY_COLUMNS))

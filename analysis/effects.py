@@ -41,10 +41,9 @@ from analysis.estimators import (
     BudgetData,
     budget_data,
     impute,
-    rung_epochs,
 )
 from analysis.load import TRIAL_KEY, Sweep, trial_means
-from study.records import DEFAULT_MIN_EFFECT, EFFECT_COLUMNS
+from study.records import DEFAULT_MIN_EFFECT, EFFECT_COLUMNS, rung_epochs
 
 RIDGE = 1e-6  # relative to the mean diagonal of X'X: only fixes the one-hot coding
 MAX_LEVELS = 4  # numeric params with at most this many distinct values keep them as levels
@@ -74,6 +73,14 @@ def _label(v: object) -> str:
     return str(v)
 
 
+def is_binned(values: pd.Series) -> bool:
+    """Whether `bin_levels` puts `values` in quantile bins: numeric (not bool) with more than
+    `MAX_LEVELS` distinct values."""
+    s = pd.Series(values)
+    return (pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
+            and s.dropna().nunique() > MAX_LEVELS)
+
+
 def bin_levels(values: pd.Series, n_bins: int = 3) -> pd.Series:
     """String level labels (an ordered categorical with the same index).
 
@@ -95,8 +102,8 @@ def bin_levels(values: pd.Series, n_bins: int = 3) -> pd.Series:
     else:
         x = s.astype(float).to_numpy()
         ok = ~np.isnan(x)
-        uniq = np.unique(x[ok])
-        if len(uniq) <= MAX_LEVELS:
+        if not is_binned(s):
+            uniq = np.unique(x[ok])
             cats = [_fmt(u) for u in uniq]
             lab = np.array([_fmt(v) if f else "NA" for v, f in zip(x, ok)], dtype=np.object_)
         else:

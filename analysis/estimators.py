@@ -45,16 +45,6 @@ ANALYSED = (Outcome.COMPLETED.value, Outcome.EARLY_STOPPED.value)
 IMPUTE_RIDGE = 1e-6  # of the mean diagonal of Z'Z, as effects.RIDGE: the one-hot coding only
 
 
-def rung_epochs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
-    """The epochs at which ASHA (Li et al. 2020, "A System for Massively Parallel
-    Hyperparameter Tuning") may stop a trial: grace * rf^k below max_t."""
-    out, r = [], max(1, grace_period)
-    while r < max_t:
-        out.append(r)
-        r *= max(2, reduction_factor)
-    return out
-
-
 @dataclass(frozen=True)
 class ImputeStep:
     """One rung of the sequential imputation: trials `fit` (went past the rung) teach a

@@ -53,7 +53,7 @@ import numpy.typing as npt
 import pandas as pd
 from scipy import stats
 
-from analysis.effects import bin_levels
+from analysis.effects import bin_levels, is_binned
 from analysis.load import TRIAL_KEY, trial_means
 from study.records import MEASURE_COLUMNS
 
@@ -217,9 +217,7 @@ def measures_table(trials: pd.DataFrame, params: Sequence[str],
     present = [m for m in measures if m in trials]
     tgts = [t for t in targets if t in trials]
     df = trial_means(trials, list(dict.fromkeys([*present, *tgts])), group)
-    # numeric params with more distinct values than `bin_levels` keeps: grouped by bins
-    binned = [p for p in params if p in df and pd.api.types.is_numeric_dtype(df[p])
-              and not pd.api.types.is_bool_dtype(df[p]) and df[p].nunique() > 4]
+    binned = [p for p in params if p in df and is_binned(df[p])]  # grouped by their bins
     rows = []
     for t in tgts:
         for m in present:

@@ -293,12 +293,17 @@ def measure_bars(measures: pd.DataFrame) -> Figure | None:
     return fig
 
 
+def _unit_key(rows: pd.DataFrame) -> str | None:
+    """The column that names each row's trial (or, in older tables, its run)."""
+    return next((k for k in ("trial_id", "run_id") if k in rows), None)
+
+
 def trial_points(rows: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
     """One point per trial and `by` group: the mean of `value` over the trial's seeds (and
     anything else not in `by`), so that an SE drawn over the points is over trials (over
     trial x seed rows it counted each trial's seed noise once per seed). Rows without a trial
     or run id are returned as they are."""
-    unit = next((k for k in ("trial_id", "run_id") if k in rows), None)
+    unit = _unit_key(rows)
     if unit is None:
         return rows
     keys = [unit, *(c for c in by if c and c in rows)]
@@ -413,7 +418,7 @@ def accuracy_vs_corruption(per_corruption: pd.DataFrame | None,
     d = per_corruption
     severities = sorted(d["severity"].unique())
     studied = _studied(d, params)
-    unit_key = next((k for k in ("trial_id", "run_id") if k in d), None)
+    unit_key = _unit_key(d)
 
     def _axes_labels(ax: Axes) -> None:
         ax.set_xticks(severities)
@@ -437,8 +442,7 @@ def accuracy_vs_corruption(per_corruption: pd.DataFrame | None,
     for ax, p in zip(axes, studied):
         g = d.assign(level=_trial_levels(d, p, unit_key))
         # one value per trial, level and severity: the mean over its seeds and the kinds
-        per = (g.groupby([unit_key, "level", "severity"], observed=True)["acc"].mean()
-               .reset_index())
+        per = trial_points(g, ["level", "severity"], "acc")
         n = per.groupby("level", observed=True)[unit_key].nunique()
         names = {lvl: f"{lvl} (n = {int(n[lvl])})" for lvl in g["level"].cat.categories
                  if lvl in n.index}

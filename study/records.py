@@ -298,6 +298,16 @@ class ParamSpec:
                               for k, v in d.get("when", ())))
 
 
+def rung_epochs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
+    """The epochs at which ASHA (Li et al. 2020, "A System for Massively Parallel
+    Hyperparameter Tuning") may stop a trial: grace * rf^k below max_t."""
+    out, r = [], max(1, grace_period)
+    while r < max_t:
+        out.append(r)
+        r *= max(2, reduction_factor)
+    return out
+
+
 def replicate_seeds(seed: int, data_seed: int, k: int, vary_data_seed: bool
                     ) -> tuple[int, int]:
     """Replicate k's (seed, data_seed) for a trial's (seed, data_seed): seed + k, and

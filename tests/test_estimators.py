@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 
 from analysis.effects import effects_report, effects_table
-from analysis.estimators import ESTIMATOR_IMPUTED, outcome_table, rung_epochs
+from analysis.estimators import ESTIMATOR_IMPUTED, outcome_table
 from analysis.load import load_sweep
 from study.config import TrialConfig
-from study.records import Outcome, seed_metric
+from study.records import Outcome, rung_epochs, seed_metric
 from study.spaces import parse_space
 from study.tracking import Tracker
 

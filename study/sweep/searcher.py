@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from ray.tune.search import Searcher
 
-from study.records import Outcome, SweepSpec, TrialReport
+from study.records import Outcome, SweepSpec, TrialReport, rung_epochs
 from study.spaces import FEASIBLE_TRIES, infeasible
 
 MAX_RESAMPLE = 200
@@ -53,10 +53,8 @@ def expected_completed(spec: SweepSpec) -> float:
     budget; without early stopping, every trial."""
     if not spec.early_stopping:
         return float(spec.num_trials)
-    rungs, t = 0, spec.grace_period
-    while t < spec.epochs:
-        rungs, t = rungs + 1, t * spec.reduction_factor
-    return spec.num_trials / spec.reduction_factor ** rungs
+    rungs = rung_epochs(spec.grace_period, spec.reduction_factor, spec.epochs)
+    return spec.num_trials / spec.reduction_factor ** len(rungs)
 
 
 def nsga2_population(spec: SweepSpec) -> int:
