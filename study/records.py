@@ -131,6 +131,20 @@ MAX_TAG_CHARS = 8000  # MLflow's longest tag value
 # a finished run whose trial the resumed sweep's saved state does not know (it finished after
 # the last save that reached the disk): kept, left out of the analysis and of the trial count
 TAG_ORPHAN = "study.orphan"
+# a finished run whose trial the resumed sweep's saved state did not know, replayed there as a
+# new trial (`study.sweep.journal`): that trial's Ray id (the run keeps its own `TAG_TRIAL`)
+TAG_REPLAYED_AS = "study.replayed_as"
+# the config key under which the driver hands a trial the recorded reports it replays instead
+# of training (`study.sweep.journal`); never a TrialConfig field
+REPLAY_KEY = "_study_replay"
+
+
+def replayed(config: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The reports a trial replays instead of training (None: it trains)."""
+    payload = (config or {}).get(REPLAY_KEY)
+    return list(payload["reports"]) if isinstance(payload, dict) else None
+
+
 # the parent run: the driver's heartbeat (unix seconds), written every `heartbeat_s` seconds
 # while it runs; a RUNNING sweep whose heartbeat is HEARTBEAT_STALE periods old lost its driver
 TAG_HEARTBEAT = "study.heartbeat"
@@ -611,6 +625,7 @@ class TrialRecord:
     start_time: int | None = None
     orphan: bool = False  # TAG_ORPHAN: the resumed sweep does not know its trial
     retry_of: str | None = None  # TAG_RETRY_OF: the run of the previous attempt
+    replayed_as: str | None = None  # TAG_REPLAYED_AS: the Ray trial a resume replayed it as
 
     @property
     def skip_reason(self) -> str | None:
@@ -656,7 +671,7 @@ class TrialRecord:
                    message=tags.get(TAG_MESSAGE) or "", config=config, metrics=means,
                    seeds=seeds, artifact_uri=run.info.artifact_uri or "",
                    start_time=run.info.start_time, orphan=TAG_ORPHAN in tags,
-                   retry_of=tags.get(TAG_RETRY_OF))
+                   retry_of=tags.get(TAG_RETRY_OF), replayed_as=tags.get(TAG_REPLAYED_AS))
 
 
 def current_runs(records: Iterable[TrialRecord]) -> dict[str, TrialRecord]:

@@ -36,6 +36,7 @@ from study.records import (
     Outcome,
     TrialReport,
     completed_message,
+    replayed,
     replicate_seeds,
     seed_metric,
 )
@@ -212,6 +213,11 @@ def trainable(config: dict[str, Any], seeds: int = 1, vary_data_seed: bool = Fal
 
     from study.ahead import ahead_enabled, one_ahead
 
+    recorded = replayed(config)
+    if recorded is not None:  # it finished before a resume: its reports again, no training
+        for result in recorded:
+            tune.report(result)
+        return
     start = time.perf_counter()
     trial_process(cpus, gpu)
     node = node_info(config)

@@ -41,6 +41,9 @@ class FakeTrial:
     last_result: dict[str, Any] = field(default_factory=dict)
     error_file: str | None = None
 
+    def set_config(self, config: dict) -> None:
+        self.config = config
+
 
 def free_port() -> int:
     """A port free at this instant; another process may take it before ours binds, so start

@@ -159,7 +159,7 @@ def audit(sweep: Sweep) -> dict[str, int]:
     moved = {trial_of[r["tags"]["retry_of"]] for r in live if r["tags"].get("retry_of")
              and trial_of.get(r["tags"]["retry_of"]) not in (None, r["tags"]["ray_trial_id"])}
     attempts = [r["tags"].get("study.attempt") for r in live]
-    finished = {r["tags"]["ray_trial_id"] for r in live
+    finished = {r["tags"].get(key) for r in live for key in ("ray_trial_id", "study.replayed_as")
                 if r["tags"].get("stop_reason") not in (None, "interrupted")}
     ray = ray_trials(sweep.exp_dir)
     loaded = load_sweep(sweep.uri, experiment=sweep.name)
@@ -367,6 +367,60 @@ def test_killed_driver_report_damaged_state_and_resume(space, tmp_path) -> None:
     assert load_sweep(sweep.uri, experiment="killed").used == TRIALS
 
 
+def test_trials_finished_after_the_last_save_are_replayed_not_trained_again(space,
+                                                                          tmp_path) -> None:
+    """A driver killed after trials finished that Ray's saved state does not have as finished
+    (here no save at trial ends, `STUDY_STATE_MB_PER_EPOCH=0`, and Ray's periodic one far
+    apart): the resume replays them from their MLflow runs (`study.sweep.journal`), so no
+    finished trial trains again; their runs stay as they were but for a `study.replayed_as`
+    mark where the state never knew the trial, every trial counts once, no point is lost or
+    doubled, and the sweep ends with its trials."""
+    from analysis.load import load_sweep
+
+    # 5 trials, 2 at a time: Ray's one save (when the first two start) knows those two as
+    # running, not the later ones
+    trials = TRIALS + 2
+    five = tmp_path / "five.yaml"
+    five.write_text(space.read_text().replace(f"num_trials: {TRIALS}", f"num_trials: {trials}"))
+    env = {"STUDY_STATE_MB_PER_EPOCH": "0", "TUNE_GLOBAL_CHECKPOINT_S": "100000"}
+    sweep = sqlite_sweep(tmp_path, five, "replayed", env=env)
+    sweep.wait_until("three trials finished while another one runs", lambda: (
+        len(sweep.finished()) >= 3 and bool(sweep.running_with_points())))
+    os.kill(sweep.proc.pid, signal.SIGKILL)
+    sweep.finish()
+    before = {r["run_id"]: r for r in sweep.children()}
+    done = {rid for rid, r in before.items() if r["status"] != "RUNNING"}
+    known = {t for t, status in ray_trials(sweep.exp_dir).items()
+             if status in ("TERMINATED", "ERROR")}
+    saved = ray_trials(sweep.exp_dir)
+    ids = {before[rid]["tags"]["ray_trial_id"] for rid in done}
+    assert not known & ids  # none saved as finished
+    assert ids & set(saved) and ids - set(saved)  # some known to the state, some not
+    res = run_cli("resume", sweep.name, "--storage", str(sweep.storage), timeout=400)
+    print(res.stderr[-2000:])
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = {r["run_id"]: r for r in sweep.children()}
+    assert set(before) <= set(after)
+    for rid in done:  # kept as they were, but for the mark of the trial that replayed them
+        tags = dict(after[rid]["tags"])
+        tags.pop("study.replayed_as", None)
+        assert {**after[rid], "tags": tags} == before[rid]
+        assert "study.orphan" not in tags
+    new = [r for rid, r in after.items() if rid not in before]
+    # trained again: only the trials that had not finished, each in one new run
+    assert len(new) == len(before) - len(done) + (trials - len(before))
+    finished_configs = [json.dumps(before[rid]["config"], sort_keys=True) for rid in done]
+    assert not [r for r in new if json.dumps(r["config"], sort_keys=True) in finished_configs]
+    ray = ray_trials(sweep.exp_dir)
+    assert sorted(ray.values()) == ["TERMINATED"] * trials
+    assert sum("study.replayed_as" in after[rid]["tags"] for rid in done) == len(ids - set(saved))
+    stands_for = {after[rid]["tags"].get("study.replayed_as") or after[rid]["tags"]["ray_trial_id"]
+                  for rid in done}
+    assert stands_for <= set(ray)  # each finished run is a trial of the resumed sweep
+    assert audit(sweep) == ZERO
+    assert load_sweep(sweep.uri, experiment="replayed").used == trials
+
+
 # --- 3, 7: a killed worker is retried in a new, linked run; where each attempt ran ---------
 
 def test_killed_worker_retry_is_recorded_once(space, tmp_path) -> None:
@@ -564,15 +618,18 @@ def test_spool_left_by_a_dead_driver_is_delivered_once(tmp_path, monkeypatch) ->
 
 # --- a resume's bookkeeping, unit by unit: every run kept, each trial counted once ----------
 
-def test_resume_keeps_every_run_and_links_restarts(tmp_path) -> None:
+def test_resume_keeps_every_run_replays_finished_trials_and_links_restarts(tmp_path) -> None:
     """`TrackingCallback._sync` on a resume whose saved state is older than MLflow: a run
-    closed halfway is closed, a finished run of a trial Ray does not know, or knows as not
-    finished (it ended after the last saved state: Ray runs it again), is kept as an orphan
-    (left out of counts), unfinished runs are marked interrupted, and the new runs of the
-    restarted trials (the same trial id, or the same configuration) link to them."""
+    closed halfway is closed; a finished run whose trial Ray knows as not finished (it ended
+    after the last saved state) is replayed by that trial, its recorded reports in the trial's
+    config; one whose trial Ray does not know is offered to the searcher, and the trial it hands
+    the configuration to replays it (tagged `study.replayed_as`); replays log nothing and close
+    nothing; unfinished runs are marked interrupted, and the new runs of the restarted trials
+    (the same trial id, or the same configuration) link to them. Every trial counts once."""
     from analysis.load import load_sweep
     from study import tracking
-    from study.records import Outcome, SweepSpec, TrialReport
+    from study.records import REPLAY_KEY, Outcome, SweepSpec, TrialReport, replayed
+    from study.sweep import journal
     from study.sweep.callbacks import TrackingCallback
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -581,14 +638,14 @@ def test_resume_keeps_every_run_and_links_restarts(tmp_path) -> None:
     parent = tr.start_parent("sync", "sweep_sync", spec, {"objective": '[["val_acc", "max"]]'})
     cfg = {h: {"n_heads": h, "epochs": 2} for h in (1, 2, 4, 8, 16)}
     runs = {}
-    for tid, h in (("done", 1), ("half", 2), ("orphan", 4), ("lost", 8), ("restart", 2),
+    for tid, h in (("done", 1), ("half", 2), ("unknown", 4), ("lost", 8), ("restart", 2),
                    ("stale", 16)):
         runs[tid] = tr.start_child(parent, tid, cfg[h], 1)
         for epoch in (1, 2):
-            tr.log_metrics(runs[tid], {"val_acc": 0.1 * epoch, "seed_0/val_acc": 0.1 * epoch},
-                           epoch)
+            tr.log_metrics(runs[tid], {"val_acc": 0.1 * epoch + h / 100,
+                                       "seed_0/val_acc": 0.1 * epoch}, epoch)
     tr.finish_child(runs["done"], Outcome.COMPLETED, "completed 2 epochs")
-    tr.finish_child(runs["orphan"], Outcome.COMPLETED, "completed 2 epochs")
+    tr.finish_child(runs["unknown"], Outcome.COMPLETED, "completed 2 epochs")
     tr.finish_child(runs["stale"], Outcome.EARLY_STOPPED, "stopped by ASHA at epoch 2")
     tr._set_tags(runs["half"], {"stop_reason": "completed", "stop_message": "completed 2 "
                                 "epochs"})  # a driver killed while closing it
@@ -596,39 +653,130 @@ def test_resume_keeps_every_run_and_links_restarts(tmp_path) -> None:
     trials = [FakeTrial("done", cfg[1], "TERMINATED", last),
               FakeTrial("half", cfg[2], "TERMINATED", last),
               FakeTrial("restart", cfg[2], "PENDING"),
-              FakeTrial("stale", cfg[16], "RUNNING")]  # "orphan", "lost": unknown to Ray
+              FakeTrial("stale", cfg[16], "PENDING")]  # "unknown", "lost": unknown to Ray
+    before = {tid: tr.client.get_run(rid) for tid, rid in runs.items()}
     cb = TrackingCallback(tr, parent, spec)
     cb.on_step_begin(0, trials)
     client = tr.client
     get = {tid: client.get_run(rid) for tid, rid in runs.items()}
     assert all(r.info.lifecycle_stage == "active" for r in get.values())
     assert get["half"].info.status == "FINISHED" and get["done"].info.status == "FINISHED"
-    assert "study.orphan" in get["orphan"].data.tags and get["orphan"].info.status == "FINISHED"
-    assert "study.orphan" in get["stale"].data.tags  # its run as it ended, and kept
-    assert get["stale"].data.tags["stop_reason"] == "early_stopped"
+    for tid in ("unknown", "stale"):  # finished runs: unchanged
+        assert get[tid].data.tags == before[tid].data.tags
+        assert get[tid].info.status == before[tid].info.status
     for tid in ("lost", "restart"):
         assert get[tid].info.status == "KILLED"
         assert get[tid].data.tags["stop_reason"] == "interrupted"
     assert "does not know the trial" in get["lost"].data.tags["stop_message"]
-    assert cb.runs == {"done": runs["done"], "half": runs["half"]}
-    # Ray restarts "restart" and "stale"; the resumed searcher suggests "lost"'s configuration
-    for trial in (FakeTrial("restart", cfg[2], "RUNNING"), FakeTrial("stale", cfg[16], "RUNNING"),
-                  FakeTrial("again", cfg[8], "RUNNING")):
+    # "stale" replays its run: each epoch's objective, and no outcome (ASHA stopped it)
+    assert replayed(trials[3].config) == [{"val_acc": 0.1 + 16 / 100, "epoch": 1.0},
+                                          {"val_acc": 0.2 + 16 / 100, "epoch": 2.0}]
+    assert trials[3].config[REPLAY_KEY]["run"] == runs["stale"]
+    assert cb.runs == {"done": runs["done"], "half": runs["half"], "stale": runs["stale"]}
+    # "unknown" is offered to the searcher, with its outcome on its last report
+    (offer,) = journal.pending()
+    assert offer.run_id == runs["unknown"] and offer.config["n_heads"] == 4
+    assert offer.reports[-1] == {"val_acc": 0.2 + 4 / 100, "epoch": 2.0,
+                                 "stop_reason": "completed", "stop_message": "completed 2 epochs"}
+    replay = journal.with_replay(cfg[4], offer.run_id, offer.reports)
+    journal.offer([])
+    # Ray restarts "restart" and replays "stale"; the resumed searcher suggests "lost"'s
+    # configuration as "again", and hands "unknown"'s run to "replay"
+    for trial in (FakeTrial("restart", cfg[2], "RUNNING"), trials[3],
+                  FakeTrial("again", cfg[8], "RUNNING"), FakeTrial("replay", replay, "RUNNING")):
+        trial.status = "RUNNING"
         cb.on_trial_start(0, trials, trial)
-        new = client.get_run(cb.runs[trial.trial_id]).data.tags
-        assert new["retries"] == "1"
-        assert new["retry_of"] == runs["lost" if trial.trial_id == "again" else trial.trial_id]
-        for epoch in (1, 2):
-            cb.on_trial_result(0, trials, trial, TrialReport(
-                epoch, {"val_acc": 0.3, "seed_0/val_acc": 0.3}).to_ray())
+        for result in replayed(trial.config) or [TrialReport(
+                epoch, {"val_acc": 0.3, "seed_0/val_acc": 0.3}).to_ray() for epoch in (1, 2)]:
+            cb.on_trial_result(0, trials, trial, result)
+        if replayed(trial.config) is None:
+            new = client.get_run(cb.runs[trial.trial_id]).data.tags
+            assert new["retries"] == "1"
+            assert new["retry_of"] == runs["lost" if trial.trial_id == "again"
+                                           else trial.trial_id]
         trial.last_result = last
         cb.on_trial_complete(0, trials, trial)
+    assert cb.runs["replay"] == runs["unknown"] and cb.runs["stale"] == runs["stale"]
+    for tid in ("unknown", "stale"):  # nothing logged again, nothing closed again
+        now = client.get_run(runs[tid])
+        assert now.info.status == before[tid].info.status
+        assert now.data.metrics == before[tid].data.metrics
+        assert len(client.get_metric_history(runs[tid], "val_acc")) == 2
+        tags = dict(now.data.tags)
+        assert tags.pop("study.replayed_as", None) == ("replay" if tid == "unknown" else None)
+        assert tags == before[tid].data.tags
     loaded = load_sweep(uri, experiment="sync")
-    # done, half, restart, stale (its new run: the orphaned one is an earlier attempt), again
-    assert loaded.used == 5 and loaded.skipped.get("orphaned") == 1
-    assert sorted(loaded.trial_table["trial_id"]) == ["again", "done", "half", "restart", "stale"]
-    assert len(loaded.runs) == 9  # every run kept
+    assert loaded.used == 5 and loaded.skipped.get("early_stopped") == 1  # "stale"
+    assert not loaded.skipped.get("orphaned") and not loaded.skipped.get("interrupted")
+    assert sorted(loaded.trial_table["trial_id"]) == ["again", "done", "half", "restart",
+                                                      "stale", "unknown"]
+    assert len(loaded.runs) == 8  # every run kept: the 6 first ones, 2 restarts
+
+    # a later resume, from a state that knows "replay" as finished: its run is that trial's
+    trials += [FakeTrial("replay", replay, "TERMINATED", last),
+               FakeTrial("again", cfg[8], "TERMINATED", last)]
+    trials[2].status = trials[3].status = "TERMINATED"
+    cb = TrackingCallback(tr, parent, spec)
+    cb.on_step_begin(0, trials)
+    assert cb.runs["replay"] == runs["unknown"] and not journal.pending()
+    assert not cb.replaying
+
+    # a state saved while a trial replayed a run whose mark never reached the store: the
+    # trial replays it again, and the run is not offered to a second one
+    tr.finish_child(extra := tr.start_child(parent, "gone", cfg[8], 1), Outcome.COMPLETED, "ok")
+    trials.append(FakeTrial("saved", journal.with_replay(cfg[8], tr.run_id(extra), []),
+                            "PENDING"))
+    cb = TrackingCallback(tr, parent, spec)
+    cb.on_step_begin(0, trials)
+    assert not journal.pending() and cb.replaying == {"saved"}
+    assert cb.runs["saved"] == tr.run_id(extra)
+    assert tr.client.get_run(cb.runs["saved"]).data.tags["study.replayed_as"] == "saved"
     tracking._OUTBOXES.clear()
+
+
+def test_forced_state_saves_stay_within_their_budget_per_epoch(monkeypatch, tmp_path) -> None:
+    """The save at a trial's end is made only while the forced saves have written under
+    `STUDY_STATE_MB_PER_EPOCH` per epoch result (two copies of the state each: Ray's staging
+    and the storage); one over it waits, pending, for more epochs; 0 turns them off."""
+    from study.sweep import lifecycle
+
+    class Controller:  # what the scheduler reads of Ray's controller
+        experiment_state_path = str(tmp_path / "staging" / "experiment_state-x.json")
+        experiment_path = str(tmp_path / "storage")
+        saves = 0
+
+        def checkpoint(self, force: bool, wait: bool) -> None:
+            self.saves += 1
+            for d in (tmp_path / "staging", tmp_path / "storage"):
+                d.mkdir(exist_ok=True)
+                (d / "experiment_state-x.json").write_bytes(b"{}" * 500)  # 1000 bytes
+
+    class Policy:
+        def on_trial_result(self, *a: object) -> str:
+            return "CONTINUE"
+
+        def on_trial_complete(self, *a: object) -> None:
+            pass
+
+    monkeypatch.setenv("STUDY_STATE_MB_PER_EPOCH", "0.001")  # 1000 bytes an epoch result
+    saver = lifecycle._ray_class("SaveOnTrialEnd")(Policy())
+    ctl = Controller()
+
+    def trial_ends(epochs: int) -> None:
+        for _ in range(epochs):
+            saver.on_trial_result(ctl, None, {"epoch": 1})
+        saver.on_trial_complete(ctl, None, {})
+        saver.save_if_pending()
+
+    trial_ends(1)  # nothing written yet: saved (2000 bytes: staged and copied)
+    assert ctl.saves == 1 and saver.written == 2000 and not saver.pending
+    trial_ends(1)  # 2000 + 2000 > 2 epochs x 1000: waits
+    assert ctl.saves == 1 and saver.pending
+    trial_ends(2)  # 4 epochs: 4000 bytes may be written
+    assert ctl.saves == 2 and saver.written == 4000
+    monkeypatch.setenv("STUDY_STATE_MB_PER_EPOCH", "0")
+    trial_ends(100)
+    assert ctl.saves == 2 and saver.pending
 
 
 def test_a_finished_trial_whose_rerun_was_not_closed_counts_its_rerun(tmp_path) -> None:
@@ -753,7 +901,7 @@ def test_a_run_created_without_its_params_still_says_its_config(tmp_path) -> Non
     from study import tracking
     from study.config import make_config
     from study.records import TAG_CONFIG, SweepSpec, mlflow_params
-    from study.sweep.callbacks import _config_key
+    from study.sweep.journal import config_key
 
     live = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = SweepSpec(name="noparams", path="", text="name: noparams\n", fixed={}, params=())
@@ -776,7 +924,7 @@ def test_a_run_created_without_its_params_still_says_its_config(tmp_path) -> Non
     assert TAG_CONFIG in MlflowClient(live).get_run(run.run_id).data.tags
     assert run.config["attn_temperature"] == config["attn_temperature"]
     assert run.config["n_heads"] == 2 and run.config["task"] == "digits"
-    assert _config_key(run.config) == _config_key(config)  # what links the next attempt
+    assert config_key(run.config) == config_key(config)  # what links the next attempt
     # the tag holds exactly the params the run would have had
     assert json.loads(MlflowClient(live).get_run(run.run_id).data.tags[TAG_CONFIG]) == \
         mlflow_params(config)

@@ -283,3 +283,70 @@ def test_nsga2_generations_advance_within_a_sweep_whose_trials_asha_mostly_stops
             search.study.tell(number, state=State.PRUNED)
     generations = {t.system_attrs.get("NSGAIISampler:generation") for t in search.study.trials}
     assert max(generations) >= 2
+
+
+FACTORIAL = """
+name: grid
+task: digits
+fixed: {d_model: 16, d_ff: 32, n_layers: 1, batch_size: 256, n_heads: 2}
+params:
+  lr: [0.001, 0.003, 0.01]
+  qk_norm: [none, l2]
+budget: {epochs: 2}
+design: factorial
+seeds: 1
+"""
+
+
+@pytest.mark.parametrize("design", [
+    *(pytest.param(s, id=s) for s in ("tpe", "random", "cmaes", "nsga2")),
+    pytest.param("factorial", id="factorial")])
+def test_a_resumed_searcher_hands_out_unsaved_finished_runs_to_replay(tmp_path: Path,
+                                                                      design: str) -> None:
+    """Trials suggested and finished after the searcher's state was saved (a killed driver's
+    resume offers their runs, `study.sweep.journal`): the restored searcher hands each run's
+    configuration, with its reports, to its next trials, once each, before any new one; the
+    study records them as the trials they were (their values told at their replayed end);
+    the suggestions after them are new configurations."""
+    from study.config import make_config
+    from study.records import REPLAY_KEY, replayed
+    from study.sweep import journal
+
+    spec = (parse_space(FACTORIAL, "grid.yaml") if design == "factorial"
+            else spec_of(design, trials=12))
+    a = StudySearch(spec)
+    first = [a.suggest(f"t{i}") for i in range(2)]
+    a.save(str(tmp_path / "s.pkl"))  # the last state saved
+    later = [a.suggest(f"t{i}") for i in range(2, 5)]  # t2, t3 finish; t4 does not
+    assert all(isinstance(c, dict) for c in [*first, *later])
+
+    def reports(value: float) -> list[dict]:
+        return [TrialReport(1, {"val_acc": value / 2}).to_ray(),
+                TrialReport(2, {"val_acc": value}, Outcome.COMPLETED, "done").to_ray()]
+
+    offers = [journal.Offer(f"run{i}", make_config(later[i]).to_dict(), reports(0.5 + i / 10))
+              for i in (0, 1)]
+    b = StudySearch(spec)
+    b.restore(str(tmp_path / "s.pkl"))
+    journal.offer(list(offers))
+    try:
+        got = [b.suggest(f"n{i}") for i in range(3)]
+    finally:
+        journal.offer([])
+    assert not journal.pending()
+    for cfg, offer in zip(got[:2], offers, strict=True):
+        assert isinstance(cfg, dict) and cfg[REPLAY_KEY]["run"] == offer.run_id
+        assert replayed(cfg) == offer.reports
+        assert journal.config_key(cfg) == offer.key
+    assert isinstance(got[2], dict) and REPLAY_KEY not in got[2]
+    assert journal.config_key(got[2]) not in {o.key for o in offers}
+    for i, cfg in enumerate(got[:2]):  # the replayed ends, told as the trials ended then
+        b.on_trial_result(f"n{i}", cfg[REPLAY_KEY]["reports"][0])
+        b.on_trial_complete(f"n{i}", cfg[REPLAY_KEY]["reports"][-1])
+    told = [t for t in b.study.trials if t.state == State.COMPLETE]
+    assert sorted(t.values[0] for t in told) == [0.5, 0.6]
+    for t in told:
+        assert {k: t.params[k] for k in t.params} == {
+            k: v for k, v in later[[0.5, 0.6].index(t.values[0])].items() if k in t.params}
+    if design in ("random", "factorial"):  # the restored sampler proposes them again, in order
+        assert not [t for t in b.study.trials if t.state == State.FAIL and t.number >= 2]

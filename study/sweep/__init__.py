@@ -4,6 +4,7 @@
   process state a sweep changes, restored when it returns;
 - `searcher`: the Optuna study behind Ray's `Searcher` interface (public APIs only);
 - `callbacks`: the driver callback that logs every trial to MLflow (`TrackingCallback`);
+- `journal`: finished trials that Ray's last saved state missed, replayed from MLflow on resume;
 - `progress`: the console progress view (`ProgressView`).
 """
 

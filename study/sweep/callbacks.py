@@ -18,7 +18,6 @@ Ctrl-C stops it (`halt`) and says why.
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import threading
 import time
@@ -33,22 +32,19 @@ from study.config import make_config
 from study.console import redact
 from study.records import (
     NODE_TAGS,
-    SKIP_ORPHANED,
-    SKIP_WHY,
-    TAG_ORPHAN,
+    TAG_REPLAYED_AS,
     TAG_RETRIES,
     TAG_RETRY_OF,
     Outcome,
     SweepSpec,
     TrialRecord,
     TrialReport,
-    mlflow_params,
 )
+from study.sweep import journal
 from study.tracking import Tracker, short_error
 
 # Ray's own statuses of a trial that will not run again
 RAY_DONE = ("TERMINATED", "ERROR")
-ORPHAN_NOTE = f"its trial {SKIP_WHY[SKIP_ORPHANED]}"
 _HALT: list[str] = []
 
 
@@ -100,10 +96,6 @@ def trial_end(trial: Any, errored: bool) -> tuple[Outcome, str, TrialReport]:
     return Outcome.ERROR, msg, last
 
 
-def _config_key(config: dict[str, Any]) -> str:
-    return json.dumps(mlflow_params(config), sort_keys=True)
-
-
 def _finished(run: TrialRecord) -> bool:
     return run.outcome is not None and run.outcome is not Outcome.INTERRUPTED
 
@@ -138,6 +130,7 @@ class TrackingCallback(Callback):
         # the same for trials the saved state does not know, by their config (a resumed
         # searcher suggests such a configuration again, under a new trial id)
         self.unclaimed: dict[str, tuple[str, int]] = {}
+        self.replaying: set[str] = set()  # trials replaying a recorded run (`journal`)
         self.heartbeat_s = heartbeat_s
         self._beat = float("-inf")
         self._synced = False
@@ -147,7 +140,8 @@ class TrackingCallback(Callback):
 
     def __setstate__(self, state: dict) -> None:
         # a callback pickled before these existed (`study resume` of an older sweep)
-        self.__dict__.update({"previous": {}, "unclaimed": {}, "heartbeat_s": None, **state})
+        self.__dict__.update({"previous": {}, "unclaimed": {}, "replaying": set(),
+                              "heartbeat_s": None, **state})
         if _RESUMING:
             self.tracker = _RESUMING[-1]
 
@@ -160,55 +154,77 @@ class TrackingCallback(Callback):
         its end); every other unfinished run (its driver was stopped or killed) is marked
         `interrupted`, and its trial, which Ray restarts from scratch, gets a new run linked
         to it. A finished run whose trial Ray does not have as finished (it ended after the
-        last saved state) is tagged an orphan: Ray runs that trial again."""
+        last saved state) is replayed, not trained again (`study.sweep.journal`): its trial,
+        where the state knows it, replays the run's reports; otherwise the searcher hands its
+        configuration to a new trial that does."""
         self._synced = True
         ray = {t.trial_id: t for t in trials}
+        # runs that saved trials were already replaying (their mark may not have reached the
+        # store before the driver stopped)
+        replays = {journal.replayed_run(t.config): t.trial_id for t in trials
+                   if journal.replayed_run(t.config)}
         attempts: dict[str, list[TrialRecord]] = defaultdict(list)
+        offers: list[journal.Offer] = []
         try:
             for run in self.tracker.child_runs(self.parent_id):
-                attempts[run.trial_id].append(run)
+                attempts[replays.get(run.run_id) or run.replayed_as or run.trial_id].append(run)
+            self.runs, self.previous, self.unclaimed, self.replaying = {}, {}, {}, set()
+            for tid, runs in attempts.items():
+                self._sync_trial(ray.get(tid), tid, runs, offers)
         except Exception as e:  # without the runs it would start unlinked ones: stop
             halt(f"the MLflow store {redact(self.tracker.uri)} could not be read "
                  f"({short_error(e)})")
             return
-        self.runs, self.previous, self.unclaimed = {}, {}, {}
-        for tid, runs in attempts.items():
-            for r in runs:  # closed halfway by a killed driver: its outcome is set, so are its
-                if r.outcome is not None and r.status == "RUNNING":  # tables; not its status
-                    self.tracker.finish_child(r.run_id, r.outcome, r.message)
-            trial = ray.get(tid)
-            done = trial is not None and trial.status in RAY_DONE
-            if not done:
-                # finished after the last state that reached the disk (the driver killed
-                # between closing the run and saving): Ray runs the trial again from scratch,
-                # or, if that state never knew the trial, the searcher may suggest its
-                # configuration again; the finished run stays, left out of counts
-                for r in runs:
-                    if _finished(r) and not r.orphan:
-                        self.tracker.set_tags(r.run_id, {TAG_ORPHAN: ORPHAN_NOTE})
-            if trial is None:  # started after the last state that reached the disk
-                self.unclaimed[_config_key(runs[-1].config)] = (runs[-1].run_id, len(runs))
-            unfinished = [r for r in runs if r.outcome is None]
-            # an orphan is an earlier attempt, never the trial's finished run
-            finished = [r for r in runs if _finished(r) and not r.orphan]
-            if trial is not None and done and unfinished and not finished:
-                outcome, message, last = trial_end(trial, trial.status == "ERROR")
-                self.tracker.finish_child(unfinished[-1].run_id, outcome, message, last.tables)
-                unfinished[-1].outcome = outcome
-                unfinished.pop()
-            restart = ("the trial restarts from scratch in a new run" if trial is not None
-                       else "the saved state does not know the trial; a new trial of the same "
-                       "configuration")
+        journal.offer(offers)
+        self._check()
+
+    def _sync_trial(self, trial: Any, tid: str, runs: list[TrialRecord],
+                    offers: list[journal.Offer]) -> None:
+        for r in runs:  # closed halfway by a killed driver: its outcome is set, so are its
+            if r.outcome is not None and r.status == "RUNNING":  # tables; not its status
+                self.tracker.finish_child(r.run_id, r.outcome, r.message)
+        done = trial is not None and trial.status in RAY_DONE
+        unfinished = [r for r in runs if r.outcome is None]
+        # an orphan (left by an earlier version's resume) is an earlier attempt, never the
+        # trial's finished run
+        finished = [r for r in runs if _finished(r) and not r.orphan]
+        if not done and finished:
+            # finished after the last state that reached the disk: replayed from its run
+            run = finished[-1]
+            reports = journal.recorded_reports(
+                journal.histories(self.tracker.client, run.run_id, self.spec), run)
+            if trial is not None:
+                trial.set_config(journal.with_replay(trial.config, run.run_id, reports))
+                self.runs[tid] = run.run_id
+                self.replaying.add(tid)
+                if tid not in (run.trial_id, run.replayed_as):
+                    self.tracker.set_tags(run.run_id, {TAG_REPLAYED_AS: tid})
+            else:
+                offers.append(journal.Offer(run.run_id, run.config, reports))
             for r in unfinished:
                 self.tracker.finish_child(
-                    r.run_id, Outcome.INTERRUPTED, f"its driver stopped before the trial "
-                    f"finished; {restart} links to this run (retry_of)")
-            finished = [r for r in runs if _finished(r) and not r.orphan]
-            if done and finished:
-                self.runs[tid] = finished[-1].run_id
-            else:
-                self.previous[tid] = (runs[-1].run_id, len(runs))
-        self._check()
+                    r.run_id, Outcome.INTERRUPTED, f"its driver stopped before the attempt "
+                    f"finished; the trial finished in run {run.run_id}")
+            return
+        if trial is None:  # started after the last state that reached the disk
+            self.unclaimed[journal.config_key(runs[-1].config)] = (runs[-1].run_id, len(runs))
+        if trial is not None and done and unfinished and not finished:
+            outcome, message, last = trial_end(trial, trial.status == "ERROR")
+            self.tracker.finish_child(unfinished[-1].run_id, outcome, message, last.tables)
+            unfinished[-1].outcome = outcome
+            unfinished.pop()
+        restart = ("the trial restarts from scratch in a new run" if trial is not None
+                   else "the saved state does not know the trial; a new trial of the same "
+                   "configuration")
+        for r in unfinished:
+            self.tracker.finish_child(
+                r.run_id, Outcome.INTERRUPTED, f"its driver stopped before the trial "
+                f"finished; {restart} links to this run (retry_of)")
+        finished = [r for r in runs if _finished(r) and not r.orphan]
+        if done and finished:
+            self.runs[tid] = finished[-1].run_id
+        else:
+            self.previous[tid] = (runs[-1].run_id, len(runs))
 
     def _check(self) -> None:
         """Stop the sweep if the store refused its writes or stayed away too long."""
@@ -233,8 +249,15 @@ class TrackingCallback(Callback):
         """A new run for each attempt of a trial, linked to its previous attempt's run."""
         if trial.trial_id in self.runs:
             return
+        replayed = journal.replayed_run(trial.config)
+        if replayed is not None:  # a finished run the saved state never knew: its reports
+            self.runs[trial.trial_id] = replayed  # replay as this trial (`journal`)
+            self.replaying.add(trial.trial_id)
+            self.tracker.set_tags(replayed, {TAG_REPLAYED_AS: trial.trial_id})
+            return
         config = make_config(trial.config).to_dict()
-        last = self.previous.get(trial.trial_id) or self.unclaimed.pop(_config_key(config), None)
+        last = (self.previous.get(trial.trial_id)
+                or self.unclaimed.pop(journal.config_key(config), None))
         tags = {TAG_RETRIES: str(last[1] if last else 0),
                 **({TAG_RETRY_OF: last[0]} if last else {})}
         self.runs[trial.trial_id] = self.tracker.start_child(
@@ -244,7 +267,9 @@ class TrackingCallback(Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """Ray retries the trial from scratch: the failed attempt's run is kept, marked
         `interrupted` with its error, and the next attempt gets a new run (`on_trial_start`),
-        so no epoch is logged twice and no attempt is lost."""
+        so no epoch is logged twice and no attempt is lost. A replay is retried as it was."""
+        if trial.trial_id in self.replaying:
+            return
         rid = self.runs.pop(trial.trial_id, None)
         if rid is None:
             return
@@ -257,7 +282,10 @@ class TrackingCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        """Every result Ray passes on, the last one included, is logged here and only here."""
+        """Every result Ray passes on, the last one included, is logged here and only here
+        (a replay's were logged when its run trained)."""
+        if trial.trial_id in self.replaying:
+            return
         report = TrialReport.from_ray(result)
         metrics = report.logged_metrics()
         if (metrics and report.epoch) or report.node:
@@ -273,7 +301,10 @@ class TrackingCallback(Callback):
             self._check()
 
     def _finish(self, trials: list, trial: Any, errored: bool) -> None:
-        """The outcome and tables; the last epoch's metrics were logged by `on_trial_result`."""
+        """The outcome and tables; the last epoch's metrics were logged by `on_trial_result`.
+        A replay's run was closed when it finished."""
+        if trial.trial_id in self.replaying:
+            return
         if trial.trial_id not in self.runs:
             self.on_trial_start(0, trials, trial)
         outcome, message, last = trial_end(trial, errored)

@@ -48,10 +48,13 @@ HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "STUDY_HEARTBEAT_S", 60.0
 # Experiment state (every trial's record and last result, the searcher's Optuna study) is one
 # file that Ray rewrites whole at every save: saved at every driver step (ten a second), a sweep
 # wrote trials^2 x its size (29 GB for `make sweep`). It is saved every STATE_PERIOD_S seconds,
-# and at the end of every driver step in which a trial finished (`SaveOnTrialEnd`), so a killed
-# driver still never loses or reruns a finished trial; each trial's record keeps only what a
-# resume reads (`CompactResults`: MLflow holds the rest).
+# and at the end of a driver step in which a trial finished while the forced saves have written
+# under STATE_MB_PER_EPOCH per epoch result (`SaveOnTrialEnd`); a trial that finished after the
+# last save is replayed from its MLflow run on resume (`study.sweep.journal`), so a killed driver
+# never loses or reruns a finished trial. Each trial's record keeps only what a resume reads
+# (`CompactResults`: MLflow holds the rest).
 STATE_PERIOD_S = 60
+STATE_MB_ENV, STATE_MB_PER_EPOCH = "STUDY_STATE_MB_PER_EPOCH", 0.25
 ACCEL_ZERO = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
 RAY_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
            "TUNE_GLOBAL_CHECKPOINT_S": str(STATE_PERIOD_S), "RAY_AIR_NEW_OUTPUT": "0",
@@ -357,7 +360,20 @@ def restore_state(exp_dir: Path) -> str | None:
     if problem.startswith("no "):  # moved aside whole, and not saved again before the end
         return f"resuming from the state last checked whole (saved {when})"
     return (f"the newest state in {exp_dir} cannot be read ({problem}); resuming from the last "
-            f"one known whole (saved {when}): trials that ended after it run again")
+            f"one known whole (saved {when}): trials that ended after it are replayed from "
+            f"their runs")
+
+
+def state_budget() -> float:
+    """Bytes the forced saves of the state may write per epoch result (`STATE_MB_ENV`, default
+    STATE_MB_PER_EPOCH MB; 0: Ray's periodic saves only)."""
+    return float(os.environ.get(STATE_MB_ENV) or STATE_MB_PER_EPOCH) * 1e6
+
+
+def saved_bytes(controller: Any) -> int:
+    """Bytes one save of the state writes: its files, staged on the driver, then copied."""
+    staging = Path(controller.experiment_state_path).parent
+    return 2 * sum(p.stat().st_size for g in STATE_FILES for p in staging.glob(g))
 
 
 def set_aside(controller: Any) -> None:
@@ -509,17 +525,31 @@ def _ray_classes() -> dict[str, type]:
             self.controller: Any = None
             self.pending = False
             self.callback = _StepEnd(self)
+            self.epochs = 0  # epoch results this driver has received
+            self.written = 0  # bytes its forced saves wrote
+            self.size = 0  # bytes the last one wrote
 
         def __getstate__(self) -> dict:
-            return {**self.__dict__, "controller": None, "pending": False}
+            return {**self.__dict__, "controller": None, "pending": False, "epochs": 0,
+                    "written": 0, "size": 0}
+
+        def __setstate__(self, state: dict) -> None:
+            self.__dict__.update({"epochs": 0, "written": 0, "size": 0, **state})
 
         def _ended(self, controller: Any) -> None:
             self.controller, self.pending = controller, True
 
+        def within_budget(self) -> bool:
+            """Whether one more forced save keeps them under `state_budget` bytes per epoch
+            result (the state grows with the trials, so a long sweep saves less often; a
+            trial that ends after the last save is replayed on resume)."""
+            budget = state_budget()
+            return budget > 0 and self.written + self.size <= budget * self.epochs
+
         def save_if_pending(self) -> None:
             """The forced save, checked: a state that did not reach the storage whole (a
             full or read-only disk; Ray only logs it) stops the sweep (`halt`)."""
-            if self.pending and self.controller is not None:
+            if self.pending and self.controller is not None and self.within_budget():
                 self.pending = False
                 try:
                     self.controller.checkpoint(force=True, wait=True)
@@ -530,6 +560,8 @@ def _ray_classes() -> dict[str, type]:
                 if problem:
                     self._fault(problem)
                 else:
+                    self.size = saved_bytes(self.controller)
+                    self.written += self.size
                     set_aside(self.controller)
 
         def check_final_save(self) -> None:
@@ -561,6 +593,7 @@ def _ray_classes() -> dict[str, type]:
             self.policy.on_trial_add(controller, trial)
 
         def on_trial_result(self, controller: Any, trial: Any, result: dict) -> str:
+            self.epochs += 1
             return str(self.policy.on_trial_result(controller, trial, result))
 
         def on_trial_complete(self, controller: Any, trial: Any, result: dict) -> None:

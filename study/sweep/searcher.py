@@ -25,6 +25,7 @@ from ray.tune.search import Searcher
 
 from study.records import Outcome, SweepSpec, TrialReport, rung_epochs
 from study.spaces import FEASIBLE_TRIES, infeasible
+from study.sweep import journal
 
 MAX_RESAMPLE = 200
 # Ray's sentinel for "no more trials" (a str, though `Searcher.suggest` is annotated dict | None)
@@ -80,6 +81,11 @@ def sample_config(spec: SweepSpec, trial: Any) -> dict[str, Any]:
     return ctx
 
 
+def sampled_params(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """The searched params a configuration holds (those whose condition holds in it)."""
+    return {p.name: config[p.name] for p in spec.params if p.active(config) and p.name in config}
+
+
 class StudySearch(Searcher):
     """An Optuna study (in memory, pickled with the sweep's state) driven by Ray Tune."""
 
@@ -113,6 +119,34 @@ class StudySearch(Searcher):
                                          states=(optuna.trial.TrialState.WAITING,)))
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        """A configuration for the trial. On a resumed sweep, the finished runs the saved state
+        never knew (`journal`) come first, each handed out with its run's reports to replay:
+        the sampler, restored with the state, proposes them again in their order (a fixed
+        design's list, a seeded random draw); where it proposes another (TPE that has seen
+        other results), that proposal is told to Optuna as FAIL and the run's configuration
+        is asked as an enqueued trial instead, so the study records it as the trial it was."""
+        suggested = self._suggest(trial_id)
+        if not isinstance(suggested, dict) or not journal.pending():
+            return suggested
+        offer = journal.take(journal.config_key(suggested))
+        if offer is None and not self.spec.design_points:
+            import optuna
+
+            offer = journal.take()
+            assert offer is not None
+            self._trials.pop(trial_id, None)
+            self.study.tell(self.live.pop(trial_id), state=optuna.trial.TrialState.FAIL)
+            self.study.enqueue_trial(sampled_params(self.spec, offer.config))
+            trial = self.study.ask()
+            self.live[trial_id], self._trials[trial_id] = trial.number, trial
+            suggested = sample_config(self.spec, trial)
+            if journal.config_key(suggested) != offer.key:  # the space no longer gives it
+                return suggested  # (a new trial, never seen so far)
+        if offer is not None:
+            return journal.with_replay(suggested, offer.run_id, offer.reports)
+        return suggested
+
+    def _suggest(self, trial_id: str) -> dict[str, Any] | None:
         import optuna
 
         fixed_design = bool(self.spec.design_points)
