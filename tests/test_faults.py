@@ -779,6 +779,38 @@ def test_forced_state_saves_stay_within_their_budget_per_epoch(monkeypatch, tmp_
     assert ctl.saves == 2 and saver.pending
 
 
+def test_a_replay_runs_to_its_runs_end_whatever_asha_decides() -> None:
+    """ASHA restarts empty on a resume, so it may stop a replay of a run that completed (the
+    searcher would then be told PRUNED, not the run's value): the sweep's scheduler passes it
+    the replay's results, so its rungs learn them, and lets the replay go on."""
+    from study.records import Outcome, TrialReport
+    from study.sweep import journal, lifecycle
+    from study.sweep.searcher import StudySearch
+    from tests.test_searchers import spec_of
+
+    spec = spec_of("tpe", trials=12)
+    sched = lifecycle._ray_class("SaveOnTrialEnd")(lifecycle._scheduler(spec))
+    search = StudySearch(spec)
+    fresh = FakeTrial("fresh", search.suggest("fresh"), "RUNNING")
+    reports = [TrialReport(1, {"val_acc": 0.3}).to_ray(),
+               TrialReport(2, {"val_acc": 0.95}, Outcome.COMPLETED, "done").to_ray()]
+    replay = FakeTrial("rep", journal.with_replay(search.suggest("rep"), "run1", reports),
+                       "RUNNING")
+    plain = FakeTrial("plain", search.suggest("plain"), "RUNNING")
+    for t in (fresh, replay, plain):
+        sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, fresh, {"val_acc": 0.9, "epoch": 1.0,
+                                               "training_iteration": 1}) == "CONTINUE"
+    # the same first epoch: ASHA stops the plain trial, not the replay
+    assert sched.on_trial_result(None, plain, {**reports[0], "training_iteration": 1}) == "STOP"
+    decisions = [sched.on_trial_result(None, replay, {**r, "training_iteration": i})
+                 for i, r in enumerate(reports, 1)]
+    assert decisions == ["CONTINUE", "CONTINUE"]
+    # its rungs hold the replay's value as they hold the others'
+    assert any(recorded.get("rep") == 0.3 for bracket in sched.policy._brackets
+               for _, recorded in bracket._rungs)
+
+
 def test_a_finished_trial_whose_rerun_was_not_closed_counts_its_rerun(tmp_path) -> None:
     """A trial with an orphaned finished run (an earlier resume left it) and a newer run its
     driver never closed, which Ray has as finished: the newer run is closed with Ray's record

@@ -291,7 +291,7 @@ task: digits
 fixed: {d_model: 16, d_ff: 32, n_layers: 1, batch_size: 256, n_heads: 2}
 params:
   lr: [0.001, 0.003, 0.01]
-  qk_norm: [none, l2]
+  attn_dropout: [0.0, 0.1, 0.2]
 budget: {epochs: 2}
 design: factorial
 seeds: 1
@@ -303,11 +303,12 @@ seeds: 1
     pytest.param("factorial", id="factorial")])
 def test_a_resumed_searcher_hands_out_unsaved_finished_runs_to_replay(tmp_path: Path,
                                                                       design: str) -> None:
-    """Trials suggested and finished after the searcher's state was saved (a killed driver's
-    resume offers their runs, `study.sweep.journal`): the restored searcher hands each run's
-    configuration, with its reports, to its next trials, once each, before any new one; the
-    study records them as the trials they were (their values told at their replayed end);
-    the suggestions after them are new configurations."""
+    """Trials suggested after the searcher's state was saved (a killed driver's resume offers
+    the runs that finished, `study.sweep.journal`): the restored searcher hands each finished
+    run's configuration, with its reports, to one trial, once; no configuration is handed out
+    twice; a sampler that proposes again in order (seeded random draws, a fixed design's list)
+    also proposes the unfinished run's configuration again (its retry), even before the
+    finished one's; the study records the replays as the trials they were."""
     from study.config import make_config
     from study.records import REPLAY_KEY, replayed
     from study.sweep import journal
@@ -317,7 +318,7 @@ def test_a_resumed_searcher_hands_out_unsaved_finished_runs_to_replay(tmp_path: 
     a = StudySearch(spec)
     first = [a.suggest(f"t{i}") for i in range(2)]
     a.save(str(tmp_path / "s.pkl"))  # the last state saved
-    later = [a.suggest(f"t{i}") for i in range(2, 5)]  # t2, t3 finish; t4 does not
+    later = [a.suggest(f"t{i}") for i in range(2, 5)]  # t2 still runs; t3, t4 finished
     assert all(isinstance(c, dict) for c in [*first, *later])
 
     def reports(value: float) -> list[dict]:
@@ -325,28 +326,48 @@ def test_a_resumed_searcher_hands_out_unsaved_finished_runs_to_replay(tmp_path: 
                 TrialReport(2, {"val_acc": value}, Outcome.COMPLETED, "done").to_ray()]
 
     offers = [journal.Offer(f"run{i}", make_config(later[i]).to_dict(), reports(0.5 + i / 10))
-              for i in (0, 1)]
+              for i in (1, 2)]
     b = StudySearch(spec)
     b.restore(str(tmp_path / "s.pkl"))
-    journal.offer(list(offers))
+    journal.offer(list(offers), {journal.config_key(later[0])})
     try:
-        got = [b.suggest(f"n{i}") for i in range(3)]
+        got = [b.suggest(f"n{i}") for i in range(5)]
     finally:
         journal.offer([])
     assert not journal.pending()
-    for cfg, offer in zip(got[:2], offers, strict=True):
-        assert isinstance(cfg, dict) and cfg[REPLAY_KEY]["run"] == offer.run_id
-        assert replayed(cfg) == offer.reports
-        assert journal.config_key(cfg) == offer.key
-    assert isinstance(got[2], dict) and REPLAY_KEY not in got[2]
-    assert journal.config_key(got[2]) not in {o.key for o in offers}
-    for i, cfg in enumerate(got[:2]):  # the replayed ends, told as the trials ended then
-        b.on_trial_result(f"n{i}", cfg[REPLAY_KEY]["reports"][0])
-        b.on_trial_complete(f"n{i}", cfg[REPLAY_KEY]["reports"][-1])
-    told = [t for t in b.study.trials if t.state == State.COMPLETE]
-    assert sorted(t.values[0] for t in told) == [0.5, 0.6]
-    for t in told:
-        assert {k: t.params[k] for k in t.params} == {
-            k: v for k, v in later[[0.5, 0.6].index(t.values[0])].items() if k in t.params}
-    if design in ("random", "factorial"):  # the restored sampler proposes them again, in order
+    keys = [journal.config_key(c) for c in got if isinstance(c, dict)]
+    assert len(keys) == 5 and len(set(keys)) == 5  # nothing handed out twice
+    replays = {c[REPLAY_KEY]["run"]: c for c in got if REPLAY_KEY in c}
+    assert sorted(replays) == ["run1", "run2"]
+    for offer in offers:
+        assert replayed(replays[offer.run_id]) == offer.reports
+        assert journal.config_key(replays[offer.run_id]) == offer.key
+    if design in ("random", "factorial"):  # proposed again in order: t2 retried, first
+        assert keys[:3] == [journal.config_key(c) for c in later]
         assert not [t for t in b.study.trials if t.state == State.FAIL and t.number >= 2]
+    for i, cfg in enumerate(got):  # the replayed ends, told as the trials ended then
+        if REPLAY_KEY in cfg:
+            b.on_trial_result(f"n{i}", cfg[REPLAY_KEY]["reports"][0])
+            b.on_trial_complete(f"n{i}", cfg[REPLAY_KEY]["reports"][-1])
+    told = [t for t in b.study.trials if t.state == State.COMPLETE]
+    assert sorted(t.values[0] for t in told) == [0.6, 0.7]
+    for t in told:
+        source = later[round(t.values[0] * 10) - 5]
+        assert t.params == {k: v for k, v in source.items() if k in t.params}
+        assert t.intermediate_values == {1: t.values[0] / 2}
+
+
+def test_a_restored_searcher_reports_its_running_trials_epochs() -> None:
+    """A trial running when the state was saved reports its epochs to Optuna after a resume
+    as it would have without one (TPE ranks a pruned trial by its last intermediate value)."""
+    spec = spec_of("tpe", trials=12)
+    a = StudySearch(spec)
+    a.suggest("known")
+    b = StudySearch(spec)
+    b.set_state(pickle.loads(pickle.dumps(a.get_state())))
+    for s in (a, b):  # a: uninterrupted; b: resumed
+        s.on_trial_result("known", TrialReport(1, {"val_acc": 0.8}).to_ray())
+        s.on_trial_complete("known", TrialReport(1, {"val_acc": 0.8}).to_ray())
+    assert b.study.trials[0].state == a.study.trials[0].state == State.PRUNED
+    assert b.study.trials[0].intermediate_values == a.study.trials[0].intermediate_values \
+        == {1: 0.8}

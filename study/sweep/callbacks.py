@@ -175,7 +175,7 @@ class TrackingCallback(Callback):
             halt(f"the MLflow store {redact(self.tracker.uri)} could not be read "
                  f"({short_error(e)})")
             return
-        journal.offer(offers)
+        journal.offer(offers, set(self.unclaimed))
         self._check()
 
     def _sync_trial(self, trial: Any, tid: str, runs: list[TrialRecord],

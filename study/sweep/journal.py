@@ -97,16 +97,25 @@ class Offer:
 
 
 # the driver's offers (one sweep runs in a driver process at a time): set by the tracking
-# callback when the resumed sweep starts, taken by the searcher's suggestions
+# callback when the resumed sweep starts, taken by the searcher's suggestions; and the
+# configurations of runs the saved state never knew that did not finish (their trials to retry)
 _OFFERS: list[Offer] = []
+_RETRIES: set[str] = set()
 
 
-def offer(offers: list[Offer]) -> None:
+def offer(offers: list[Offer], retries: set[str] | None = None) -> None:
     _OFFERS[:] = offers
+    _RETRIES.clear()
+    _RETRIES.update(retries or ())
 
 
 def pending() -> list[Offer]:
     return list(_OFFERS)
+
+
+def to_retry(key: str) -> bool:
+    """Whether `key` is the configuration of an unfinished run the saved state never knew."""
+    return key in _RETRIES
 
 
 def take(key: str | None = None) -> Offer | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from study.preflight import OVERRIDE_FLAGS, check_cluster, check_overrides, check_start
-from study.records import TAG_HEARTBEAT_S, TAG_OBJECTIVE, Outcome, SweepSpec
+from study.records import TAG_HEARTBEAT_S, TAG_OBJECTIVE, Outcome, SweepSpec, replayed
 from study.spaces import SpaceError, load_space, parse_space
 from study.sweep.callbacks import clear_halt, halt, halted, resuming
 from study.sweep.progress import announce, console, first_step_warning, starting_line
@@ -593,8 +593,14 @@ def _ray_classes() -> dict[str, type]:
             self.policy.on_trial_add(controller, trial)
 
         def on_trial_result(self, controller: Any, trial: Any, result: dict) -> str:
+            """The policy's decision; a replay (`study.sweep.journal`) goes on to its run's
+            end whatever it decides, as that run did (the policy, whose rungs a resume
+            does not restore, still learns its results)."""
             self.epochs += 1
-            return str(self.policy.on_trial_result(controller, trial, result))
+            decision = str(self.policy.on_trial_result(controller, trial, result))
+            if replayed(getattr(trial, "config", None)) is not None:
+                return str(TrialScheduler.CONTINUE)
+            return decision
 
         def on_trial_complete(self, controller: Any, trial: Any, result: dict) -> None:
             self._ended(controller)

@@ -1,7 +1,9 @@
 """The searcher adapter: an Optuna study behind Ray Tune's `Searcher` interface.
 
-Uses only public APIs (`ray.tune.search.Searcher`; Optuna's ask-and-tell), so it does not break
-when Ray's own `OptunaSearch` changes its internals. What it adds to plain ask-and-tell:
+Uses public APIs (`ray.tune.search.Searcher`; Optuna's ask-and-tell), so it does not break
+when Ray's own `OptunaSearch` changes its internals; the one exception, a frozen trial's
+storage id, rebuilds the handles of a restored sweep's running trials (`set_state`). What it
+adds to plain ask-and-tell:
 
 - define-by-run sampling of conditional params (`when:`): a param is suggested only when its
   condition holds, so Optuna never learns from values that were not used;
@@ -104,6 +106,7 @@ class StudySearch(Searcher):
         self.live: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self._trials: dict[str, Any] = {}  # Ray trial id -> optuna.Trial (this process only)
         self.resampled = 0
+        self.replayed: set[str] = set()  # configurations replayed on a resume (`journal`)
         for params in spec.design_points:  # a fixed design: asked in this order
             self.study.enqueue_trial(dict(params))
 
@@ -120,31 +123,47 @@ class StudySearch(Searcher):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         """A configuration for the trial. On a resumed sweep, the finished runs the saved state
-        never knew (`journal`) come first, each handed out with its run's reports to replay:
-        the sampler, restored with the state, proposes them again in their order (a fixed
-        design's list, a seeded random draw); where it proposes another (TPE that has seen
-        other results), that proposal is told to Optuna as FAIL and the run's configuration
-        is asked as an enqueued trial instead, so the study records it as the trial it was."""
-        suggested = self._suggest(trial_id)
-        if not isinstance(suggested, dict) or not journal.pending():
-            return suggested
-        offer = journal.take(journal.config_key(suggested))
-        if offer is None and not self.spec.design_points:
-            import optuna
+        never knew (`journal`) are handed out with their runs' reports to replay, each once:
+        the sampler, restored with the state, proposes their configurations again in their
+        order (a fixed design's list, seeded random draws, TPE's random start-up), between
+        those of the unfinished runs it also proposes again (their trials retried). A
+        proposal that is neither, while runs wait, means the sampler has left that order (TPE
+        that has seen other results): it is told to Optuna as FAIL and the oldest run's
+        configuration asked as an enqueued trial instead. In a search, a later proposal of a
+        configuration already replayed is told as FAIL and drawn again: it would train that
+        run's trial a second time."""
+        import optuna
 
-            offer = journal.take()
-            assert offer is not None
-            self._trials.pop(trial_id, None)
-            self.study.tell(self.live.pop(trial_id), state=optuna.trial.TrialState.FAIL)
-            self.study.enqueue_trial(sampled_params(self.spec, offer.config))
-            trial = self.study.ask()
-            self.live[trial_id], self._trials[trial_id] = trial.number, trial
-            suggested = sample_config(self.spec, trial)
-            if journal.config_key(suggested) != offer.key:  # the space no longer gives it
-                return suggested  # (a new trial, never seen so far)
-        if offer is not None:
+        fail = optuna.trial.TrialState.FAIL
+        for _ in range(MAX_RESAMPLE):
+            suggested = self._suggest(trial_id)
+            if not isinstance(suggested, dict) or not (journal.pending() or self.replayed):
+                return suggested
+            key = journal.config_key(suggested)
+            offer = journal.take(key)
+            if offer is None and self.spec.design_points:
+                return suggested  # a fixed design hands out its list in order
+            if offer is None and key in self.replayed:
+                self._trials.pop(trial_id, None)
+                self.study.tell(self.live.pop(trial_id), state=fail)
+                continue
+            if offer is None and (journal.to_retry(key) or not journal.pending()):
+                return suggested
+            if offer is None:  # the sampler no longer proposes the runs in their order
+                offer = journal.take()
+                assert offer is not None
+                self._trials.pop(trial_id, None)
+                self.study.tell(self.live.pop(trial_id), state=fail)
+                self.study.enqueue_trial(sampled_params(self.spec, offer.config))
+                trial = self.study.ask()
+                self.live[trial_id], self._trials[trial_id] = trial.number, trial
+                suggested = sample_config(self.spec, trial)
+                if journal.config_key(suggested) != offer.key:  # the space no longer gives it
+                    return suggested  # (a new trial, never seen so far)
+            if not self.spec.design_points:
+                self.replayed.add(offer.key)
             return journal.with_replay(suggested, offer.run_id, offer.reports)
-        return suggested
+        raise RuntimeError(f"no configuration but replayed ones in {MAX_RESAMPLE} suggestions")
 
     def _suggest(self, trial_id: str) -> dict[str, Any] | None:
         import optuna
@@ -206,12 +225,21 @@ class StudySearch(Searcher):
                 self.study.tell(number, state=State.FAIL)
 
     def get_state(self) -> dict[str, Any]:
-        return {"study": self.study, "live": dict(self.live), "resampled": self.resampled}
+        return {"study": self.study, "live": dict(self.live), "resampled": self.resampled,
+                "replayed": sorted(self.replayed)}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        import optuna
+
         self.study, self.live = state["study"], dict(state["live"])
         self.resampled = state.get("resampled", 0)
-        self._trials = {}  # restored live trials are told by number at their end
+        self.replayed = set(state.get("replayed", ()))
+        # handles of the restored live trials, so that their epochs are reported to Optuna
+        # again (TPE ranks a pruned trial by its last intermediate value); Optuna builds a
+        # Trial from its storage id, which only the frozen trial holds
+        frozen = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        self._trials = {tid: optuna.trial.Trial(self.study, frozen[n]._trial_id)
+                        for tid, n in self.live.items() if n in frozen}
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -224,3 +252,6 @@ class StudySearch(Searcher):
     def __getstate__(self) -> dict[str, Any]:
         # Ray pickles the searcher with the tuner; optuna.Trial handles stay in this process
         return {**self.__dict__, "_trials": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"replayed": set(), **state})  # (pickled before it existed)
