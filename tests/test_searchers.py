@@ -371,3 +371,73 @@ def test_a_restored_searcher_reports_its_running_trials_epochs() -> None:
     assert b.study.trials[0].state == a.study.trials[0].state == State.PRUNED
     assert b.study.trials[0].intermediate_values == a.study.trials[0].intermediate_values \
         == {1: 0.8}
+
+
+CATEGORICAL = """
+name: cats
+task: digits
+fixed: {d_model: 16, d_ff: 32, n_layers: 1, batch_size: 256, n_heads: 2}
+params:
+  qk_norm: [none, l2]
+  attn_dropout: [0.0, 0.1]
+budget: {epochs: 2}
+searcher: random
+searcher_seed: 0
+seeds: 1
+num_trials: 16
+"""
+
+
+def test_a_resumed_random_search_goes_on_as_the_uninterrupted_one() -> None:
+    """A seeded random search over 4 configurations repeats them; after a resume whose lost
+    window holds 8 finished runs, the restored searcher replays those 8 and then proposes what
+    the uninterrupted search proposed, with no FAIL trial: a replayed configuration is not
+    banned (one was, and a discrete space then ran out of configurations and raised)."""
+    from study.config import make_config
+    from study.records import REPLAY_KEY
+    from study.sweep import journal
+
+    spec = parse_space(CATEGORICAL, "cats.yaml")
+    a = StudySearch(spec)
+    saved = pickle.dumps(a.get_state())
+    uninterrupted = [a.suggest(f"t{i}") for i in range(14)]
+    assert all(isinstance(c, dict) for c in uninterrupted)
+    done = [TrialReport(2, {"val_acc": 0.5}, Outcome.COMPLETED, "done").to_ray()]
+    b = StudySearch(spec)
+    b.set_state(pickle.loads(saved))
+    journal.offer([journal.Offer(f"run{i}", make_config(c).to_dict(), done)
+                   for i, c in enumerate(uninterrupted[:8])])
+    try:
+        got = [b.suggest(f"n{i}") for i in range(14)]
+    finally:
+        journal.offer([])
+    assert [REPLAY_KEY in c for c in got] == [True] * 8 + [False] * 6
+    assert [journal.config_key(c) for c in got] == [journal.config_key(c)
+                                                    for c in uninterrupted]
+    assert not [t for t in b.study.trials if t.state == State.FAIL]
+
+
+def test_a_retry_is_handed_out_once_and_offers_do_not_outlive_their_sweep(tmp_path) -> None:
+    """An unfinished run's configuration is retried once (a later proposal of it, while runs
+    wait to be replayed, is not a retry); a resume whose store cannot be read leaves no offer
+    of an earlier sweep for the searcher of this one."""
+    from study import tracking
+    from study.records import SweepSpec
+    from study.sweep import callbacks, journal
+
+    journal.offer([journal.Offer("r", {}, [])], {"key"})
+    assert journal.to_retry("key") and not journal.to_retry("key")
+    spec = SweepSpec(name="s", path="", text="name: s\n", fixed={}, params=(), seeds=1)
+    tr = tracking.Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def away(parent: str) -> list:
+        raise ConnectionError("store away")
+
+    tr.child_runs = away  # type: ignore[method-assign]
+    try:
+        callbacks.TrackingCallback(tr, "parent", spec).on_step_begin(0, [])
+        assert callbacks.halted() and "store away" in str(callbacks.halted())
+        assert not journal.pending()
+    finally:
+        callbacks.clear_halt()
+        journal.offer([])

@@ -158,6 +158,7 @@ class TrackingCallback(Callback):
         where the state knows it, replays the run's reports; otherwise the searcher hands its
         configuration to a new trial that does."""
         self._synced = True
+        journal.offer([])  # nothing of an earlier sweep in this process, even if the read fails
         ray = {t.trial_id: t for t in trials}
         # runs that saved trials were already replaying (their mark may not have reached the
         # store before the driver stopped)

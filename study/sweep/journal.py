@@ -114,8 +114,12 @@ def pending() -> list[Offer]:
 
 
 def to_retry(key: str) -> bool:
-    """Whether `key` is the configuration of an unfinished run the saved state never knew."""
-    return key in _RETRIES
+    """Whether `key` is the configuration of an unfinished run the saved state never knew,
+    not yet proposed again (taken: each retry is handed out once)."""
+    if key in _RETRIES:
+        _RETRIES.discard(key)
+        return True
+    return False
 
 
 def take(key: str | None = None) -> Offer | None:

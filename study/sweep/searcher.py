@@ -106,7 +106,7 @@ class StudySearch(Searcher):
         self.live: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self._trials: dict[str, Any] = {}  # Ray trial id -> optuna.Trial (this process only)
         self.resampled = 0
-        self.replayed: set[str] = set()  # configurations replayed on a resume (`journal`)
+        self.replayed: dict[str, int] = {}  # configurations replayed on a resume (`journal`)
         for params in spec.design_points:  # a fixed design: asked in this order
             self.study.enqueue_trial(dict(params))
 
@@ -129,9 +129,10 @@ class StudySearch(Searcher):
         those of the unfinished runs it also proposes again (their trials retried). A
         proposal that is neither, while runs wait, means the sampler has left that order (TPE
         that has seen other results): it is told to Optuna as FAIL and the oldest run's
-        configuration asked as an enqueued trial instead. In a search, a later proposal of a
-        configuration already replayed is told as FAIL and drawn again: it would train that
-        run's trial a second time."""
+        configuration asked as an enqueued trial instead; the sampler's own later proposal of
+        a run taken so, early, is told as FAIL and drawn again (it would train that run's trial
+        a second time). A configuration proposed in order is never barred afterwards (a search
+        repeats configurations), and each unfinished run's is retried once."""
         import optuna
 
         fail = optuna.trial.TrialState.FAIL
@@ -143,7 +144,8 @@ class StudySearch(Searcher):
             offer = journal.take(key)
             if offer is None and self.spec.design_points:
                 return suggested  # a fixed design hands out its list in order
-            if offer is None and key in self.replayed:
+            if offer is None and self.replayed.get(key, 0) > 0:
+                self.replayed[key] -= 1  # the sampler's own proposal of a run taken early
                 self._trials.pop(trial_id, None)
                 self.study.tell(self.live.pop(trial_id), state=fail)
                 continue
@@ -160,8 +162,7 @@ class StudySearch(Searcher):
                 suggested = sample_config(self.spec, trial)
                 if journal.config_key(suggested) != offer.key:  # the space no longer gives it
                     return suggested  # (a new trial, never seen so far)
-            if not self.spec.design_points:
-                self.replayed.add(offer.key)
+                self.replayed[offer.key] = self.replayed.get(offer.key, 0) + 1
             return journal.with_replay(suggested, offer.run_id, offer.reports)
         raise RuntimeError(f"no configuration but replayed ones in {MAX_RESAMPLE} suggestions")
 
@@ -226,14 +227,15 @@ class StudySearch(Searcher):
 
     def get_state(self) -> dict[str, Any]:
         return {"study": self.study, "live": dict(self.live), "resampled": self.resampled,
-                "replayed": sorted(self.replayed)}
+                "replayed": dict(self.replayed)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         import optuna
 
         self.study, self.live = state["study"], dict(state["live"])
         self.resampled = state.get("resampled", 0)
-        self.replayed = set(state.get("replayed", ()))
+        replayed = state.get("replayed")  # (a list, or none, in older states: no bans)
+        self.replayed = dict(replayed) if isinstance(replayed, dict) else {}
         # handles of the restored live trials, so that their epochs are reported to Optuna
         # again (TPE ranks a pruned trial by its last intermediate value); Optuna builds a
         # Trial from its storage id, which only the frozen trial holds
@@ -254,4 +256,4 @@ class StudySearch(Searcher):
         return {**self.__dict__, "_trials": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"replayed": set(), **state})  # (pickled before it existed)
+        self.__dict__.update({"replayed": {}, **state})  # (pickled before it existed)
