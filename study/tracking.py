@@ -8,6 +8,7 @@ names, metrics use the names of `study/metrics.py`, tags and artifacts the names
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import json
 import os
@@ -48,6 +49,9 @@ from study.records import (
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"  # next to a SQLite store: its experiments' artifacts
 SQLITE_PAGE_SIZE = 1024  # bytes; a new SQLite store's pages (`prepare_sqlite`)
+# pages the write-ahead log of this process's SQLite connections grows to before a checkpoint
+# copies it into the store (SQLite's default 1000; `prepare_sqlite`)
+WAL_CHECKPOINT_PAGES = 10_000
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 900, 90, 90
 # how long a sweep waits for an unreachable store (its writes kept, re-sent with backoff of
 # at most MAX_BACKOFF_S) before it stops; the environment variable overrides it
@@ -128,7 +132,27 @@ def prepare_sqlite(uri: str) -> None:
                 db.execute(f"PRAGMA page_size = {SQLITE_PAGE_SIZE}")
             db.execute("PRAGMA journal_mode = WAL")
     except (sqlite3.Error, OSError):
-        pass
+        return
+    _longer_wal()
+    _close_pooled(uri)  # connections opened before take it when reopened
+
+
+@functools.cache
+def _longer_wal() -> None:
+    """Let every SQLite connection this process opens through SQLAlchemy (MLflow's) grow its
+    write-ahead log to WAL_CHECKPOINT_PAGES pages (about 10 MB) before a checkpoint. A
+    checkpoint writes every page the log changed since the last one into the store, so fewer
+    checkpoints write a page changed by many trials once instead of many times: a driver
+    logging 200 trials of 2 epochs wrote 423 MB at SQLite's default of 1000 pages and 211 MB
+    at 10,000 (the log's pages are written once either way). The setting is the connection's
+    own; a store not in WAL ignores it."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @event.listens_for(Engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        if isinstance(dbapi_connection, sqlite3.Connection):
+            dbapi_connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
 
 
 def checkpoint_sqlite(uri: str) -> None:

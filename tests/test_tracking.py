@@ -234,6 +234,27 @@ def test_a_new_store_gets_wal_and_small_pages(tmp_path) -> None:
     assert _pragma(path, "page_size") == tracking.SQLITE_PAGE_SIZE
 
 
+def test_mlflows_connections_checkpoint_the_log_less_often(tmp_path) -> None:
+    """After `prepare_sqlite`, MLflow's own SQLite connections in this process let the
+    write-ahead log grow to WAL_CHECKPOINT_PAGES pages before a checkpoint (SQLite's default
+    is 1000), whether opened before or after it; and what they write still reaches the file."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = tmp_path / "w.db"
+    uri = f"sqlite:///{path}"
+    _parent(uri, "before")  # MLflow's engine and a pooled connection, opened before
+    tracking.prepare_sqlite(uri)
+    tr, parent = _parent(uri, "after")
+    tr.log_metrics(tr.start_child(parent, "t0", {"n_heads": 2}, 1), {"val_acc": 0.5}, 1)
+    tr.flush()
+    with SqlAlchemyStore._engine_map[uri].connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == \
+            tracking.WAL_CHECKPOINT_PAGES == 10_000
+    tracking.checkpoint_sqlite(uri)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("select count(*) from metrics").fetchone()[0] == 1
+
+
 def test_an_existing_store_keeps_its_pages_and_runs(tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
