@@ -128,8 +128,9 @@ TAG_ATTEMPT = "study.attempt"  # the driver's id of the attempt (re-sent writes 
 # resumed sweep links the trial's next attempt to it by that config)
 TAG_CONFIG = "study.config"
 MAX_TAG_CHARS = 8000  # MLflow's longest tag value
-# a finished run whose trial the resumed sweep's saved state does not know (it finished after
-# the last save that reached the disk): kept, left out of the analysis and of the trial count
+# a finished run whose trial the resumed sweep's saved state did not know, which a resume by an
+# earlier version ran again (now such runs are replayed, `study.sweep.journal`): kept, left out
+# of the analysis and of the trial count
 TAG_ORPHAN = "study.orphan"
 # a finished run whose trial the resumed sweep's saved state did not know, replayed there as a
 # new trial (`study.sweep.journal`): that trial's Ray id (the run keeps its own `TAG_TRIAL`)
@@ -139,10 +140,21 @@ TAG_REPLAYED_AS = "study.replayed_as"
 REPLAY_KEY = "_study_replay"
 
 
+def _replay(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    payload = (config or {}).get(REPLAY_KEY)
+    return payload if isinstance(payload, dict) else None
+
+
 def replayed(config: dict[str, Any] | None) -> list[dict[str, Any]] | None:
     """The reports a trial replays instead of training (None: it trains)."""
-    payload = (config or {}).get(REPLAY_KEY)
-    return list(payload["reports"]) if isinstance(payload, dict) else None
+    payload = _replay(config)
+    return None if payload is None else list(payload["reports"])
+
+
+def replayed_run(config: dict[str, Any] | None) -> str | None:
+    """The recorded run a replaying trial stands for (None: it trains)."""
+    payload = _replay(config)
+    return None if payload is None else str(payload["run"])
 
 
 # the parent run: the driver's heartbeat (unix seconds), written every `heartbeat_s` seconds

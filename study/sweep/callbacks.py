@@ -39,6 +39,7 @@ from study.records import (
     SweepSpec,
     TrialRecord,
     TrialReport,
+    replayed_run,
 )
 from study.sweep import journal
 from study.tracking import Tracker, short_error
@@ -162,8 +163,7 @@ class TrackingCallback(Callback):
         ray = {t.trial_id: t for t in trials}
         # runs that saved trials were already replaying (their mark may not have reached the
         # store before the driver stopped)
-        replays = {journal.replayed_run(t.config): t.trial_id for t in trials
-                   if journal.replayed_run(t.config)}
+        replays = {rid: t.trial_id for t in trials if (rid := replayed_run(t.config))}
         attempts: dict[str, list[TrialRecord]] = defaultdict(list)
         offers: list[journal.Offer] = []
         try:
@@ -250,7 +250,7 @@ class TrackingCallback(Callback):
         """A new run for each attempt of a trial, linked to its previous attempt's run."""
         if trial.trial_id in self.runs:
             return
-        replayed = journal.replayed_run(trial.config)
+        replayed = replayed_run(trial.config)
         if replayed is not None:  # a finished run the saved state never knew: its reports
             self.runs[trial.trial_id] = replayed  # replay as this trial (`journal`)
             self.replaying.add(trial.trial_id)

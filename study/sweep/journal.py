@@ -15,12 +15,14 @@ or does not have at all, is *replayed*, never trained again:
 
 A replaying trial reports the recorded epochs (the objectives each epoch, the outcome with the
 last, `recorded_reports`) without building data or a model (`study.trainable.trainable`), so the
-searcher and ASHA learn what they learned before and the trial counts once; the tracking
-callback logs nothing for it, its run being the recorded one.
+searcher learns what it learned before and the trial counts once (ASHA's rungs record a replay
+but never stop it, `lifecycle.SaveOnTrialEnd`); the tracking callback logs nothing for it, its
+run being the recorded one.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -52,14 +54,10 @@ def without_replay(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != REPLAY_KEY}
 
 
-def replayed_run(config: dict[str, Any] | None) -> str | None:
-    """The recorded run a replaying trial stands for."""
-    payload = (config or {}).get(REPLAY_KEY)
-    return str(payload["run"]) if isinstance(payload, dict) else None
-
-
 def with_replay(config: dict[str, Any], run_id: str, reports: list[dict[str, Any]]
                 ) -> dict[str, Any]:
+    """`config` carrying a run's reports to replay (read by `study.records.replayed` and
+    `replayed_run`)."""
     return {**without_replay(config), REPLAY_KEY: {"run": run_id, "reports": reports}}
 
 
@@ -91,8 +89,8 @@ class Offer:
     config: dict[str, Any]  # the run's config (every TrialConfig field, typed)
     reports: list[dict[str, Any]]
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # compared at every suggestion while offers wait: computed once
         return config_key(self.config)
 
 

@@ -48,11 +48,11 @@ HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "STUDY_HEARTBEAT_S", 60.0
 # Experiment state (every trial's record and last result, the searcher's Optuna study) is one
 # file that Ray rewrites whole at every save: saved at every driver step (ten a second), a sweep
 # wrote trials^2 x its size (29 GB for `make sweep`). It is saved every STATE_PERIOD_S seconds,
-# and at the end of a driver step in which a trial finished while the forced saves have written
-# under STATE_MB_PER_EPOCH per epoch result (`SaveOnTrialEnd`); a trial that finished after the
-# last save is replayed from its MLflow run on resume (`study.sweep.journal`), so a killed driver
-# never loses or reruns a finished trial. Each trial's record keeps only what a resume reads
-# (`CompactResults`: MLflow holds the rest).
+# and, once a trial has finished, at the end of the first driver step at which the forced saves
+# stay under STATE_MB_PER_EPOCH written per epoch result (`SaveOnTrialEnd`); a trial that
+# finished after the last save is replayed from its MLflow run on resume (`study.sweep.journal`),
+# so a killed driver never loses or reruns a finished trial. Each trial's record keeps only what
+# a resume reads (`CompactResults`: MLflow holds the rest).
 STATE_PERIOD_S = 60
 STATE_MB_ENV, STATE_MB_PER_EPOCH = "STUDY_STATE_MB_PER_EPOCH", 0.1
 ACCEL_ZERO = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"

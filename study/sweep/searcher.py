@@ -146,6 +146,8 @@ class StudySearch(Searcher):
                 return suggested  # a fixed design hands out its list in order
             if offer is None and self.replayed.get(key, 0) > 0:
                 self.replayed[key] -= 1  # the sampler's own proposal of a run taken early
+                if not self.replayed[key]:
+                    del self.replayed[key]
                 self._trials.pop(trial_id, None)
                 self.study.tell(self.live.pop(trial_id), state=fail)
                 continue
